@@ -1,0 +1,3 @@
+"""Offline batch generation for large language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,70 @@
+"""Configs the engine is built from; Hydra registers them as `model` and `engine` groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "demo"  # HF model dir, hub id, or "demo" for the bundled demo model
+    revision: Optional[str] = None  # noqa: UP045
+    max_model_len: Optional[int] = None  # noqa: UP045 (default: the model's own limit)
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    max_num_seqs: int = 256  # sequences decoded together in one step
+    max_num_batched_tokens: int = 8192  # tokens in one prefill step
+    # KV pool size: bytes (int, or a string like "2GiB") or a fraction of free GPU memory
+    # (0 < x <= 1). "auto": 90% of free GPU memory, or 25% of free RAM on the CPU.
+    kv_cache_memory: Any = "auto"
+    block_size: int = 16  # tokens per KV block
+    seed: int = 0  # seeds requests that do not set their own seed
+    num_threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                f"engine.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
+            )
+        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
+            raise ConfigError(f"engine.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
+        parse_memory(self.kv_cache_memory)  # raises ConfigError when malformed
+
+
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(value: Any) -> float | int | None:
+    """Return None for "auto", a float in (0, 1] for a fraction, or a byte count."""
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if 0 < value <= 1 and isinstance(value, float):
+            return float(value)
+        if value > 1:
+            return int(value)
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = text[len(number) :] or "b"
+        if number and unit in _UNITS:
+            try:
+                return parse_memory(float(number) * _UNITS[unit] if unit != "b" else float(number))
+            except ValueError:
+                pass
+    raise ConfigError(
+        f"engine.kv_cache_memory must be 'auto', a byte count (e.g. 2147483648 or '2GiB') or a "
+        f"fraction of free GPU memory in (0, 1], got {value!r}"
+    )
