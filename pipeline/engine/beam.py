@@ -1,0 +1,115 @@
+"""Beam search as a per-request state machine inside the engine, with HF semantics.
+
+Each step the engine hands a request's running beams' log-probs [W, V] to `BeamState.step`,
+which picks the next running beams (parent index + token) and files finished hypotheses.
+The engine then forks the parents' KV blocks copy-on-write; nothing is re-prefilled.
+Mirrors transformers' `_beam_search` (top 2W candidates, finished hypotheses scored
+`sum_logprobs / generated_len ** length_penalty`, its early-stopping heuristic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.engine.params import BeamParams
+
+
+@dataclass
+class Hypothesis:
+    score: float  # length-normalised
+    token_ids: list[int]  # generated tokens, EOS included when it ended on one
+
+
+@dataclass
+class NextBeam:
+    parent: int  # index into the running beams passed to `step`
+    token: int
+    score: float  # cumulative log-prob (not normalised)
+
+
+@dataclass
+class BeamState:
+    params: BeamParams
+    eos_ids: list[int]
+    max_new_tokens: int  # max_tokens, lowered when the model's context is shorter
+    running_scores: list[float] = field(default_factory=lambda: [0.0])
+    finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
+    improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
+    done: bool = False
+
+    def step(
+        self, logprobs: torch.Tensor, outputs: list[list[int]]
+    ) -> list[NextBeam]:
+        """logprobs: [W, V] (processors applied) for the running beams whose generated tokens
+        are `outputs`. Returns the next running beams, best first."""
+        width, vocab = self.params.width, logprobs.shape[1]
+        scores = logprobs + torch.tensor(self.running_scores, device=logprobs.device)[:, None]
+        keep = min(max(2, 1 + len(self.eos_ids)) * width, scores.numel())
+        top_scores, top_index = torch.topk(scores.flatten(), keep)
+        gen_len = len(outputs[0]) + 1
+        at_limit = gen_len >= self.max_new_tokens
+        may_finish = self.improvable and not (self._full and self.params.early_stopping is True)
+        running: list[NextBeam] = []
+        all_stopped = True
+        for rank, (score, flat) in enumerate(
+            zip(top_scores.tolist(), top_index.tolist(), strict=True)
+        ):
+            parent, token = divmod(flat, vocab)
+            if at_limit or token in self.eos_ids:
+                if rank < width and may_finish:
+                    self._add(score / gen_len**self.params.length_penalty, outputs[parent] + [token])
+            else:
+                all_stopped = False
+                if len(running) < width:
+                    running.append(NextBeam(parent, token, score))
+        self.running_scores = [b.score for b in running]
+        self._update_done(running, gen_len, all_stopped)
+        return [] if self.done else running
+
+    @property
+    def _full(self) -> bool:
+        return len(self.finished) >= self.params.width
+
+    def _add(self, score: float, token_ids: list[int]) -> None:
+        self.finished.append(Hypothesis(score, token_ids))
+        self.finished.sort(key=lambda h: h.score, reverse=True)
+        del self.finished[self.params.width :]
+
+    def _update_done(self, running: list[NextBeam], gen_len: int, all_stopped: bool) -> None:
+        if self._full and running:
+            never = self.params.early_stopping == "never" and self.params.length_penalty > 0
+            best_len = self.max_new_tokens if never else gen_len
+            best = running[0].score / best_len**self.params.length_penalty
+            self.improvable = self.improvable and best > self.finished[-1].score
+        early = self._full and self.params.early_stopping is True
+        self.done = all_stopped or not running or early or not self.improvable
+
+    def results(self) -> list[Hypothesis]:
+        return self.finished[: self.params.num_return]
+
+
+def apply_beam_processors(
+    logprobs: torch.Tensor, outputs: list[list[int]], prompt: list[int], params: BeamParams,
+    eos_ids: list[int],
+) -> None:
+    """In place on [W, V] log-probs, like HF's processors in beam search:
+    min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram."""
+    if len(outputs[0]) < params.min_tokens:
+        logprobs[:, eos_ids] = float("-inf")
+    n = params.no_repeat_ngram_size
+    if n <= 0:
+        return
+    for row, generated in enumerate(outputs):
+        tokens = prompt + generated
+        if len(tokens) + 1 < n:
+            continue
+        prefix = tuple(tokens[len(tokens) - n + 1 :])
+        banned = [
+            tokens[i + n - 1]
+            for i in range(len(tokens) - n + 1)
+            if tuple(tokens[i : i + n - 1]) == prefix
+        ]
+        if banned:
+            logprobs[row, banned] = float("-inf")

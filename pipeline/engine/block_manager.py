@@ -1,0 +1,73 @@
+"""Paged KV cache bookkeeping: a pool of fixed-size blocks with reference counts.
+
+Pure policy-free accounting: it never touches tensors. Copy-on-write copies it decides on
+are returned as (src, dst) block pairs for the runner to perform before the forward.
+"""
+
+from __future__ import annotations
+
+from pipeline.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.ref_counts = [0] * num_blocks
+        self.free_blocks = list(range(num_blocks - 1, -1, -1))  # a stack: pop() gives low ids
+
+    @property
+    def num_free(self) -> int:
+        return len(self.free_blocks)
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free / self.num_blocks
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Blocks for all of a (prefill) sequence's tokens."""
+        assert not seq.block_table, "sequence already holds blocks"
+        seq.block_table = [self._take() for _ in range(self.blocks_for(len(seq)))]
+
+    def fork(self, seq: Sequence) -> None:
+        """`seq` was copied from a parent: its blocks now have one more owner."""
+        for block in seq.block_table:
+            self.ref_counts[block] += 1
+
+    def free(self, seq: Sequence) -> None:
+        for block in seq.block_table:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        seq.block_table = []
+        seq.num_cached = 0
+
+    def blocks_needed_to_append(self, seq: Sequence) -> int:
+        """New blocks the next decode step needs for `seq` (0 or 1)."""
+        position = len(seq) - 1  # the token whose K/V the step writes
+        if position // self.block_size == len(seq.block_table):
+            return 1
+        return 1 if self.ref_counts[seq.block_table[-1]] > 1 else 0
+
+    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
+        """Make room for the K/V of `seq`'s last token; returns a copy-on-write (src, dst)."""
+        position = len(seq) - 1
+        if position // self.block_size == len(seq.block_table):
+            seq.block_table.append(self._take())
+            return None
+        last = seq.block_table[-1]
+        if self.ref_counts[last] == 1:
+            return None
+        # The partial last block is shared with a sibling: write into a private copy.
+        copy = self._take()
+        self.ref_counts[last] -= 1
+        seq.block_table[-1] = copy
+        return last, copy
+
+    def _take(self) -> int:
+        block = self.free_blocks.pop()
+        self.ref_counts[block] = 1
+        return block

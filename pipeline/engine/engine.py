@@ -1,0 +1,193 @@
+"""LLMEngine: the public API. One step = schedule -> run model -> postprocess."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence as Seq
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pipeline.engine.block_manager import BlockManager
+from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.outputs import RequestOutput
+from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.engine.postprocess import Postprocessor
+from pipeline.engine.random import derive_seed
+from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dtype
+from pipeline.engine.runner import ModelRunner
+from pipeline.engine.scheduler import Scheduler
+from pipeline.engine.sequence import Request, Sequence
+from pipeline.models.loader import load_model, read_spec, resolve_model_dir
+from pipeline.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        runner: ModelRunner,
+        scheduler: Scheduler,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: list[int],
+        max_model_len: int,
+        seed: int = 0,
+        model_info: dict[str, Any] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.scheduler = scheduler
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.model_info = model_info or {}
+        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len)
+        self._arrivals = itertools.count()
+        self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
+        self.step_seconds = 0.0
+
+    @classmethod
+    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> LLMEngine:
+        started = time.perf_counter()
+        model_dir = resolve_model_dir(model_cfg.path, model_cfg.revision)
+        spec = read_spec(model_dir)
+        device = resolve_device(engine_cfg.device)
+        dtype = resolve_dtype(engine_cfg.dtype, device)
+        if engine_cfg.num_threads > 0:
+            torch.set_num_threads(engine_cfg.num_threads)
+        max_len = min(model_cfg.max_model_len or spec.max_model_len, spec.max_model_len)
+        model = load_model(model_dir, spec, dtype, device, max_len)
+        blocks = BlockManager(
+            kv_pool_blocks(engine_cfg, spec, dtype, device, max_len), engine_cfg.block_size
+        )
+        runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device)
+        scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        info = _model_info(model_dir, spec, model, dtype, device, max_len)
+        log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
+        eos = _eos_ids(model_dir, spec, tokenizer)
+        return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info)
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams | BeamParams
+    ) -> None:
+        arrival = next(self._arrivals)
+        seed = getattr(params, "seed", None)
+        prompt = list(prompt_token_ids)
+        request = Request(
+            request_id=request_id,
+            prompt_ids=prompt,
+            params=params,
+            seed=seed if seed is not None else derive_seed(self.seed, arrival),
+            arrival=arrival,
+            seqs=[Sequence(token_ids=list(prompt), prompt_len=len(prompt))],
+        )
+        error = self._check_prompt(prompt)
+        if error:
+            self.post.reject(request, error)
+            return
+        self.post.start(request)
+        self.scheduler.add(request)
+
+    def _check_prompt(self, prompt: list[int]) -> str | None:
+        if not prompt:
+            return "empty prompt"
+        if len(prompt) >= self.max_model_len:
+            return (
+                f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len} "
+                "tokens and at least one must be left to generate"
+            )
+        vocab = self.runner.model.spec.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            return f"prompt holds token ids outside the vocabulary [0, {vocab})"
+        return None
+
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns the requests that finished (or failed) in it."""
+        started = time.perf_counter()
+        batch = self.scheduler.schedule()
+        if batch is not None:
+            logits = self.runner.execute(batch)
+            self.post.process(batch, logits)
+            self.num_steps += 1
+            if batch.is_prefill:
+                self.num_prefill_tokens += batch.num_tokens
+            else:
+                self.num_decode_tokens += batch.num_tokens
+        for request, reason in self.scheduler.failed:
+            self.post.reject(request, reason)
+        self.scheduler.failed.clear()
+        self.step_seconds += time.perf_counter() - started
+        return self.post.drain()
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work() or self.post.has_output()
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]],
+        params: SamplingParams | BeamParams,
+        progress: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        for i, prompt in enumerate(prompts):
+            ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+            self.add_request(str(i), ids, params)
+        results: dict[str, RequestOutput] = {}
+        while self.has_unfinished_requests():
+            for out in self.step():
+                results[out.request_id] = out
+                if progress is not None:
+                    progress(out)
+        return [results[str(i)] for i in range(len(prompts))]
+
+    def stats(self) -> dict[str, Any]:
+        blocks = self.scheduler.blocks
+        attended = max(self.runner.attended_slots, 1)
+        return {
+            "num_running": self.scheduler.num_running_seqs,
+            "num_waiting": len(self.scheduler.waiting),
+            "kv_usage": blocks.usage,
+            "kv_free_blocks": blocks.num_free,
+            "kv_total_blocks": blocks.num_blocks,
+            "num_steps": self.num_steps,
+            "num_prefill_tokens": self.num_prefill_tokens,
+            "num_decode_tokens": self.num_decode_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "padding_ratio": self.runner.padded_slots / attended,
+            "step_seconds": self.step_seconds,
+        }
+
+
+def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """EOS ids as `generate` sees them: generation_config.json first, then config.json."""
+    gen_path = model_dir / "generation_config.json"
+    eos: Any = None
+    if gen_path.exists():
+        eos = json.loads(gen_path.read_text()).get("eos_token_id")
+    if eos is None:
+        eos = list(spec.eos_token_ids) or tokenizer.eos_token_id
+    return [e for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+
+
+def _model_info(
+    model_dir: Path, spec: ModelSpec, model: torch.nn.Module, dtype: torch.dtype,
+    device: torch.device, max_len: int,
+) -> dict[str, Any]:
+    params = {id(p): p for p in model.parameters()}.values()
+    return {
+        "name": model_dir.name,
+        "path": str(model_dir),
+        "architecture": spec.architecture,
+        "num_params": sum(p.numel() for p in params),
+        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "max_model_len": max_len,
+    }

@@ -1,0 +1,74 @@
+"""Device, dtype and KV-pool size: the engine's choices about the hardware, logged."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import psutil
+import torch
+
+from pipeline.engine.config import EngineConfig, parse_memory
+from pipeline.models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"engine.device={name} but CUDA is not available; use engine.device=cpu")
+    return torch.device(name)
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX-BF16 make bf16 matmuls faster than fp32 on the CPU."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    if cpu_has_native_bf16():
+        log.info("dtype auto: bfloat16 (this CPU has native bf16 dot products)")
+        return torch.bfloat16
+    log.info("dtype auto: float32 (this CPU has no native bf16 dot products)")
+    return torch.float32
+
+
+def kv_pool_blocks(
+    cfg: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_model_len: int
+) -> int:
+    """Number of KV blocks: the configured budget, capped at what max_num_seqs can ever use."""
+    per_block = spec.kv_bytes_per_token * cfg.block_size * torch.finfo(dtype).bits // 8
+    budget = parse_memory(cfg.kv_cache_memory)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget_bytes = int(free * (0.9 if budget is None else budget)) if (
+            budget is None or isinstance(budget, float)
+        ) else int(budget)
+    else:
+        available = psutil.virtual_memory().available
+        if isinstance(budget, float):
+            raise ValueError("engine.kv_cache_memory as a fraction is for GPUs; give bytes on CPU")
+        budget_bytes = int(available * 0.25) if budget is None else int(budget)
+    ceiling = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
+    blocks = min(budget_bytes // per_block, ceiling)
+    if blocks < 1:
+        raise ValueError(
+            f"engine.kv_cache_memory={cfg.kv_cache_memory!r} leaves no room for a single KV block "
+            f"({per_block} bytes)"
+        )
+    log.info(
+        "KV cache: %d blocks x %d tokens (%.1f MiB)", blocks, cfg.block_size, blocks * per_block / 2**20
+    )
+    return int(blocks)

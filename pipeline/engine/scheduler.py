@@ -1,0 +1,139 @@
+"""Continuous batching policy. Decides which sequences run in the next step; holds no torch.
+
+Each step is either a prefill (waiting requests admitted while the token, sequence and block
+budgets allow; their prompts are packed without padding) or a decode of every running
+sequence. When the KV pool runs dry, the most recently admitted request is preempted and
+later recomputed, so the oldest requests always make progress and nothing deadlocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from pipeline.engine.block_manager import BlockManager
+from pipeline.engine.sequence import Request, Sequence, Status
+
+
+@dataclass
+class ScheduledBatch:
+    is_prefill: bool
+    seqs: list[Sequence]
+    requests: list[Request]  # the owner of each sequence, parallel to `seqs`
+    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s) for s in self.seqs) if self.is_prefill else len(self.seqs)
+
+
+class Scheduler:
+    def __init__(
+        self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.failed: list[tuple[Request, str]] = []  # requests that can never run, with why
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running_seqs(self) -> int:
+        return sum(len(r.seqs) for r in self.running)
+
+    def schedule(self) -> ScheduledBatch | None:
+        return self._schedule_prefill() or self._schedule_decode()
+
+    def finish(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.blocks.free(seq)
+        request.status = Status.FINISHED
+        self.running.remove(request)
+
+    def _schedule_prefill(self) -> ScheduledBatch | None:
+        batch = ScheduledBatch(is_prefill=True, seqs=[], requests=[])
+        num_seqs = sum(_seq_budget(r) for r in self.running)
+        watermark = max(1, self.blocks.num_blocks // 100)
+        while self.waiting:
+            request = self.waiting[0]
+            tokens = sum(len(s) for s in request.seqs)
+            blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
+            if batch.seqs and batch.num_tokens + tokens > self.max_num_batched_tokens:
+                break
+            if num_seqs + _seq_budget(request) > self.max_num_seqs and num_seqs > 0:
+                break
+            alone = not self.running and not batch.seqs  # then the whole pool is free
+            if blocks + watermark > self.blocks.num_free and not (
+                alone and blocks <= self.blocks.num_free
+            ):
+                if alone:
+                    self.waiting.popleft()
+                    self.failed.append((request, _too_big(request, self.blocks)))
+                    continue
+                break
+            self.waiting.popleft()
+            for seq in request.seqs:
+                self.blocks.allocate(seq)
+                batch.seqs.append(seq)
+                batch.requests.append(request)
+            request.status = Status.RUNNING
+            self.running.append(request)
+            num_seqs += _seq_budget(request)
+        return batch if batch.seqs else None
+
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        while self.running and self._blocks_to_append() > self.blocks.num_free:
+            victim = self.running[-1]
+            if len(self.running) == 1:
+                self.running.pop()
+                for seq in victim.seqs:
+                    self.blocks.free(seq)
+                self.failed.append((victim, _too_big(victim, self.blocks)))
+                break
+            self._preempt(victim)
+        if not self.running:
+            return None
+        batch = ScheduledBatch(is_prefill=False, seqs=[], requests=[])
+        for request in self.running:
+            for seq in request.seqs:
+                copy = self.blocks.append_slot(seq)
+                if copy is not None:
+                    batch.copies.append(copy)
+                batch.seqs.append(seq)
+                batch.requests.append(request)
+        return batch
+
+    def _blocks_to_append(self) -> int:
+        return sum(self.blocks.blocks_needed_to_append(s) for r in self.running for s in r.seqs)
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks; it re-enters the queue front and is recomputed."""
+        self.running.remove(request)
+        for seq in request.seqs:
+            self.blocks.free(seq)
+        request.status = Status.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+
+def _seq_budget(request: Request) -> int:
+    """Decode slots a request will occupy once forked (n samples or beams)."""
+    return max(len(request.seqs), request.fan_out)
+
+
+def _too_big(request: Request, blocks: BlockManager) -> str:
+    tokens = max(len(s) for s in request.seqs)
+    return (
+        f"the KV cache ({blocks.num_blocks} blocks of {blocks.block_size} tokens) cannot hold "
+        f"this request ({len(request.seqs)} sequence(s) of up to {tokens} tokens); raise "
+        "engine.kv_cache_memory"
+    )

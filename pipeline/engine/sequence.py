@@ -1,0 +1,88 @@
+"""Sequences and requests: the state the scheduler and the engine share.
+
+A request (one prompt) owns one or more live sequences: one before its first token, then n
+samples or `width` beams, which share the prompt's KV blocks by reference count.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING
+
+from pipeline.engine.outputs import CompletionOutput
+from pipeline.engine.params import BeamParams, SamplingParams
+
+if TYPE_CHECKING:
+    from pipeline.engine.beam import BeamState
+
+_seq_ids = itertools.count()
+
+
+class Status(Enum):
+    WAITING = "waiting"  # needs a prefill (new, or preempted and to be recomputed)
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    token_ids: list[int]
+    prompt_len: int
+    child_index: int = 0  # which of the request's n samples this is (seeds its random stream)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0  # tokens whose K/V are in the cache
+    cumulative_logprob: float = 0.0
+    logprobs: list[dict[int, float]] | None = None
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len :]
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    def child(self, child_index: int) -> Sequence:
+        """A copy sharing history; the caller forks the block table in the block manager."""
+        return Sequence(
+            token_ids=list(self.token_ids),
+            prompt_len=self.prompt_len,
+            child_index=child_index,
+            block_table=list(self.block_table),
+            num_cached=self.num_cached,
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+        )
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams | BeamParams
+    seed: int
+    arrival: int
+    seqs: list[Sequence] = field(default_factory=list)  # live sequences
+    status: Status = Status.WAITING
+    finished: list[CompletionOutput] = field(default_factory=list)
+    beam: BeamState | None = None
+    num_preemptions: int = 0
+
+    @property
+    def is_beam(self) -> bool:
+        return isinstance(self.params, BeamParams)
+
+    @property
+    def fan_out(self) -> int:
+        """Live sequences once the request has forked: n samples or `width` beams."""
+        return self.params.width if isinstance(self.params, BeamParams) else self.params.n
+
+    @property
+    def has_forked(self) -> bool:
+        return self.seqs[0].num_output > 0 if self.seqs else True

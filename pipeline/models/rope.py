@@ -1,0 +1,66 @@
+"""Rotary position embeddings (neox style, as in HF Llama), with llama3 / linear scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pipeline.models.spec import ModelSpec
+
+
+def inverse_frequencies(spec: ModelSpec) -> torch.Tensor:
+    """[head_dim // 2] fp32, computed exactly as transformers does so logits match."""
+    dim = spec.head_dim
+    steps = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float) / dim
+    inv_freq = 1.0 / (spec.rope_theta**steps)
+    scaling = spec.rope_scaling
+    if scaling.get("rope_type") == "linear":
+        return inv_freq / scaling["factor"]
+    if scaling.get("rope_type") == "llama3":
+        return _llama3_scaled(inv_freq, scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Precomputed cos/sin tables; `forward` rotates q and k in place of a copy."""
+
+    def __init__(self, spec: ModelSpec, max_positions: int) -> None:
+        super().__init__()
+        self.spec, self.max_positions = spec, max_positions
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def build_tables(self, device: torch.device | str = "cpu") -> None:
+        """Compute the tables; the loader calls this once the model is on its device."""
+        positions = torch.arange(self.max_positions, dtype=torch.float)
+        freqs = torch.outer(positions, inverse_frequencies(self.spec))
+        table = torch.cat([freqs, freqs], dim=-1)  # [P, head_dim]
+        self.cos = table.cos().to(device)
+        self.sin = table.sin().to(device)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # q: [T, H, D], k: [T, KVH, D], positions: [T]
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
