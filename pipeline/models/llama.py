@@ -122,7 +122,12 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.model = LlamaModel(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        if spec.tie_word_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head (again after moving off the meta device,
+        which gives each module its own tensor)."""
+        if self.spec.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(

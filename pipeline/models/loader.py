@@ -71,6 +71,7 @@ def load_model(
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, max_positions).to(dtype)
     model = model.to_empty(device=device)
+    model.tie_weights()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_tables(device)
