@@ -16,8 +16,8 @@ from pipeline.models.loader import load_model, read_spec
 
 
 def make_engine(model_dir: Path, **engine_overrides) -> LLMEngine:
-    cfg = EngineConfig(dtype="float32", block_size=4, kv_cache_memory=8 * 2**20, **engine_overrides)
-    return LLMEngine.from_config(ModelConfig(path=str(model_dir)), cfg)
+    settings = {"dtype": "float32", "block_size": 4, "kv_cache_memory": 8 * 2**20, **engine_overrides}
+    return LLMEngine.from_config(ModelConfig(path=str(model_dir)), EngineConfig(**settings))
 
 
 def random_prompts(count: int, seed: int = 0, low: int = 2, high: int = 30) -> list[list[int]]:

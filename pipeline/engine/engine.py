@@ -113,13 +113,13 @@ class LLMEngine:
         started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is not None:
-            logits = self.runner.execute(batch)
-            self.post.process(batch, logits)
-            self.num_steps += 1
             if batch.is_prefill:
                 self.num_prefill_tokens += batch.num_tokens
             else:
                 self.num_decode_tokens += batch.num_tokens
+            logits = self.runner.execute(batch)
+            self.post.process(batch, logits)
+            self.num_steps += 1
         for request, reason in self.scheduler.failed:
             self.post.reject(request, reason)
         self.scheduler.failed.clear()

@@ -1,0 +1,166 @@
+"""Engine behaviour beyond parity: preemption, seeded sampling, n > 1, bad requests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_engine_parity import make_engine, random_prompts
+from tiny_models import build_model
+
+from pipeline.engine.outputs import RequestOutput
+from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
+from pipeline.engine.random import uniform
+from pipeline.engine.sampler import SamplingRow, sample
+from pipeline.engine.sequence import Sequence
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    build_model(directory, "llama")
+    return directory
+
+
+def tokens(outs: list[RequestOutput]) -> list[list[list[int]]]:
+    return [[c.token_ids for c in o.outputs] for o in outs]
+
+
+def assert_pool_full(engine) -> None:
+    blocks = engine.scheduler.blocks
+    assert blocks.num_free == blocks.num_blocks
+    assert all(count == 0 for count in blocks.ref_counts)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+        SamplingParams(n=3, temperature=0.9, top_p=0.9, max_tokens=24, seed=7),
+        BeamParams(width=3, num_return=2, max_tokens=16),
+    ],
+    ids=["greedy", "n3-sampling", "beam3"],
+)
+def test_tiny_kv_budget_forces_preemption_but_not_different_outputs(model_dir, params):
+    prompts = random_prompts(10, seed=11, low=10, high=30)
+    big = make_engine(model_dir)
+    # 40 blocks of 4 tokens cannot hold 10 requests of up to ~54 tokens: preemption is forced.
+    small = make_engine(model_dir, kv_cache_memory=40 * 4 * 2 * 2 * 2 * 16 * 4)
+    assert small.scheduler.blocks.num_blocks == 40
+    assert tokens(small.generate(prompts, params)) == tokens(big.generate(prompts, params))
+    assert small.stats()["num_preemptions"] > 0
+    assert_pool_full(small)
+    assert_pool_full(big)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_invariant(model_dir):
+    engine = make_engine(model_dir)
+    prompts = random_prompts(8, seed=12)
+    params = SamplingParams(n=2, temperature=1.0, top_k=50, min_p=0.01, max_tokens=20, seed=3)
+    together = engine.generate(prompts, params)
+    assert tokens(engine.generate(prompts, params)) == tokens(together)
+    alone = [engine.generate([p], params)[0] for p in prompts[:3]]
+    assert tokens(alone) == tokens(together[:3])
+    shuffled = engine.generate(prompts[::-1], params)
+    assert tokens(shuffled[::-1]) == tokens(together)
+    other_seed = engine.generate(prompts, SamplingParams(**{**params.__dict__, "seed": 4}))
+    assert tokens(other_seed) != tokens(together)
+
+
+def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_dir):
+    engine = make_engine(model_dir)
+    prompts = random_prompts(4, seed=13, low=12, high=20)
+    outs = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=1, ignore_eos=True))
+    assert engine.stats()["num_prefill_tokens"] == sum(len(p) for p in prompts)
+    for out in outs:
+        assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+        assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    assert_pool_full(engine)
+
+
+def test_parallel_samples_share_prompt_blocks(model_dir):
+    engine = make_engine(model_dir)
+    prompt = random_prompts(1, seed=14, low=18, high=19)[0]  # 18 tokens: 4 full blocks + 2
+    engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True))
+    engine.step()  # prefill and fork
+    blocks = engine.scheduler.blocks
+    assert blocks.num_blocks - blocks.num_free == 5  # shared, not copied yet
+    engine.step()  # first decode: 3 children copy the partial block, the last writes in place
+    assert blocks.num_blocks - blocks.num_free == 5 + 3
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert_pool_full(engine)
+
+
+def test_bad_requests_come_back_with_an_error_and_the_rest_still_run(model_dir):
+    engine = make_engine(model_dir)
+    good = random_prompts(2, seed=15)
+    outs = engine.generate([good[0], [], list(range(3, 300)), [5, 999], good[1]], SamplingParams(temperature=0, max_tokens=4))
+    assert [o.error is None for o in outs] == [True, False, False, False, True]
+    assert "empty" in outs[1].error
+    assert "context" in outs[2].error
+    assert "vocabulary" in outs[3].error
+    assert all(len(o.outputs[0].token_ids) >= 1 for o in (outs[0], outs[4]))
+
+
+def test_generation_stops_at_the_context_limit(model_dir):
+    engine = make_engine(model_dir)
+    prompt = random_prompts(1, seed=16, low=250, high=251)[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    assert len(prompt) + len(out.outputs[0].token_ids) == 256
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_logprobs_are_reported_and_consistent(model_dir):
+    engine = make_engine(model_dir)
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=3, ignore_eos=True)
+    out = engine.generate(random_prompts(1, seed=17), params)[0].outputs[0]
+    assert out.logprobs is not None and len(out.logprobs) == 6
+    for token, top in zip(out.token_ids, out.logprobs, strict=True):
+        assert max(top, key=top.get) == token  # greedy picks the most likely token
+        assert len(top) == 3
+    assert out.cumulative_logprob == pytest.approx(sum(t[tok] for tok, t in zip(out.token_ids, out.logprobs)))
+
+
+def test_sampler_draws_follow_the_distribution():
+    """5000 draws with distinct seeds from fixed logits match softmax(logits / T)."""
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    params = SamplingParams(temperature=0.7)
+    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(5000)]
+    drawn = sample(logits.repeat(5000, 1), rows, eos_ids=[]).token_ids
+    freq = torch.bincount(torch.tensor(drawn), minlength=6).float() / 5000
+    torch.testing.assert_close(freq, torch.softmax(logits / 0.7, -1), atol=0.02, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "filters", [{"top_k": 1}, {"top_p": 1e-6}, {"min_p": 1.0}], ids=["top_k", "top_p", "min_p"]
+)
+def test_sampling_filters_that_keep_one_token_are_greedy(filters):
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.3, **filters)
+    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(64)]
+    assert sample(logits.clone(), rows, eos_ids=[]).token_ids == logits.argmax(-1).tolist()
+
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(temperature=1.0, top_p=0.8)
+    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(2000)]
+    drawn = set(sample(logits.repeat(2000, 1), rows, eos_ids=[]).token_ids)
+    assert drawn == {0, 1}
+
+
+def test_uniform_is_a_pure_function_in_range():
+    values = [uniform(1, i, j) for i in range(4) for j in range(256)]
+    assert values == [uniform(1, i, j) for i in range(4) for j in range(256)]
+    assert all(0 <= v < 1 for v in values)
+    assert 0.45 < sum(values) / len(values) < 0.55
+
+
+def test_params_validation_explains_the_fix():
+    with pytest.raises(ParamsError, match="temperature > 0"):
+        SamplingParams(n=4, temperature=0)
+    with pytest.raises(ParamsError, match="num_return"):
+        BeamParams(width=2, num_return=3)
+    with pytest.raises(ParamsError, match="early_stopping"):
+        BeamParams(width=2, early_stopping="sometimes")
+    assert BeamParams(width=2, early_stopping="true").early_stopping is True
