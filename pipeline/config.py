@@ -1,0 +1,181 @@
+"""The job's structured config: one dataclass per `conf/` group, validated when converted.
+
+Hydra composes `conf/` against `PipelineConfig` (registered below as `pipeline_schema`), so a
+mistyped key or a wrong type fails at compose time, naming the key. `load_config` turns the
+composed DictConfig into dataclasses; each one's `__post_init__` checks the values and raises
+`ConfigError` with a message that says how to fix them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.engine.config import ConfigError, EngineConfig, ModelConfig
+from pipeline.engine.params import BeamParams, RequestParams, SamplingParams
+from pipeline.tasks import TASKS
+
+TRANSLATE_TEMPLATE = (
+    "Translate from {source_lang} to {target_lang}.\n{source_lang}: {text}\n{target_lang}:"
+)
+CHAT_TRANSLATE_TEMPLATE = (
+    "Translate the following text from {source_lang} to {target_lang}. "
+    "Reply with the translation only.\n\n{text}"
+)
+QUANT_METHODS = ("none", "int8", "nf4")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass
+class InputConfig:
+    path: str = "demo"  # Parquet file, directory, glob or fsspec URL; "demo": the bundled sample
+    text_column: str = "text"
+    id_column: str = "id"  # generated as "<shard>:<row>" when the input lacks it
+    limit: Optional[int] = None  # noqa: UP045 (first N rows, for a quick try)
+    columns: list[str] = field(default_factory=list)  # extra input columns copied to the output
+    reference_column: str = "reference"  # scored with BLEU/chrF when present
+
+    def __post_init__(self) -> None:
+        _require(bool(self.path), "input.path is empty: give a Parquet file, directory or glob")
+        _require(bool(self.text_column), "input.text_column is empty: name the prompt column")
+        _require(bool(self.id_column), "input.id_column is empty: name the id column")
+        _require(
+            self.limit is None or self.limit >= 1,
+            f"input.limit must be null (all rows) or >= 1, got {self.limit}",
+        )
+
+
+@dataclass
+class OutputConfig:
+    dir: Optional[str] = None  # noqa: UP045 (null: the Hydra run dir outputs/<job>/<date>/<time>)
+    compression: str = "zstd"
+
+    def __post_init__(self) -> None:
+        _require(
+            self.compression in ("zstd", "snappy", "gzip", "lz4", "none"),
+            f"output.compression must be zstd, snappy, gzip, lz4 or none, got {self.compression!r}",
+        )
+
+
+@dataclass
+class TaskConfig:
+    name: str = "translate"  # set by `+job=NAME`
+    source_lang: str = "English"
+    target_lang: str = "German"
+    prompt_template: str = TRANSLATE_TEMPLATE  # decoder-only models without a chat template
+    chat_prompt: str = CHAT_TRANSLATE_TEMPLATE  # the user message when a chat template is used
+    chat_template: str = "auto"  # auto (when the tokenizer has one) | always | never
+    system_prompt: Optional[str] = None  # noqa: UP045
+
+    def __post_init__(self) -> None:
+        _require(
+            self.name in TASKS,
+            f"task.name must be one of {sorted(TASKS)} (`+job=NAME`), got {self.name!r}",
+        )
+        _require(
+            self.chat_template in ("auto", "always", "never"),
+            f"task.chat_template must be auto, always or never, got {self.chat_template!r}",
+        )
+        for key in ("prompt_template", "chat_prompt"):
+            _require(
+                "{text}" in getattr(self, key),
+                f"task.{key} must contain the placeholder {{text}}, got {getattr(self, key)!r}",
+            )
+
+
+@dataclass
+class QuantConfig:
+    method: str = "none"  # none | int8 | nf4 (bitsandbytes; read by the engine's loader)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.method in QUANT_METHODS,
+            f"quant.method must be none, int8 or nf4, got {self.method!r}",
+        )
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # noqa: UP045 (a running Dask scheduler; null: a LocalCluster)
+    n_workers: int = 2  # LocalCluster worker processes (one thread each)
+    max_tasks_in_flight: int = 0  # tokenization tasks submitted ahead; 0: 4 per worker
+
+    def __post_init__(self) -> None:
+        _require(self.n_workers >= 1, f"cluster.n_workers must be >= 1, got {self.n_workers}")
+        _require(
+            self.max_tasks_in_flight >= 0,
+            f"cluster.max_tasks_in_flight must be >= 0 (0: automatic), got "
+            f"{self.max_tasks_in_flight}",
+        )
+
+
+@dataclass
+class BatchingConfig:
+    window: int = 0  # rows sorted by length together; 0: 4 x engine.max_num_seqs
+    queue_depth: int = 0  # requests kept waiting in the engine; 0: engine.max_num_seqs
+
+    def __post_init__(self) -> None:
+        for key in ("window", "queue_depth"):
+            value = getattr(self, key)
+            _require(value >= 0, f"batching.{key} must be >= 0 (0: automatic), got {value}")
+
+
+@dataclass
+class MetricsConfig:
+    interval_s: float = 5.0  # metrics.jsonl period
+    progress: bool = True  # tqdm bar
+    plot: bool = True  # throughput.png
+    profile_steps: int = 5  # engine steps traced when `profile=true`
+
+    def __post_init__(self) -> None:
+        _require(self.interval_s > 0, f"metrics.interval_s must be > 0, got {self.interval_s}")
+        _require(
+            self.profile_steps >= 1, f"metrics.profile_steps must be >= 1, got {self.profile_steps}"
+        )
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    beam: BeamParams = field(default_factory=BeamParams)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: bool = False  # write a torch profiler trace of a few engine steps
+
+    @property
+    def request_params(self) -> RequestParams:
+        """Beam search when beam.width > 1, else sampling."""
+        return self.beam if self.beam.width > 1 else self.sampling
+
+
+def load_config(cfg: DictConfig | PipelineConfig | dict[str, Any]) -> PipelineConfig:
+    """Convert a composed config to dataclasses, running every `__post_init__` check."""
+    if isinstance(cfg, PipelineConfig):
+        return cfg
+    if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is not PipelineConfig:
+        cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)  # type: ignore[assignment]
+    obj = OmegaConf.to_object(cfg)  # ConfigError / ParamsError from __post_init__ propagate
+    assert isinstance(obj, PipelineConfig)
+    return obj
+
+
+def register_configs() -> None:
+    """Register the schema that `conf/config.yaml` lists first in its defaults."""
+    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+
+
+register_configs()

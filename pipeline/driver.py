@@ -1,0 +1,131 @@
+"""The generation loop: tokenized rows in, engine steps, result rows out to the writer.
+
+Each turn takes whatever tokenization finished, tops up the engine's waiting queue from the
+length-sorted feeder and runs one engine step. It blocks on tokenization only when the engine
+has nothing at all to do; that wait is the engine's idle time, logged because it must stay
+near zero (tokenization runs beside the engine, not in front of it).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.batching import LengthSortedFeeder
+from pipeline.engine.outputs import RequestOutput
+from pipeline.engine.params import RequestParams
+from pipeline.io.writer import ResultWriter
+from pipeline.metrics import MetricsRecorder
+from pipeline.profiling import StepProfiler
+from pipeline.stream import TokenStream
+from pipeline.tasks.base import Task
+from pipeline.tokenize import PromptRow, TokenizedUnit
+
+
+class Engine(Protocol):
+    """The part of `LLMEngine` the pipeline drives."""
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> None: ...
+    def step(self) -> list[RequestOutput]: ...
+    def has_unfinished_requests(self) -> bool: ...
+    def stats(self) -> dict[str, Any]: ...
+
+
+@dataclass
+class Scores:
+    """(hypothesis, reference) pairs for BLEU/chrF, from rows that have a reference."""
+
+    hypotheses: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Driver:
+    engine: Engine
+    task: Task
+    params: RequestParams
+    feeder: LengthSortedFeeder
+    writer: ResultWriter
+    metrics: MetricsRecorder
+    profiler: StepProfiler
+    id_column: str
+    text_column: str
+    idle_s: float = 0.0  # engine waiting for tokenized rows once the first ones came
+    start_wait_s: float = 0.0  # engine waiting for the very first rows
+    generate_s: float = 0.0
+    scores: Scores = field(default_factory=Scores)
+    _in_flight: dict[str, tuple[PromptRow, RequestParams]] = field(default_factory=dict)
+
+    def run(self, stream: TokenStream) -> None:
+        while not stream.done or self.feeder.pending or self.engine.has_unfinished_requests():
+            busy = self.engine.has_unfinished_requests() or self.feeder.pending > 0
+            waited = time.perf_counter()
+            for unit in stream.poll(block=not busy):
+                self._accept(unit)
+            if not busy:
+                self._count_wait(time.perf_counter() - waited)
+            self._feed()
+            if self.engine.has_unfinished_requests():
+                self._step()
+            if self.metrics.due():
+                self.metrics.log(self.engine.stats(), self._live_metrics())
+        self.metrics.log(self.engine.stats(), self._live_metrics())
+
+    def _count_wait(self, seconds: float) -> None:
+        """Waiting before the first row arrived is start-up (workers importing libraries);
+        waiting after it means tokenization fell behind the engine."""
+        if self.metrics.rows or self._in_flight:
+            self.idle_s += seconds
+        else:
+            self.start_wait_s += seconds
+
+    def _accept(self, unit: TokenizedUnit) -> None:
+        """Bad rows go straight to the writer; good rows queue for the engine."""
+        for row in unit.rows:
+            if row.error is not None:
+                self._finish(row, self.task.error_columns(row.error, len(row.token_ids) or None))
+        self.feeder.add([row for row in unit.rows if row.error is None])
+
+    def _feed(self) -> None:
+        num_waiting = self.engine.stats().get("num_waiting", 0)
+        for row in self.feeder.take(num_waiting):
+            request_id = f"{row.shard}:{row.index}"
+            params = self.task.request_params(row.id, self.params)
+            self._in_flight[request_id] = (row, params)
+            self.engine.add_request(request_id, row.token_ids, params)
+
+    def _step(self) -> None:
+        start = time.perf_counter()
+        with self.profiler.step():
+            outputs = self.engine.step()
+        self.generate_s += time.perf_counter() - start
+        for out in outputs:
+            row, params = self._in_flight.pop(out.request_id)
+            if out.error is not None or not out.outputs:
+                error = out.error or "the engine returned no output"
+                self._finish(row, self.task.error_columns(error, len(row.token_ids)))
+            else:
+                self._finish(row, self.task.result_columns(out, params))
+
+    def _finish(self, row: PromptRow, columns: dict[str, Any]) -> None:
+        if row.reference is not None and columns["error"] is None:
+            self.scores.hypotheses.append(columns["output_text"])
+            self.scores.references.append(row.reference)
+        self.metrics.on_row(
+            columns["num_prompt_tokens"] or 0,
+            columns["num_output_tokens"],
+            columns["error"] is not None,
+        )
+        record = {self.id_column: row.id, self.text_column: row.text, **columns, **row.extra}
+        self.writer.put(row.shard, row.index, record)
+
+    def _live_metrics(self) -> dict[str, Any]:
+        return {
+            "engine_idle_s": round(self.idle_s, 3),
+            "engine_start_wait_s": round(self.start_wait_s, 3),
+            "feed_padding_ratio": round(self.feeder.padding_ratio, 4),
+            "rows_queued": self.feeder.pending,
+            "requests_in_flight": len(self._in_flight),
+            "shards_committed": len(self.writer.committed),
+        }

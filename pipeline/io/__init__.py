@@ -1,0 +1,1 @@
+"""Parquet in (shards), Parquet out (writer), and the record of committed shards (manifest)."""

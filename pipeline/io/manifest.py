@@ -1,0 +1,46 @@
+"""The record of committed shards: what a rerun with the same `output.dir` skips.
+
+One JSON line per committed shard, appended and fsynced after the shard's file was renamed into
+place. A shard counts as committed only when both its line and its file exist, so a crash
+between the rename and the append makes the rerun write that shard again (once: the rename
+replaces the file whole). A torn last line from a crash mid-append is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "_manifest.jsonl"
+
+
+class Manifest:
+    def __init__(self, results_dir: Path) -> None:
+        self.results_dir = results_dir
+        self.path = results_dir / MANIFEST_NAME
+        self.records: dict[str, dict[str, Any]] = self._read()
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        records: dict[str, dict[str, Any]] = {}
+        if not self.path.exists():
+            return records
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # torn write from a crash: that shard is simply not committed
+            records[record["shard"]] = record
+        return records
+
+    def is_committed(self, shard_name: str) -> bool:
+        return shard_name in self.records and (self.results_dir / shard_name).exists()
+
+    def mark_done(self, shard_name: str, **fields: Any) -> None:
+        record = {"shard": shard_name, **fields}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[shard_name] = record

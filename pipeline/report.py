@@ -1,0 +1,115 @@
+"""End-of-job report: `summary.json` (stable field names that tools read), BLEU/chrF when the
+input has references, and `throughput.png` (throughput, batch size and KV use over time)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.driver import Driver, Scores
+from pipeline.stream import TokenStream
+
+
+@dataclass
+class Timings:
+    started: float  # perf_counter at job start
+    load_s: float = 0.0  # engine construction (overlaps tokenization start)
+    finished: float = 0.0
+
+
+def quality(scores: Scores) -> dict[str, Any]:
+    if not scores.references:
+        return {}
+    import sacrebleu
+
+    refs = [scores.references]
+    return {
+        "bleu": sacrebleu.corpus_bleu(scores.hypotheses, refs).score,
+        "chrf": sacrebleu.corpus_chrf(scores.hypotheses, refs).score,
+        "scored_rows": len(scores.references),
+    }
+
+
+def versions() -> dict[str, str]:
+    packages = ("pipeline", "torch", "transformers", "tokenizers", "pyarrow", "dask", "hydra-core")
+    found = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def build_summary(
+    timings: Timings,
+    driver: Driver,
+    stream: TokenStream,
+    model_info: dict[str, Any],
+    config: dict[str, Any],
+    skipped_shards: list[str],
+) -> dict[str, Any]:
+    metrics, writer = driver.metrics, driver.writer
+    wall = timings.finished - timings.started
+    tokenize_end = stream.finished or timings.finished
+    return {
+        "rows": metrics.rows,
+        "error_rows": metrics.error_rows,
+        "prompt_tokens": metrics.prompt_tokens,
+        "output_tokens": metrics.output_tokens,
+        "load_s": timings.load_s,
+        "tokenize_s": tokenize_end - stream.started,  # wall time; it overlaps generation
+        "tokenize_worker_s": stream.worker_s,  # CPU time summed over tasks
+        "generate_s": driver.generate_s,  # time inside engine.step
+        "write_s": writer.write_s,
+        "wall_s": wall,
+        "engine_idle_s": driver.idle_s,  # engine starved of tokenized rows after start-up
+        "engine_start_wait_s": driver.start_wait_s,  # engine ready, first rows not yet
+        "inline_tokenized_units": stream.inline_units,
+        "output_tokens_per_s": metrics.output_tokens / wall if wall > 0 else 0.0,
+        "engine_output_tokens_per_s": (
+            metrics.output_tokens / driver.generate_s if driver.generate_s > 0 else 0.0
+        ),
+        "feed_padding_ratio": driver.feeder.padding_ratio,
+        "weight_bytes": model_info.get("weight_bytes"),
+        "peak_rss_bytes": metrics.peak_rss_bytes,
+        "shards_written": writer.committed,
+        "shards_skipped": skipped_shards,
+        **quality(driver.scores),
+        "engine_stats": driver.engine.stats(),
+        "model": model_info,
+        "device": model_info.get("device"),
+        "versions": versions(),
+        "config": config,
+    }
+
+
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def plot_throughput(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    t = [h["time_s"] for h in history]
+    panels = [
+        ("interval_output_tokens_per_s", "output tok/s"),
+        ("num_running", "running sequences"),
+        ("kv_usage", "KV cache use"),
+    ]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 7), sharex=True)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        ax.plot(t, [h.get(key) or 0 for h in history], marker=".")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,206 @@
+"""`run(cfg)`: one job, top to bottom, as in DESIGN.md's data-flow diagram.
+
+config -> input shards (skip committed) -> Dask tokenization -> engine -> length-sorted feeding
+-> writer (one Parquet per shard, atomic) -> metrics, summary, plot.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.batching import LengthSortedFeeder
+from pipeline.config import PipelineConfig, load_config
+from pipeline.driver import Driver, Engine
+from pipeline.engine.config import ConfigError
+from pipeline.engine.params import RequestParams, SamplingParams
+from pipeline.io.schema import output_schema
+from pipeline.io.shards import Shard, check_columns, discover_shards, plan_units
+from pipeline.io.writer import ResultWriter
+from pipeline.metrics import MetricsRecorder
+from pipeline.profiling import StepProfiler
+from pipeline.report import Timings, build_summary, plot_throughput, write_summary
+from pipeline.stream import TokenStream, dask_client
+from pipeline.tasks import get_task
+from pipeline.tokenize import TokenizeSpec, model_limits
+
+log = logging.getLogger(__name__)
+
+
+def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[str, Any]:
+    """Run the job; returns the summary (also written to `<output.dir>/summary.json`).
+
+    `engine` lets a caller that already holds a loaded engine reuse it (benchmarks, tests).
+    """
+    timings = Timings(started=time.perf_counter())
+    config = load_config(cfg)
+    out_dir = output_dir(config)
+    writer = ResultWriter(out_dir / "results", config.output.compression)
+    shards, skipped = pending_shards(config, writer)
+    if not shards:
+        log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
+        return _write_empty_summary(out_dir, skipped)
+    shards, units = plan_units(shards, None)  # already cut to input.limit
+    model_dir = _model_dir(config)
+    spec = tokenize_spec(config, model_dir)
+    task = get_task(config.task.name)(config.task)
+    for shard in shards:
+        writer.expect(shard.name, shard.num_rows, _schema(config, shard, task.extra_fields))
+
+    with dask_client(config.cluster) as client:
+        in_flight = config.cluster.max_tasks_in_flight or 4 * _num_workers(client)
+        stream = TokenStream(client, units, spec, in_flight)  # starts before the engine loads
+        load_start = time.perf_counter()
+        engine = engine or load_engine(config)
+        timings.load_s = time.perf_counter() - load_start
+        driver = _driver(config, engine, task, writer, out_dir, sum(s.num_rows for s in shards))
+        try:
+            driver.run(stream)
+        finally:
+            driver.metrics.close()
+            driver.profiler.finish()
+    timings.finished = time.perf_counter()
+
+    model_info = getattr(engine, "model_info", {})
+    config_dict = OmegaConf.to_container(OmegaConf.structured(config))
+    summary = build_summary(timings, driver, stream, model_info, config_dict, skipped)  # type: ignore[arg-type]
+    write_summary(out_dir / "summary.json", summary)
+    if config.metrics.plot and driver.metrics.history:
+        plot_throughput(driver.metrics.history, out_dir / "throughput.png")
+    _log_summary(summary, out_dir)
+    return summary
+
+
+def output_dir(config: PipelineConfig) -> Path:
+    """`output.dir`, else Hydra's run dir, else outputs/<job>/<date>/<time> (plain `run()`)."""
+    if config.output.dir:
+        return Path(config.output.dir)
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path("outputs", config.task.name, datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
+
+
+def pending_shards(config: PipelineConfig, writer: ResultWriter) -> tuple[list[Shard], list[str]]:
+    """Shards still to do (in input order), and the names of those already committed."""
+    shards = discover_shards(config.input.path)
+    check_columns(shards, config.input.text_column, config.input.columns)
+    if config.input.limit is not None:  # the limit counts from the input's first row
+        shards, _ = plan_units(shards, config.input.limit)
+    skipped = [s.name for s in shards if writer.manifest.is_committed(s.name)]
+    return [s for s in shards if s.name not in skipped], skipped
+
+
+def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
+    max_len, is_encoder_decoder = model_limits(model_dir)
+    if config.model.max_model_len is not None:
+        max_len = min(config.model.max_model_len, max_len or config.model.max_model_len)
+    return TokenizeSpec(
+        model_path=str(model_dir),
+        task=config.task,
+        text_column=config.input.text_column,
+        id_column=config.input.id_column,
+        extra_columns=tuple(config.input.columns),
+        reference_column=config.input.reference_column,
+        max_model_len=max_len,
+        is_encoder_decoder=is_encoder_decoder,
+    )
+
+
+def load_engine(config: PipelineConfig) -> Engine:
+    from pipeline.engine.engine import LLMEngine
+
+    if config.quant.method == "none":
+        return LLMEngine.from_config(config.model, config.engine)
+    if "quant" not in inspect.signature(LLMEngine.from_config).parameters:
+        raise ConfigError(
+            f"quant.method={config.quant.method}: this engine build has no quantized weights "
+            "yet; use quant=none"
+        )
+    return LLMEngine.from_config(config.model, config.engine, quant=config.quant)  # type: ignore[call-arg]
+
+
+def request_params(config: PipelineConfig) -> RequestParams:
+    """Beam or sampling params; sampling always gets a base seed (engine.seed when unset) so
+    that per-row seeds, and with them the rows of a rerun, are reproducible."""
+    params = config.request_params
+    if isinstance(params, SamplingParams) and params.seed is None:
+        return replace(params, seed=config.engine.seed)
+    return params
+
+
+def _driver(
+    config: PipelineConfig,
+    engine: Engine,
+    task: Any,
+    writer: ResultWriter,
+    out_dir: Path,
+    total_rows: int,
+) -> Driver:
+    max_seqs = config.engine.max_num_seqs
+    feeder = LengthSortedFeeder(
+        window=config.batching.window or 4 * max_seqs,
+        queue_depth=config.batching.queue_depth or max_seqs,
+        batch_size=max_seqs,
+    )
+    m = config.metrics
+    return Driver(
+        engine=engine,
+        task=task,
+        params=request_params(config),
+        feeder=feeder,
+        writer=writer,
+        metrics=MetricsRecorder(out_dir / "metrics.jsonl", m.interval_s, total_rows, m.progress),
+        profiler=StepProfiler(config.profile, m.profile_steps, out_dir / "profile_trace.json"),
+        id_column=config.input.id_column,
+        text_column=config.input.text_column,
+    )
+
+
+def _model_dir(config: PipelineConfig) -> Path:
+    from pipeline.models.loader import resolve_model_dir
+
+    return resolve_model_dir(config.model.path, config.model.revision)
+
+
+def _schema(config: PipelineConfig, shard: Shard, task_fields: Any) -> Any:
+    i = config.input
+    return output_schema(shard, i.id_column, i.text_column, i.columns, list(task_fields))
+
+
+def _num_workers(client: Any) -> int:
+    return max(1, len(client.scheduler_info().get("workers", {})))
+
+
+def _write_empty_summary(out_dir: Path, skipped: list[str]) -> dict[str, Any]:
+    keys = [
+        *("rows", "error_rows", "prompt_tokens", "output_tokens", "load_s", "tokenize_s"),
+        *("generate_s", "write_s", "wall_s", "output_tokens_per_s", "engine_idle_s"),
+    ]
+    summary: dict[str, Any] = dict.fromkeys(keys, 0)  # same stable names, nothing done
+    summary.update(shards_written=[], shards_skipped=skipped)
+    write_summary(out_dir / "summary.json", summary)
+    return summary
+
+
+def _log_summary(summary: dict[str, Any], out_dir: Path) -> None:
+    log.info(
+        "%d rows (%d errors), %d output tokens in %.1fs: %.1f output tok/s; engine idle %.2fs",
+        summary["rows"],
+        summary["error_rows"],
+        summary["output_tokens"],
+        summary["wall_s"],
+        summary["output_tokens_per_s"],
+        summary["engine_idle_s"],
+    )
+    if "bleu" in summary:
+        log.info("BLEU %.1f  chrF %.1f", summary["bleu"], summary["chrf"])
+    log.info("results in %s", out_dir)
