@@ -26,7 +26,10 @@ class Manifest:
         records: dict[str, dict[str, Any]] = {}
         if not self.path.exists():
             return records
-        for line in self.path.read_text(encoding="utf-8").splitlines():
+        text = self.path.read_text(encoding="utf-8")
+        if text and not text.endswith("\n"):
+            self._append("\n")  # end the torn line, or the next record would join it
+        for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
@@ -39,8 +42,11 @@ class Manifest:
 
     def mark_done(self, shard_name: str, **fields: Any) -> None:
         record = {"shard": shard_name, **fields}
+        self._append(json.dumps(record) + "\n")
+        self.records[shard_name] = record
+
+    def _append(self, text: str) -> None:
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        self.records[shard_name] = record

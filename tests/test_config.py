@@ -1,0 +1,103 @@
+"""Every file in conf/ composes and validates; bad values fail with messages naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from pipeline.config import PipelineConfig, load_config
+from pipeline.engine.config import ConfigError
+from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXTRA = {"cluster/address": ["cluster.address=tcp://127.0.0.1:8786"]}
+
+
+def _group_options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "group,option",
+    [(g, o) for g in ("model", "engine", "quant", "cluster") for o in _group_options(g)],
+)
+def test_every_group_option_composes(compose, group: str, option: str) -> None:
+    cfg = compose([f"{group}={option}", *EXTRA.get(f"{group}/{option}", [])])
+    assert isinstance(load_config(cfg), PipelineConfig)
+
+
+@pytest.mark.parametrize("job", _group_options("job"))
+def test_every_job_composes(compose, job: str) -> None:
+    config = load_config(compose([f"+job={job}"]))
+    assert config.task.name == job
+
+
+def test_default_is_greedy_translation_of_the_demo_sample(compose) -> None:
+    config = load_config(compose())
+    assert (config.task.name, config.model.path, config.input.path) == ("translate", "demo", "demo")
+    assert config.sampling.temperature == 0 and config.output.dir is None
+    assert isinstance(config.request_params, SamplingParams)
+
+
+def test_beam_width_selects_beam_search(compose) -> None:
+    config = load_config(compose(["beam.width=4", "beam.max_tokens=32"]))
+    assert isinstance(config.request_params, BeamParams)
+    assert config.request_params.max_tokens == 32
+
+
+def test_evalset_samples_with_logprobs(compose) -> None:
+    config = load_config(compose(["+job=evalset", "sampling.n=8"]))
+    assert config.sampling.n == 8 and config.sampling.logprobs == 5
+
+
+def test_slurm_launcher_composes(compose) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install '.[cluster]'")
+    load_config(compose(["hydra/launcher=slurm"]))
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("engine.dtype=float8", "engine.dtype"),
+        ("engine.device=tpu", "engine.device"),
+        ("engine.max_num_seqs=0", "engine.max_num_seqs"),
+        ("engine.kv_cache_memory=lots", "engine.kv_cache_memory"),
+        ("quant.method=int4", "quant.method"),
+        ("input.limit=0", "input.limit"),
+        ("cluster.n_workers=0", "cluster.n_workers"),
+        ("sampling.top_p=0", "sampling.top_p"),
+        ("beam.num_return=3", "beam.num_return"),
+        ("task.chat_template=sometimes", "task.chat_template"),
+        ("task.prompt_template=no_placeholder", "task.prompt_template"),
+        ("metrics.interval_s=0", "metrics.interval_s"),
+        ("output.compression=rar", "output.compression"),
+    ],
+)
+def test_bad_values_name_the_key(compose, override: str, key: str) -> None:
+    with pytest.raises((ConfigError, ParamsError), match=key.replace(".", r"\.")):
+        load_config(compose([override]))
+
+
+def test_n_samples_with_greedy_says_how_to_fix(compose) -> None:
+    with pytest.raises(ParamsError, match="temperature > 0"):
+        load_config(compose(["sampling.n=4"]))
+
+
+def test_wrong_type_and_unknown_key_fail_at_compose(compose) -> None:
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["engine.max_num_seqs=many"])
+    assert isinstance(info.value.__cause__, ValidationError)
+    assert "engine.max_num_seqs" in str(info.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="no_such_key"):
+        compose(["engine.no_such_key=1"])
+
+
+def test_cluster_address_comes_from_the_environment(compose, monkeypatch) -> None:
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    with pytest.raises(Exception, match="DASK_SCHEDULER_ADDRESS"):
+        load_config(compose(["cluster=address"]))
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
+    assert load_config(compose(["cluster=address"])).cluster.address == "tcp://10.0.0.1:8786"
