@@ -41,8 +41,17 @@ class InputConfig:
     limit: Optional[int] = None  # noqa: UP045 (first N rows, for a quick try)
     columns: list[str] = field(default_factory=list)  # extra input columns copied to the output
     reference_column: str = "reference"  # scored with BLEU/chrF when present
+    # Split the shards among independent jobs (SLURM array tasks): this job takes every
+    # num_parts-th shard starting at `part`.
+    part: int = 0
+    num_parts: int = 1
 
     def __post_init__(self) -> None:
+        _require(self.num_parts >= 1, f"input.num_parts must be >= 1, got {self.num_parts}")
+        _require(
+            0 <= self.part < self.num_parts,
+            f"input.part must be in [0, num_parts={self.num_parts}), got {self.part}",
+        )
         _require(bool(self.path), "input.path is empty: give a Parquet file, directory or glob")
         _require(bool(self.text_column), "input.text_column is empty: name the prompt column")
         _require(bool(self.id_column), "input.id_column is empty: name the id column")

@@ -21,6 +21,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.driver import Driver, Engine
 from pipeline.engine.config import ConfigError
 from pipeline.engine.params import RequestParams, SamplingParams
+from pipeline.io.manifest import manifest_name
 from pipeline.io.schema import output_schema
 from pipeline.io.shards import Shard, check_columns, discover_shards, plan_units
 from pipeline.io.writer import ResultWriter
@@ -42,7 +43,8 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     timings = Timings(started=time.perf_counter())
     config = load_config(cfg)
     out_dir = output_dir(config)
-    writer = ResultWriter(out_dir / "results", config.output.compression)
+    manifest = manifest_name(config.input.part, config.input.num_parts)
+    writer = ResultWriter(out_dir / "results", config.output.compression, manifest)
     shards, skipped = pending_shards(config, writer)
     if not shards:
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
@@ -95,6 +97,7 @@ def pending_shards(config: PipelineConfig, writer: ResultWriter) -> tuple[list[S
     check_columns(shards, config.input.text_column, config.input.columns)
     if config.input.limit is not None:  # the limit counts from the input's first row
         shards, _ = plan_units(shards, config.input.limit)
+    shards = shards[config.input.part :: config.input.num_parts]
     skipped = [s.name for s in shards if writer.manifest.is_committed(s.name)]
     return [s for s in shards if s.name not in skipped], skipped
 

@@ -67,6 +67,7 @@ def test_slurm_launcher_composes(compose) -> None:
         ("engine.kv_cache_memory=lots", "engine.kv_cache_memory"),
         ("quant.method=int4", "quant.method"),
         ("input.limit=0", "input.limit"),
+        ("input.part=2", "input.part"),
         ("cluster.n_workers=0", "cluster.n_workers"),
         ("sampling.top_p=0", "sampling.top_p"),
         ("beam.num_return=3", "beam.num_return"),

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.io.manifest import MANIFEST_NAME, Manifest
+from pipeline.io.manifest import MANIFEST_NAME, Manifest, manifest_name
 from pipeline.io.writer import ResultWriter
 
 SCHEMA = pa.schema([("id", pa.string()), ("error", pa.string())])
@@ -56,7 +56,6 @@ def test_crash_mid_shard_is_redone_once_on_rerun(tmp_path: Path) -> None:
         f.write('{"shard": "torn.par')  # a torn append
 
     rerun = ResultWriter(tmp_path)
-    assert list(tmp_path.glob(".*tmp-*")) == []
     manifest = rerun.manifest
     assert manifest.is_committed("done.parquet")
     assert not manifest.is_committed("torn.parquet")
@@ -66,6 +65,7 @@ def test_crash_mid_shard_is_redone_once_on_rerun(tmp_path: Path) -> None:
         for i, row in enumerate(_rows(3)):
             rerun.put(name, i, row)
         assert pq.read_table(tmp_path / name).num_rows == 3
+    assert list(tmp_path.glob(".*tmp-*")) == []
     lines = (tmp_path / MANIFEST_NAME).read_text().splitlines()
     shards = [json.loads(line)["shard"] for line in lines if line.endswith("}")]
     assert sorted(shards) == ["done.parquet", "renamed.parquet", "torn.parquet"]
@@ -77,3 +77,16 @@ def test_committed_shard_whose_file_vanished_is_not_committed(tmp_path: Path) ->
     writer.put("a.parquet", 0, _rows(1)[0])
     (tmp_path / "a.parquet").unlink()
     assert not Manifest(tmp_path).is_committed("a.parquet")
+
+
+def test_parts_keep_their_own_manifests_and_see_each_other(tmp_path: Path) -> None:
+    for part in (0, 1):
+        writer = ResultWriter(tmp_path, manifest=manifest_name(part, 2))
+        writer.expect(f"p{part}.parquet", 1, SCHEMA)
+        writer.put(f"p{part}.parquet", 0, _rows(1)[0])
+    assert sorted(p.name for p in tmp_path.glob("_manifest*")) == [
+        "_manifest.part-00000.jsonl",
+        "_manifest.part-00001.jsonl",
+    ]
+    assert Manifest(tmp_path).is_committed("p0.parquet")
+    assert Manifest(tmp_path).is_committed("p1.parquet")

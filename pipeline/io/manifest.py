@@ -16,26 +16,30 @@ from typing import Any
 MANIFEST_NAME = "_manifest.jsonl"
 
 
-class Manifest:
-    def __init__(self, results_dir: Path) -> None:
-        self.results_dir = results_dir
-        self.path = results_dir / MANIFEST_NAME
-        self.records: dict[str, dict[str, Any]] = self._read()
+def manifest_name(part: int, num_parts: int) -> str:
+    """Jobs that split one input (`input.part`) each append to their own file: no two writers
+    ever share one, whatever the file system's append semantics."""
+    return MANIFEST_NAME if num_parts == 1 else f"_manifest.part-{part:05d}.jsonl"
 
-    def _read(self) -> dict[str, dict[str, Any]]:
-        records: dict[str, dict[str, Any]] = {}
-        if not self.path.exists():
-            return records
-        text = self.path.read_text(encoding="utf-8")
-        if text and not text.endswith("\n"):
+
+class Manifest:
+    def __init__(self, results_dir: Path, name: str = MANIFEST_NAME) -> None:
+        self.results_dir = results_dir
+        self.path = results_dir / name
+        self.records: dict[str, dict[str, Any]] = {}
+        for path in sorted(results_dir.glob("_manifest*.jsonl")):
+            self._read(path)
+
+    def _read(self, path: Path) -> None:
+        text = path.read_text(encoding="utf-8")
+        if path == self.path and text and not text.endswith("\n"):
             self._append("\n")  # end the torn line, or the next record would join it
         for line in text.splitlines():
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # torn write from a crash: that shard is simply not committed
-            records[record["shard"]] = record
-        return records
+            self.records[record["shard"]] = record
 
     def is_committed(self, shard_name: str) -> bool:
         return shard_name in self.records and (self.results_dir / shard_name).exists()

@@ -1,6 +1,6 @@
 """Collect each shard's result rows (the engine finishes them in any order) and commit the
 shard when its last row arrives: temp file in the same dir, fsync, `os.replace`, then the
-manifest line. A crash leaves at most a temp file, removed by the next run."""
+manifest line. A crash leaves at most a temp file, removed when the shard is redone."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.manifest import Manifest
+from pipeline.io.manifest import MANIFEST_NAME, Manifest
 
 TEMP_MARK = ".tmp-"
 
@@ -26,24 +26,24 @@ class _ShardBuffer:
 
 
 class ResultWriter:
-    def __init__(self, results_dir: Path, compression: str = "zstd") -> None:
+    def __init__(
+        self, results_dir: Path, compression: str = "zstd", manifest: str = MANIFEST_NAME
+    ) -> None:
         results_dir.mkdir(parents=True, exist_ok=True)
         self.dir = results_dir
         self.compression = None if compression == "none" else compression
-        self.manifest = Manifest(results_dir)
+        self.manifest = Manifest(results_dir, manifest)
         self._open: dict[str, tuple[int, pa.Schema]] = {}  # expected shards, not yet started
         self._buffers: dict[str, _ShardBuffer] = {}
         self.committed: list[str] = []
         self.rows_written = 0
         self.write_s = 0.0
-        self._remove_stale_temps()
-
-    def _remove_stale_temps(self) -> None:
-        for path in self.dir.glob(f".*{TEMP_MARK}*"):
-            path.unlink()  # a shard that was being written when a previous run died
 
     def expect(self, shard_name: str, num_rows: int, schema: pa.Schema) -> None:
         """Declare a shard this run will write, with its exact row count."""
+        for stale in self.dir.glob(f".{shard_name}{TEMP_MARK}*"):
+            stale.unlink()  # left by a run that died writing this shard (only ours: other
+            # jobs may be writing their own shards into the same dir right now)
         self._open[shard_name] = (num_rows, schema)
 
     def put(self, shard_name: str, index: int, row: dict[str, Any]) -> None:
