@@ -6,6 +6,7 @@ the input); results are taken as they complete, in any order, and the next units
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
     """A LocalCluster of single-threaded worker processes, or the scheduler at cluster.address."""
     from distributed import Client, LocalCluster
 
+    # Scheduler and nanny chatter at INFO would bury the job's own log lines.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     if cfg.address:
         with Client(cfg.address) as client:
             yield client
