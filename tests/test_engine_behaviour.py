@@ -69,7 +69,9 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model_dir):
 def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_dir):
     engine = make_engine(model_dir)
     prompts = random_prompts(4, seed=13, low=12, high=20)
-    outs = engine.generate(prompts, SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=1, ignore_eos=True))
+    outs = engine.generate(
+        prompts, SamplingParams(n=4, temperature=1.0, max_tokens=12, seed=1, ignore_eos=True)
+    )
     assert engine.stats()["num_prefill_tokens"] == sum(len(p) for p in prompts)
     for out in outs:
         assert [c.index for c in out.outputs] == [0, 1, 2, 3]
@@ -80,7 +82,9 @@ def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_di
 def test_parallel_samples_share_prompt_blocks(model_dir):
     engine = make_engine(model_dir)
     prompt = random_prompts(1, seed=14, low=18, high=19)[0]  # 18 tokens: 4 full blocks + 2
-    engine.add_request("r", prompt, SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True))
+    engine.add_request(
+        "r", prompt, SamplingParams(n=4, temperature=1.0, max_tokens=8, ignore_eos=True)
+    )
     engine.step()  # prefill and fork
     blocks = engine.scheduler.blocks
     assert blocks.num_blocks - blocks.num_free == 5  # shared, not copied yet
@@ -94,7 +98,10 @@ def test_parallel_samples_share_prompt_blocks(model_dir):
 def test_bad_requests_come_back_with_an_error_and_the_rest_still_run(model_dir):
     engine = make_engine(model_dir)
     good = random_prompts(2, seed=15)
-    outs = engine.generate([good[0], [], list(range(3, 300)), [5, 999], good[1]], SamplingParams(temperature=0, max_tokens=4))
+    outs = engine.generate(
+        [good[0], [], list(range(3, 300)), [5, 999], good[1]],
+        SamplingParams(temperature=0, max_tokens=4),
+    )
     assert [o.error is None for o in outs] == [True, False, False, False, True]
     assert "empty" in outs[1].error
     assert "context" in outs[2].error
@@ -105,7 +112,9 @@ def test_bad_requests_come_back_with_an_error_and_the_rest_still_run(model_dir):
 def test_generation_stops_at_the_context_limit(model_dir):
     engine = make_engine(model_dir)
     prompt = random_prompts(1, seed=16, low=250, high=251)[0]
-    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[0]
+    out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))[
+        0
+    ]
     assert len(prompt) + len(out.outputs[0].token_ids) == 256
     assert out.outputs[0].finish_reason == "length"
 
@@ -118,7 +127,9 @@ def test_logprobs_are_reported_and_consistent(model_dir):
     for token, top in zip(out.token_ids, out.logprobs, strict=True):
         assert max(top, key=top.get) == token  # greedy picks the most likely token
         assert len(top) == 3
-    assert out.cumulative_logprob == pytest.approx(sum(t[tok] for tok, t in zip(out.token_ids, out.logprobs)))
+    assert out.cumulative_logprob == pytest.approx(
+        sum(t[tok] for tok, t in zip(out.token_ids, out.logprobs, strict=True))
+    )
 
 
 def test_sampler_draws_follow_the_distribution():

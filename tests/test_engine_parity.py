@@ -11,12 +11,17 @@ from tiny_models import EOS, FAMILIES, build_model
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
-from pipeline.models.attention import AttentionContext
+from pipeline.models.attention import AttentionContext, DecodeGroup
 from pipeline.models.loader import load_model, read_spec
 
 
 def make_engine(model_dir: Path, **engine_overrides) -> LLMEngine:
-    settings = {"dtype": "float32", "block_size": 4, "kv_cache_memory": 8 * 2**20, **engine_overrides}
+    settings = {
+        "dtype": "float32",
+        "block_size": 4,
+        "kv_cache_memory": 8 * 2**20,
+        **engine_overrides,
+    }
     return LLMEngine.from_config(ModelConfig(path=str(model_dir)), EngineConfig(**settings))
 
 
@@ -48,9 +53,13 @@ def test_logits_match_transformers(family_model):
     ours = load_model(directory, spec, torch.float32, torch.device("cpu"), 256)
     a, b = random_prompts(2, seed=3, low=9, high=14)
     block, kvh, dim = 4, spec.num_kv_heads, spec.head_dim
-    caches = [(torch.zeros(32, block, kvh, dim), torch.zeros(32, block, kvh, dim)) for _ in range(2)]
+    caches = [
+        (torch.zeros(32, block, kvh, dim), torch.zeros(32, block, kvh, dim)) for _ in range(2)
+    ]
     slots_a, slots_b = torch.arange(len(a)), 64 + torch.arange(len(b))  # blocks 0.. and 16..
-    ctx = AttentionContext(True, torch.cat([slots_a, slots_b]), cu_seqlens=[0, len(a), len(a) + len(b)])
+    ctx = AttentionContext(
+        True, torch.cat([slots_a, slots_b]), cu_seqlens=[0, len(a), len(a) + len(b)]
+    )
     positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
     with torch.no_grad():
         logits = ours.compute_logits(ours(torch.tensor(a + b), positions, ctx, caches))
@@ -61,10 +70,13 @@ def test_logits_match_transformers(family_model):
     tables = torch.tensor([[0, 1, 2, 3], [16, 17, 18, 19]])
     lengths = torch.tensor([len(a) + 1, len(b) + 1])
     mask = (torch.arange(16)[None] < lengths[:, None])[:, None, None, :]
-    step = AttentionContext(False, torch.tensor([len(a), 64 + len(b)]), block_tables=tables, decode_mask=mask)
+    groups = [DecodeGroup(0, 1, tables[:1], mask[:1]), DecodeGroup(1, 2, tables[1:], mask[1:])]
+    step = AttentionContext(False, torch.tensor([len(a), 64 + len(b)]), decode_groups=groups)
     with torch.no_grad():
         logits = ours.compute_logits(ours(torch.tensor([5, 7]), lengths - 1, step, caches))
-        ref = torch.stack([hf(torch.tensor([a + [5]])).logits[0, -1], hf(torch.tensor([b + [7]])).logits[0, -1]])
+        ref = torch.stack(
+            [hf(torch.tensor([a + [5]])).logits[0, -1], hf(torch.tensor([b + [7]])).logits[0, -1]]
+        )
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
@@ -87,16 +99,26 @@ def test_beam_search_matches_transformers(tmp_path, family, early_stopping, leng
     engine = make_engine(tmp_path)
     prompts = random_prompts(6, seed=2)
     params = BeamParams(
-        width=4, num_return=2, max_tokens=10, early_stopping=early_stopping,
+        width=4,
+        num_return=2,
+        max_tokens=10,
+        early_stopping=early_stopping,
         length_penalty=length_penalty,
     )
     outs = engine.generate(prompts, params)
     finished_early = 0
     for prompt, out in zip(prompts, outs, strict=True):
         ref = hf_generate(
-            hf, prompt, max_new_tokens=10, num_beams=4, num_return_sequences=2, do_sample=False,
-            early_stopping=early_stopping, length_penalty=length_penalty,
-            output_scores=True, return_dict_in_generate=True,
+            hf,
+            prompt,
+            max_new_tokens=10,
+            num_beams=4,
+            num_return_sequences=2,
+            do_sample=False,
+            early_stopping=early_stopping,
+            length_penalty=length_penalty,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         ref_tokens = [strip_after_eos(s[len(prompt) :].tolist()) for s in ref.sequences]
         assert [c.token_ids for c in out.outputs] == ref_tokens
@@ -114,8 +136,14 @@ def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path):
     params = BeamParams(width=3, num_return=3, max_tokens=12, no_repeat_ngram_size=2, min_tokens=4)
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):
         ref = hf_generate(
-            hf, prompt, max_new_tokens=12, num_beams=3, num_return_sequences=3,
-            no_repeat_ngram_size=2, min_new_tokens=4, do_sample=False,
+            hf,
+            prompt,
+            max_new_tokens=12,
+            num_beams=3,
+            num_return_sequences=3,
+            no_repeat_ngram_size=2,
+            min_new_tokens=4,
+            do_sample=False,
         )
         assert [c.token_ids for c in out.outputs] == [
             strip_after_eos(s[len(prompt) :].tolist()) for s in ref
@@ -142,15 +170,21 @@ def test_stop_strings_end_generation_where_the_text_first_contains_them(tmp_path
     engine = make_engine(tmp_path)
     checked = 0
     for prompt in random_prompts(10, seed=6):
-        ref = strip_after_eos(hf_generate(hf, prompt, max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist())
+        ref = strip_after_eos(
+            hf_generate(hf, prompt, max_new_tokens=12, do_sample=False)[0, len(prompt) :].tolist()
+        )
         words = engine.tokenizer.decode(ref, skip_special_tokens=True).split()
         if len(words) < 4:
             continue
         stop = words[2]
         cut = next(
-            i for i in range(1, len(ref) + 1) if stop in engine.tokenizer.decode(ref[:i], skip_special_tokens=True)
+            i
+            for i in range(1, len(ref) + 1)
+            if stop in engine.tokenizer.decode(ref[:i], skip_special_tokens=True)
         )
-        out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[0]
+        out = engine.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[stop]))[
+            0
+        ]
         completion = out.outputs[0]
         assert completion.token_ids == ref[:cut]
         assert completion.finish_reason == "stop"

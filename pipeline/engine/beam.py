@@ -39,9 +39,7 @@ class BeamState:
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
     done: bool = False
 
-    def step(
-        self, logprobs: torch.Tensor, outputs: list[list[int]]
-    ) -> list[NextBeam]:
+    def step(self, logprobs: torch.Tensor, outputs: list[list[int]]) -> list[NextBeam]:
         """logprobs: [W, V] (processors applied) for the running beams whose generated tokens
         are `outputs`. Returns the next running beams, best first."""
         width, vocab = self.params.width, logprobs.shape[1]
@@ -59,7 +57,9 @@ class BeamState:
             parent, token = divmod(flat, vocab)
             if at_limit or token in self.eos_ids:
                 if rank < width and may_finish:
-                    self._add(score / gen_len**self.params.length_penalty, outputs[parent] + [token])
+                    self._add(
+                        score / gen_len**self.params.length_penalty, outputs[parent] + [token]
+                    )
             else:
                 all_stopped = False
                 if len(running) < width:
@@ -91,7 +91,10 @@ class BeamState:
 
 
 def apply_beam_processors(
-    logprobs: torch.Tensor, outputs: list[list[int]], prompt: list[int], params: BeamParams,
+    logprobs: torch.Tensor,
+    outputs: list[list[int]],
+    prompt: list[int],
+    params: BeamParams,
     eos_ids: list[int],
 ) -> None:
     """In place on [W, V] log-probs, like HF's processors in beam search:

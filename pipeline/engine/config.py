@@ -36,7 +36,9 @@ class EngineConfig:
                 f"engine.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise ConfigError(f"engine.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+            raise ConfigError(
+                f"engine.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")

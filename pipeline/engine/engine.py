@@ -6,7 +6,8 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,7 @@ class LLMEngine:
             return f"prompt holds token ids outside the vocabulary [0, {vocab})"
         return None
 
+    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns the requests that finished (or failed) in it."""
         started = time.perf_counter()
@@ -177,8 +179,12 @@ def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBas
 
 
 def _model_info(
-    model_dir: Path, spec: ModelSpec, model: torch.nn.Module, dtype: torch.dtype,
-    device: torch.device, max_len: int,
+    model_dir: Path,
+    spec: ModelSpec,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_len: int,
 ) -> dict[str, Any]:
     params = {id(p): p for p in model.parameters()}.values()
     return {

@@ -85,8 +85,10 @@ class Postprocessor:
             SamplingRow(seq, request.params, request.seed)  # type: ignore[arg-type]
             for (request, _), seq in zip(sampling, seqs, strict=True)
         ]
-        index = torch.tensor([r for _, r in sampling], device=logits.device)
-        result = sample(logits.index_select(0, index), rows, self.eos_ids)
+        row_ids = [r for _, r in sampling]
+        if row_ids != list(range(logits.shape[0])):  # else sample in place, without a copy
+            logits = logits.index_select(0, torch.tensor(row_ids, device=logits.device))
+        result = sample(logits, rows, self.eos_ids)
         for (request, _), row, token, logprob, top in zip(
             sampling, rows, result.token_ids, result.logprobs, result.top_logprobs, strict=True
         ):

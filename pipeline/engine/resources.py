@@ -53,9 +53,11 @@ def kv_pool_blocks(
     budget = parse_memory(cfg.kv_cache_memory)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget_bytes = int(free * (0.9 if budget is None else budget)) if (
-            budget is None or isinstance(budget, float)
-        ) else int(budget)
+        budget_bytes = (
+            int(free * (0.9 if budget is None else budget))
+            if (budget is None or isinstance(budget, float))
+            else int(budget)
+        )
     else:
         available = psutil.virtual_memory().available
         if isinstance(budget, float):
@@ -69,6 +71,9 @@ def kv_pool_blocks(
             f"({per_block} bytes)"
         )
     log.info(
-        "KV cache: %d blocks x %d tokens (%.1f MiB)", blocks, cfg.block_size, blocks * per_block / 2**20
+        "KV cache: %d blocks x %d tokens (%.1f MiB)",
+        blocks,
+        cfg.block_size,
+        blocks * per_block / 2**20,
     )
     return int(blocks)

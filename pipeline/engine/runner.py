@@ -10,7 +10,7 @@ import torch
 
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
-from pipeline.models.attention import AttentionContext
+from pipeline.models.attention import AttentionContext, DecodeGroup
 from pipeline.models.llama import KVCache, LlamaForCausalLM
 
 
@@ -24,7 +24,10 @@ class ModelRunner:
         # zeros, not empty: masked-out cache positions still enter attention as values x 0,
         # and uninitialised memory could hold NaN.
         self.kv_caches: list[KVCache] = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
             for _ in range(spec.num_layers)
         ]
         self.model = model
@@ -40,10 +43,14 @@ class ModelRunner:
         if batch.is_prefill:
             input_ids, positions, ctx, last = self._prepare_prefill(batch.seqs)
             hidden = self.model(input_ids, positions, ctx, self.kv_caches)[last]
-        else:
-            input_ids, positions, ctx = self._prepare_decode(batch.seqs)
-            hidden = self.model(input_ids, positions, ctx, self.kv_caches)
-        return self.model.compute_logits(hidden)
+            return self.model.compute_logits(hidden)
+        # Decode in order of context length so that attention groups similar lengths.
+        order = sorted(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))
+        input_ids, positions, ctx = self._prepare_decode([batch.seqs[i] for i in order])
+        hidden = self.model(input_ids, positions, ctx, self.kv_caches)
+        unsort = torch.empty(len(order), dtype=torch.long, device=self.device)
+        unsort[self._tensor(order)] = torch.arange(len(order), device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, unsort))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -77,20 +84,39 @@ class ModelRunner:
     def _prepare_decode(
         self, seqs: list[Sequence]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        lengths = self._tensor([len(s) for s in seqs])
-        span = max_blocks * self.block_size
-        mask = torch.arange(span, device=self.device)[None, :] < lengths[:, None]  # [B, S]
-        self.padded_slots += span * len(seqs) - sum(len(s) for s in seqs)
-        self.attended_slots += span * len(seqs)
-        ctx = AttentionContext(
-            False,
-            self._tensor([self._slots(s, len(s) - 1, len(s))[0] for s in seqs]),
-            block_tables=self._tensor(tables),
-            decode_mask=mask[:, None, None, :],
-        )
-        return self._tensor([s.token_ids[-1] for s in seqs]), lengths - 1, ctx
+        """`seqs` sorted by length; groups are padded to their own longest sequence."""
+        groups = []
+        for start, end in group_by_length([len(s.block_table) for s in seqs]):
+            members = seqs[start:end]
+            width = len(members[-1].block_table)
+            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in members]
+            lengths = self._tensor([len(s) for s in members])
+            span = width * self.block_size
+            mask = torch.arange(span, device=self.device)[None, :] < lengths[:, None]
+            groups.append(DecodeGroup(start, end, self._tensor(tables), mask[:, None, None, :]))
+            self.padded_slots += span * len(members) - int(lengths.sum())
+            self.attended_slots += span * len(members)
+        bs = self.block_size
+        slots = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs]
+        ctx = AttentionContext(False, self._tensor(slots), decode_groups=groups)
+        positions = self._tensor([len(s) - 1 for s in seqs])
+        return self._tensor([s.token_ids[-1] for s in seqs]), positions, ctx
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
+
+
+def group_by_length(
+    num_blocks: list[int], slack: float = 1.25, min_size: int = 8
+) -> list[tuple[int, int]]:
+    """Cut an ascending list of block counts into [start, end) runs whose longest member is
+    at most `slack` x the shortest (+1 block), so padding stays small; tiny runs are merged
+    into the next one, since each group costs a kernel launch per layer."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i, blocks in enumerate(num_blocks):
+        if blocks > num_blocks[start] * slack + 1 and i - start >= min_size:
+            groups.append((start, i))
+            start = i
+    groups.append((start, len(num_blocks)))
+    return groups

@@ -34,15 +34,36 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_ids: list[int]) ->
     """logits: [R, V] fp32, one row per entry of `rows` (modified in place)."""
     _apply_penalties(logits, rows)
     _mask_early_stop(logits, rows, eos_ids)
-    log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # [R, 1]
-    chosen = logits.argmax(dim=-1)  # [R]
+    top, chosen = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
+    log_norm = _log_norm(logits, top)
+    chosen = chosen.squeeze(1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         index = torch.tensor(random_rows, device=logits.device)
         chosen[index] = _draw(logits[index], [rows[i] for i in random_rows])
     chosen_logprobs = (logits.gather(1, chosen[:, None]) - log_norm).squeeze(1)
     tokens = chosen.tolist()
-    return SampleResult(tokens, chosen_logprobs.tolist(), _top_logprobs(logits, log_norm, rows, tokens))
+    return SampleResult(
+        tokens, chosen_logprobs.tolist(), _top_logprobs(logits, log_norm, rows, tokens)
+    )
+
+
+_scratch: dict[tuple, torch.Tensor] = {}
+
+
+def _log_norm(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary, [R, 1], given the row max `top`.
+
+    Uses a reused scratch buffer: on the CPU a fresh [R, V] temporary costs more in page
+    faults than the exp itself.
+    """
+    key = (logits.shape, logits.dtype, logits.device)
+    scratch = _scratch.get(key)
+    if scratch is None:
+        _scratch.clear()
+        scratch = _scratch[key] = torch.empty_like(logits)
+    torch.sub(logits, top, out=scratch).exp_()
+    return scratch.sum(dim=-1, keepdim=True).log_() + top
 
 
 def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
@@ -53,7 +74,9 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         if p.repetition_penalty != 1.0:  # HF / CTRL: over prompt and output tokens
             seen = torch.tensor(row.seq.token_ids, device=logits.device)
             score = logits[i, seen]
-            score = torch.where(score < 0, score * p.repetition_penalty, score / p.repetition_penalty)
+            score = torch.where(
+                score < 0, score * p.repetition_penalty, score / p.repetition_penalty
+            )
             logits[i, seen] = score
         if (p.presence_penalty or p.frequency_penalty) and row.seq.num_output:
             out = torch.tensor(row.seq.output_ids, device=logits.device)

@@ -8,9 +8,21 @@ variable-length prompts, no padding) or a decode (one new token per sequence).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class DecodeGroup:
+    """Decode sequences [start, end) of the batch, of similar context length, attended
+    together: their block tables are padded only to the group's longest sequence."""
+
+    start: int
+    end: int
+    block_tables: torch.Tensor  # [b, max_blocks] int64
+    mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size] bool: valid cache positions
 
 
 @dataclass
@@ -21,9 +33,8 @@ class AttentionContext:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot where each new token's K/V go
     # prefill: token offsets of each sequence in the packed batch (host ints, len B + 1)
     cu_seqlens: list[int] | None = None
-    # decode: [B, max_blocks] int64 block ids, and [B, 1, 1, S] bool mask of valid positions
-    block_tables: torch.Tensor | None = None
-    decode_mask: torch.Tensor | None = None
+    # decode: the batch (sorted by context length) cut into groups of similar length
+    decode_groups: list[DecodeGroup] | None = None
 
 
 def write_kv(
@@ -48,7 +59,7 @@ def prefill_attention(
     the fresh k/v are all a prompt attends to and the cache is not read.
     """
     out = torch.empty_like(q)
-    for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+    for start, end in pairwise(cu_seqlens):
         qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
         ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
         vs = v[start:end].transpose(0, 1).unsqueeze(0)
@@ -61,20 +72,22 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    mask: torch.Tensor,
+    groups: list[DecodeGroup],
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence against its cached context. q: [B, H, D] -> [B, H, D].
 
     Query heads that share a KV head are folded into the query-length axis
-    ([B, KVH, group, D]) so the cache is never repeated per query head.
+    ([b, KVH, group, D]) so the cache is never repeated per query head.
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    group = heads // kv_heads
-    keys = k_cache[block_tables].flatten(1, 2).transpose(1, 2)  # [B, KVH, S, D]
-    values = v_cache[block_tables].flatten(1, 2).transpose(1, 2)
-    qg = q.view(batch, kv_heads, group, head_dim)
-    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask, scale=scale)
-    return out.reshape(batch, heads, head_dim)
+    qg = q.view(batch, kv_heads, heads // kv_heads, head_dim)
+    out = torch.empty_like(qg)
+    for g in groups:
+        keys = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)  # [b, KVH, S, D]
+        values = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        out[g.start : g.end] = F.scaled_dot_product_attention(
+            qg[g.start : g.end], keys, values, attn_mask=g.mask, scale=scale
+        )
+    return out.view(batch, heads, head_dim)

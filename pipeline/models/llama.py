@@ -72,10 +72,8 @@ class Attention(nn.Module):
             assert ctx.cu_seqlens is not None
             out = prefill_attention(q, k, v, ctx.cu_seqlens, self.scale)
         else:
-            assert ctx.block_tables is not None and ctx.decode_mask is not None
-            out = decode_attention(
-                q, k_cache, v_cache, ctx.block_tables, ctx.decode_mask, self.scale
-            )
+            assert ctx.decode_groups is not None
+            out = decode_attention(q, k_cache, v_cache, ctx.decode_groups, self.scale)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 

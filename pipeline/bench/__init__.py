@@ -1,0 +1,1 @@
+"""Engine benchmarks: synthetic Llama-shape models, log-uniform prompts, HF baseline."""

@@ -1,0 +1,166 @@
+"""Engine throughput vs transformers.generate on a random Llama-shape model.
+
+    python -m pipeline.bench --size 58M --num-prompts 512 --new-tokens 64 --dtype float32
+
+Prints output tokens/s for greedy, n=4 sampling and beam 4, for our engine and for
+`transformers.generate` (length-sorted batches of 32) run in the same process, and each as
+a fraction of the compute floor: the workload's FLOPs over this machine's measured matmul
+peak for the dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.bench.hf_baseline import hf_generate_seconds, load_hf
+from pipeline.bench.workload import (
+    SHAPES,
+    build_random_model,
+    log_uniform_prompts,
+    matmul_peak,
+    work_flops,
+)
+from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.engine import LLMEngine
+from pipeline.engine.params import BeamParams, SamplingParams
+
+MODES = {
+    "greedy": (
+        1,
+        lambda t: SamplingParams(temperature=0, max_tokens=t, ignore_eos=True),
+        {"do_sample": False},
+    ),
+    "n4": (
+        4,
+        lambda t: SamplingParams(n=4, temperature=0.8, max_tokens=t, ignore_eos=True, seed=0),
+        {"do_sample": True, "temperature": 0.8, "num_return_sequences": 4},
+    ),
+    "beam4": (
+        4,
+        lambda t: BeamParams(width=4, max_tokens=t, min_tokens=t),
+        {"do_sample": False, "num_beams": 4},
+    ),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--size", default="58M", choices=sorted(SHAPES))
+    p.add_argument("--num-prompts", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--min-len", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=400)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--modes", default="greedy,n4,beam4")
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--separate-n4", action="store_true", help="also time n=4 as 4 separate requests"
+    )
+    p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument("--json", type=Path, default=None, help="append results as JSON lines")
+    return p.parse_args()
+
+
+def timed_generate(engine: LLMEngine, prompts: list[list[int]], params) -> tuple[float, int]:
+    """Seconds for the whole batch, and output tokens returned (all n samples; best beam)."""
+    started = time.perf_counter()
+    outs = engine.generate(prompts, params)
+    seconds = time.perf_counter() - started
+    return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+
+def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
+    fan_out, make_params, hf_kwargs = MODES[mode]
+    shape = SHAPES[args.size]
+    work = work_flops(shape, [len(p) for p in prompts], args.new_tokens, fan_out)
+    floor_s = work.flops / peak
+    before = engine.stats()
+    seconds, tokens = timed_generate(engine, prompts, make_params(args.new_tokens))
+    after = engine.stats()
+    row = {
+        "mode": mode,
+        "size": args.size,
+        "dtype": args.dtype,
+        "prompts": len(prompts),
+        "threads": torch.get_num_threads(),
+        "peak_gflops": peak / 1e9,
+        "work_gflop": work.flops / 1e9,
+        "ours_s": seconds,
+        "ours_tok_s": tokens / seconds,
+        "ours_floor": floor_s / seconds,
+        "preemptions": after["num_preemptions"] - before["num_preemptions"],
+        "padding_ratio": after["padding_ratio"],
+    }
+    if hf is not None:
+        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, args.hf_batch, **hf_kwargs)
+        row |= {
+            "hf_s": hf_s,
+            "hf_tok_s": tokens / hf_s,
+            "hf_floor": floor_s / hf_s,
+            "speedup": hf_s / seconds,
+        }
+    if mode == "n4" and args.separate_n4:
+        separate = [p for p in prompts for _ in range(4)]
+        params = SamplingParams(temperature=0.8, max_tokens=args.new_tokens, ignore_eos=True)
+        row["separate_n4_s"], _ = timed_generate(engine, separate, params)
+    return row
+
+
+def format_row(row: dict) -> str:
+    text = f"{row['mode']:8} {row['ours_tok_s']:11.1f} {100 * row['ours_floor']:7.1f}%"
+    if "hf_s" in row:
+        text += f" {row['hf_tok_s']:10.1f} {100 * row['hf_floor']:9.1f}% {row['speedup']:7.2f}x"
+    if "separate_n4_s" in row:
+        text += (
+            f"  (n=4 as 4 separate requests: {row['separate_n4_s'] / row['ours_s']:.2f}x slower)"
+        )
+    return text
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    dtype = getattr(torch, args.dtype)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"pipeline-bench-{args.size}"
+    build_random_model(model_dir, args.size)
+    vocab = SHAPES[args.size]["vocab_size"]
+    prompts = log_uniform_prompts(args.num_prompts, args.min_len, args.max_len, vocab)
+    engine_cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    engine = LLMEngine.from_config(ModelConfig(path=str(model_dir)), engine_cfg)
+    peak = matmul_peak(dtype, args.device)
+    hf = load_hf(model_dir, dtype, args.device) if args.baseline else None
+    print(
+        f"# {args.size} random Llama, {args.dtype} on {args.device} "
+        f"({torch.get_num_threads()} threads), {len(prompts)} prompts of "
+        f"{args.min_len}-{args.max_len} tokens (log-uniform, {sum(map(len, prompts))} total) "
+        f"x {args.new_tokens} new tokens; matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    header = ["mode", "ours tok/s", "floor %", "HF tok/s", "HF floor %", "speedup"]
+    print(
+        f"{header[0]:8} {header[1]:>11} {header[2]:>8} " + " ".join(f"{h:>10}" for h in header[3:])
+    )
+    for mode in args.modes.split(","):
+        row = run_mode(args, mode, engine, hf, prompts, peak)
+        print(format_row(row), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""The synthetic workload and the hardware floor it is measured against."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Llama-shape models by name; ~params counts embedding + untied LM head.
+SHAPES = {
+    "58M": dict(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=32768,
+    ),
+    "8M": dict(
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=8192,
+    ),
+}
+
+
+def build_random_model(
+    directory: Path, size: str, seed: int = 0, max_positions: int = 1024
+) -> Path:
+    """Save a random-weight LlamaForCausalLM of a named shape (HF format) with a tokenizer."""
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    if (directory / "config.json").exists():
+        return directory
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        **SHAPES[size],
+        max_position_embeddings=max_positions,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    vocab = {f"<{i}>": i for i in range(config.vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<2>", bos_token="<1>"
+    ).save_pretrained(directory)
+    return directory
+
+
+def log_uniform_prompts(
+    count: int, low: int, high: int, vocab: int, seed: int = 0
+) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    logs = torch.empty(count).uniform_(math.log(low), math.log(high), generator=g)
+    lengths = logs.exp().round().long().tolist()
+    return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+
+
+@dataclass
+class Work:
+    """FLOPs the workload needs at minimum: prompts once, each generated token once."""
+
+    flops: float
+    prompt_tokens: int
+    output_tokens: int
+
+
+def work_flops(config: dict, prompt_lens: list[int], new_tokens: int, fan_out: int) -> Work:
+    """Matmul FLOPs (2 per multiply-add) of the layers for every token fed to the model,
+    the LM head for every generated token, and attention over each token's context.
+
+    `fan_out` sequences (n samples or beams) continue from each prompt.
+    """
+    h, inter, layers = (
+        config["hidden_size"],
+        config["intermediate_size"],
+        config["num_hidden_layers"],
+    )
+    heads, kv_heads, vocab = (
+        config["num_attention_heads"],
+        config["num_key_value_heads"],
+        config["vocab_size"],
+    )
+    head_dim = h // heads
+    layer_params = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * inter
+    attn_per_ctx = 4 * heads * head_dim  # QK^T and PV per (query, key) pair, per layer
+    flops = 0.0
+    for p in prompt_lens:
+        flops += 2 * layers * layer_params * p + layers * attn_per_ctx * p * (p + 1) / 2
+        fed = new_tokens - 1  # the last generated token is never fed back
+        contexts = fed * p + fed * (fed + 1) / 2  # sum of context lengths of the fed tokens
+        flops += fan_out * (2 * layers * layer_params * fed + layers * attn_per_ctx * contexts)
+        flops += fan_out * 2 * h * vocab * new_tokens
+    return Work(flops, sum(prompt_lens), len(prompt_lens) * fan_out * new_tokens)
+
+
+def matmul_peak(
+    dtype: torch.dtype, device: str = "cpu", size: int = 2048, repeats: int = 5
+) -> float:
+    """Best measured FLOP/s of a square matmul: this machine's practical peak for the dtype."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
