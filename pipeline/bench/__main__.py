@@ -105,7 +105,7 @@ def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
         "padding_ratio": after["padding_ratio"],
     }
     if hf is not None:
-        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, args.hf_batch, **hf_kwargs)
+        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, args.hf_batch, **hf_kwargs)  # type: ignore[arg-type]
         row |= {
             "hf_s": hf_s,
             "hf_tok_s": tokens / hf_s,

@@ -11,7 +11,8 @@ import torch
 def load_hf(model_dir: Path, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    return model.to(device).eval()  # type: ignore[arg-type]
 
 
 @torch.inference_mode()

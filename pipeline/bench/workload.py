@@ -6,11 +6,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 # Llama-shape models by name; ~params counts embedding + untied LM head.
-SHAPES = {
+SHAPES: dict[str, dict[str, Any]] = {
     "58M": dict(
         hidden_size=512,
         intermediate_size=1536,

@@ -140,7 +140,7 @@ class LLMEngine:
         """Run every prompt to completion; outputs in input order."""
         for i, prompt in enumerate(prompts):
             ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-            self.add_request(str(i), ids, params)
+            self.add_request(str(i), ids, params)  # type: ignore[arg-type]
         results: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
             for out in self.step():

@@ -112,16 +112,19 @@ class Postprocessor:
             return "length"
         return None
 
+    def _text(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
+
     def _stop_string_at(self, seq: Sequence, stops: list[str]) -> int | None:
         """Where the earliest stop string starts in the output text, if one appeared."""
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self._text(seq.output_ids)
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
         return min(found) if found else None
 
     def _finish_sample(self, request: Request, seq: Sequence, reason: str) -> None:
         params = request.params
         assert isinstance(params, SamplingParams)
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self._text(seq.output_ids)
         cut = self._stop_string_at(seq, params.stop) if params.stop else None
         request.finished.append(
             CompletionOutput(
@@ -157,7 +160,7 @@ class Postprocessor:
             request.finished = [
                 CompletionOutput(
                     index=i,
-                    text=self.tokenizer.decode(h.token_ids, skip_special_tokens=True),
+                    text=self._text(h.token_ids),
                     token_ids=h.token_ids,
                     cumulative_logprob=h.score,
                     finish_reason="stop" if h.token_ids[-1] in state.eos_ids else "length",

@@ -102,7 +102,7 @@ class ModelRunner:
         positions = self._tensor([len(s) - 1 for s in seqs])
         return self._tensor([s.token_ids[-1] for s in seqs]), positions, ctx
 
-    def _tensor(self, values: list[int]) -> torch.Tensor:
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
 

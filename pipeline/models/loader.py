@@ -112,7 +112,7 @@ def _load_weights(model: LlamaForCausalLM, model_dir: Path, spec: ModelSpec) -> 
                 if target not in params:
                     raise ValueError(f"{file.name}: unexpected weight {name!r}")
                 with torch.no_grad():
-                    dest = params[target]
+                    dest: torch.Tensor = params[target]
                     dest = dest if rows is None else dest[rows[0] : rows[1]]
                     dest.copy_(reader.get_tensor(name))
                 filled.add(target)
