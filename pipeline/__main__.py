@@ -10,9 +10,14 @@ import pipeline.config  # noqa: F401  (registers the structured schema before Hy
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    from pipeline.run import run
+    if cfg.task.name == "bench":
+        from pipeline.bench.job import run_bench
 
-    run(cfg)
+        run_bench(cfg)
+    else:
+        from pipeline.run import run
+
+        run(cfg)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,22 @@ class MetricsConfig:
 
 
 @dataclass
+class BenchConfig:
+    """`+job=bench`: how big a synthetic input to build from `input.path`."""
+
+    rows: int = 4096  # input rows, the given input repeated as needed
+    shards: int = 4  # Parquet files the rows are split into
+    engine_only: bool = True  # also time engine.generate alone on the same rows
+
+    def __post_init__(self) -> None:
+        _require(self.rows >= 1, f"bench.rows must be >= 1, got {self.rows}")
+        _require(
+            1 <= self.shards <= self.rows,
+            f"bench.shards must be in [1, bench.rows], got {self.shards}",
+        )
+
+
+@dataclass
 class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -163,6 +179,7 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     profile: bool = False  # write a torch profiler trace of a few engine steps
 
     @property

@@ -11,6 +11,7 @@ from tiny_models import EOS, FAMILIES, build_model
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.engine.runner import prefill_group
 from pipeline.models.attention import AttentionContext, DecodeGroup
 from pipeline.models.loader import load_model, read_spec
 
@@ -57,9 +58,9 @@ def test_logits_match_transformers(family_model):
         (torch.zeros(32, block, kvh, dim), torch.zeros(32, block, kvh, dim)) for _ in range(2)
     ]
     slots_a, slots_b = torch.arange(len(a)), 64 + torch.arange(len(b))  # blocks 0.. and 16..
-    ctx = AttentionContext(
-        True, torch.cat([slots_a, slots_b]), cu_seqlens=[0, len(a), len(a) + len(b)]
-    )
+    group = prefill_group(torch.tensor([len(a), len(b)]), torch.tensor([0, len(a)]))
+    assert group.mask is not None  # both prompts in one padded, masked attention call
+    ctx = AttentionContext(True, torch.cat([slots_a, slots_b]), prefill_groups=[group])
     positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
     with torch.no_grad():
         logits = ours.compute_logits(ours(torch.tensor(a + b), positions, ctx, caches))

@@ -30,6 +30,7 @@ from pipeline.bench.workload import (
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.models.loader import read_spec
 
 MODES = {
     "greedy": (
@@ -82,10 +83,14 @@ def timed_generate(engine: LLMEngine, prompts: list[list[int]], params) -> tuple
     return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs)
 
 
+def engine_model_dir(engine: LLMEngine) -> Path:
+    return Path(engine.model_info["path"])
+
+
 def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
     fan_out, make_params, hf_kwargs = MODES[mode]
-    shape = SHAPES[args.size]
-    work = work_flops(shape, [len(p) for p in prompts], args.new_tokens, fan_out)
+    spec = read_spec(engine_model_dir(engine))
+    work = work_flops(spec, [len(p) for p in prompts], args.new_tokens, fan_out)
     floor_s = work.flops / peak
     before = engine.stats()
     seconds, tokens = timed_generate(engine, prompts, make_params(args.new_tokens))

@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from pipeline.models.spec import ModelSpec
+
 # Llama-shape models by name; ~params counts embedding + untied LM head.
 SHAPES: dict[str, dict[str, Any]] = {
     "58M": dict(
@@ -75,33 +77,33 @@ class Work:
     output_tokens: int
 
 
-def work_flops(config: dict, prompt_lens: list[int], new_tokens: int, fan_out: int) -> Work:
+def work_flops(spec: ModelSpec, prompt_lens: list[int], new_tokens: int, fan_out: int) -> Work:
     """Matmul FLOPs (2 per multiply-add) of the layers for every token fed to the model,
     the LM head for every generated token, and attention over each token's context.
 
-    `fan_out` sequences (n samples or beams) continue from each prompt.
+    `fan_out` sequences (n samples or beams) continue from each prompt, each generating
+    `new_tokens`.
     """
-    h, inter, layers = (
-        config["hidden_size"],
-        config["intermediate_size"],
-        config["num_hidden_layers"],
-    )
-    heads, kv_heads, vocab = (
-        config["num_attention_heads"],
-        config["num_key_value_heads"],
-        config["vocab_size"],
-    )
-    head_dim = h // heads
-    layer_params = h * (heads + 2 * kv_heads) * head_dim + heads * head_dim * h + 3 * h * inter
-    attn_per_ctx = 4 * heads * head_dim  # QK^T and PV per (query, key) pair, per layer
+    return work_flops_for(spec, prompt_lens, [new_tokens] * len(prompt_lens), fan_out)
+
+
+def work_flops_for(
+    spec: ModelSpec, prompt_lens: list[int], output_lens: list[int], fan_out: int = 1
+) -> Work:
+    """As `work_flops`, with each prompt's own number of generated tokens."""
+    q_size, kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    layer_params = spec.hidden_size * (q_size + 2 * kv_size + q_size)
+    layer_params += 3 * spec.hidden_size * spec.intermediate_size
+    per_token = 2 * spec.num_layers * layer_params
+    attn_per_pair = 4 * q_size * spec.num_layers  # QK^T and PV per (query, key) pair
     flops = 0.0
-    for p in prompt_lens:
-        flops += 2 * layers * layer_params * p + layers * attn_per_ctx * p * (p + 1) / 2
-        fed = new_tokens - 1  # the last generated token is never fed back
-        contexts = fed * p + fed * (fed + 1) / 2  # sum of context lengths of the fed tokens
-        flops += fan_out * (2 * layers * layer_params * fed + layers * attn_per_ctx * contexts)
-        flops += fan_out * 2 * h * vocab * new_tokens
-    return Work(flops, sum(prompt_lens), len(prompt_lens) * fan_out * new_tokens)
+    for p, new in zip(prompt_lens, output_lens, strict=True):
+        flops += per_token * p + attn_per_pair * p * (p + 1) / 2
+        fed = max(new - 1, 0)  # the last generated token is never fed back
+        contexts = fed * p + fed * (fed + 1) / 2  # sum of the fed tokens' context lengths
+        flops += fan_out * (per_token * fed + attn_per_pair * contexts)
+        flops += fan_out * 2 * spec.hidden_size * spec.vocab_size * new
+    return Work(flops, sum(prompt_lens), fan_out * sum(output_lens))
 
 
 def matmul_peak(

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
-from pipeline.models.attention import AttentionContext, DecodeGroup
+from pipeline.models.attention import AttentionContext, DecodeGroup, PrefillGroup
 from pipeline.models.llama import KVCache, LlamaForCausalLM
 
 
@@ -40,17 +40,19 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.seqs), vocab] fp32 for each sequence's last token."""
         self._copy_blocks(batch.copies)
-        if batch.is_prefill:
-            input_ids, positions, ctx, last = self._prepare_prefill(batch.seqs)
-            hidden = self.model(input_ids, positions, ctx, self.kv_caches)[last]
-            return self.model.compute_logits(hidden)
-        # Decode in order of context length so that attention groups similar lengths.
+        # Run in order of length, so that attention groups sequences of similar length.
         order = sorted(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))
-        input_ids, positions, ctx = self._prepare_decode([batch.seqs[i] for i in order])
-        hidden = self.model(input_ids, positions, ctx, self.kv_caches)
+        seqs = [batch.seqs[i] for i in order]
         unsort = torch.empty(len(order), dtype=torch.long, device=self.device)
         unsort[self._tensor(order)] = torch.arange(len(order), device=self.device)
-        return self.model.compute_logits(hidden.index_select(0, unsort))
+        if batch.is_prefill:
+            input_ids, positions, ctx, last = self._prepare_prefill(seqs)
+            rows = last.index_select(0, unsort)  # each sequence's last token, batch order
+        else:
+            input_ids, positions, ctx = self._prepare_decode(seqs)
+            rows = unsort
+        hidden = self.model(input_ids, positions, ctx, self.kv_caches)
+        return self.model.compute_logits(hidden.index_select(0, rows))
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -61,25 +63,28 @@ class ModelRunner:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
-    def _slots(self, seq: Sequence, start: int, end: int) -> list[int]:
-        bs, table = self.block_size, seq.block_table
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
-
     def _prepare_prefill(
         self, seqs: list[Sequence]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
+        """`seqs` sorted by length, packed into one token vector without padding."""
         tokens: list[int] = []
-        positions: list[int] = []
         slots: list[int] = []
-        cu_seqlens = [0]
+        bs = self.block_size
         for seq in seqs:
             tokens.extend(seq.token_ids)
-            positions.extend(range(len(seq)))
-            slots.extend(self._slots(seq, 0, len(seq)))
-            cu_seqlens.append(cu_seqlens[-1] + len(seq))
-        ctx = AttentionContext(True, self._tensor(slots), cu_seqlens=cu_seqlens)
-        last = self._tensor([end - 1 for end in cu_seqlens[1:]])
-        return self._tensor(tokens), self._tensor(positions), ctx, last
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(len(seq)))
+        lengths = self._tensor([len(s) for s in seqs])
+        starts = torch.cumsum(lengths, 0) - lengths
+        positions = torch.arange(len(tokens), device=self.device) - starts.repeat_interleave(
+            lengths
+        )
+        groups = [
+            prefill_group(lengths[a:b], starts[a:b])
+            for a, b in group_by_length([len(s) for s in seqs])
+        ]
+        ctx = AttentionContext(True, self._tensor(slots), prefill_groups=groups)
+        return self._tensor(tokens), positions, ctx, starts + lengths - 1
 
     def _prepare_decode(
         self, seqs: list[Sequence]
@@ -120,3 +125,17 @@ def group_by_length(
             start = i
     groups.append((start, len(num_blocks)))
     return groups
+
+
+def prefill_group(lengths: torch.Tensor, starts: torch.Tensor) -> PrefillGroup:
+    """Index tensors that pad prompts of `lengths` (packed at `starts`) to the longest."""
+    batch, longest = len(lengths), int(lengths.max())
+    j = torch.arange(longest, device=lengths.device)
+    valid = j[None, :] < lengths[:, None]  # [b, L]
+    gather = starts[:, None] + torch.minimum(j[None, :], lengths[:, None] - 1)
+    slots = valid.flatten().nonzero().squeeze(1)
+    mask = None
+    if batch > 1:
+        causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
+        mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
+    return PrefillGroup(batch, longest, gather.flatten(), slots, gather.flatten()[slots], mask)

@@ -8,10 +8,22 @@ variable-length prompts, no padding) or a decode (one new token per sequence).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
+
+
+@dataclass
+class PrefillGroup:
+    """Prompts of similar length attended together, padded to the longest: `length` slots
+    per prompt, `batch` prompts. Index tensors map padded slots to packed tokens."""
+
+    batch: int
+    length: int
+    gather: torch.Tensor  # [batch * length] packed index of each slot (padding: any token)
+    slots: torch.Tensor  # [n] the padded slots that hold real tokens
+    targets: torch.Tensor  # [n] their packed indices
+    mask: torch.Tensor | None  # [batch, 1, length, length] causal and in-prompt; None: 1 prompt
 
 
 @dataclass
@@ -31,8 +43,8 @@ class AttentionContext:
 
     is_prefill: bool
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot where each new token's K/V go
-    # prefill: token offsets of each sequence in the packed batch (host ints, len B + 1)
-    cu_seqlens: list[int] | None = None
+    # prefill: the packed prompts (sorted by length) cut into groups of similar length
+    prefill_groups: list[PrefillGroup] | None = None
     # decode: the batch (sorted by context length) cut into groups of similar length
     decode_groups: list[DecodeGroup] | None = None
 
@@ -51,21 +63,28 @@ def write_kv(
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[PrefillGroup], scale: float
 ) -> torch.Tensor:
     """Causal attention within each packed prompt. q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D].
 
     Prompts start with an empty cache (preempted sequences are recomputed from scratch), so
-    the fresh k/v are all a prompt attends to and the cache is not read.
+    the fresh k/v are all a prompt attends to and the cache is not read. One attention call
+    per group of similar-length prompts: per-prompt calls cost more in overhead than in math.
     """
     out = torch.empty_like(q)
-    for start, end in pairwise(cu_seqlens):
-        qs = q[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, L, D]
-        ks = k[start:end].transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
-        vs = v[start:end].transpose(0, 1).unsqueeze(0)
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-        out[start:end] = o[0].transpose(0, 1)
+    for g in groups:
+        qg, kg, vg = (_padded(x, g) for x in (q, k, v))  # [b, heads, L, D]
+        o = F.scaled_dot_product_attention(
+            qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None, scale=scale, enable_gqa=True
+        )
+        o = o.transpose(1, 2).reshape(g.batch * g.length, *q.shape[1:])
+        out.index_copy_(0, g.targets, o.index_select(0, g.slots))
     return out
+
+
+def _padded(x: torch.Tensor, g: PrefillGroup) -> torch.Tensor:
+    """[T, heads, D] packed -> [b, heads, L, D] padded."""
+    return x.index_select(0, g.gather).view(g.batch, g.length, *x.shape[1:]).transpose(1, 2)
 
 
 def decode_attention(

@@ -69,8 +69,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         if ctx.is_prefill:
-            assert ctx.cu_seqlens is not None
-            out = prefill_attention(q, k, v, ctx.cu_seqlens, self.scale)
+            assert ctx.prefill_groups is not None
+            out = prefill_attention(q, k, v, ctx.prefill_groups, self.scale)
         else:
             assert ctx.decode_groups is not None
             out = decode_attention(q, k_cache, v_cache, ctx.decode_groups, self.scale)
