@@ -27,9 +27,13 @@ def quality(scores: Scores) -> dict[str, Any]:
     import sacrebleu
 
     refs = [scores.references]
+    pairs = zip(scores.hypotheses, scores.references, strict=True)
     return {
+        # Corpus BLEU counts up to 4-grams: one-word outputs (the demo's numbers) score 0
+        # however right they are; chrF and exact match still tell.
         "bleu": sacrebleu.corpus_bleu(scores.hypotheses, refs).score,
         "chrf": sacrebleu.corpus_chrf(scores.hypotheses, refs).score,
+        "exact_match": sum(h.strip() == r.strip() for h, r in pairs) / len(scores.references),
         "scored_rows": len(scores.references),
     }
 

@@ -205,5 +205,10 @@ def _log_summary(summary: dict[str, Any], out_dir: Path) -> None:
         summary["engine_idle_s"],
     )
     if "bleu" in summary:
-        log.info("BLEU %.1f  chrF %.1f", summary["bleu"], summary["chrf"])
+        log.info(
+            "BLEU %.1f  chrF %.1f  exact match %.1f%%",
+            summary["bleu"],
+            summary["chrf"],
+            100 * summary["exact_match"],
+        )
     log.info("results in %s", out_dir)

@@ -39,21 +39,25 @@ class BeamState:
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
     done: bool = False
 
-    def step(self, logprobs: torch.Tensor, outputs: list[list[int]]) -> list[NextBeam]:
-        """logprobs: [W, V] (processors applied) for the running beams whose generated tokens
-        are `outputs`. Returns the next running beams, best first."""
-        width, vocab = self.params.width, logprobs.shape[1]
-        scores = logprobs + torch.tensor(self.running_scores, device=logprobs.device)[:, None]
-        keep = min(max(2, 1 + len(self.eos_ids)) * width, scores.numel())
-        top_scores, top_index = torch.topk(scores.flatten(), keep)
+    @property
+    def num_candidates(self) -> int:
+        """HF keeps (1 + number of EOS ids, at least 2) x width candidates per step, so
+        that `width` beams survive even when the best candidates all end."""
+        return max(2, 1 + len(self.eos_ids)) * self.params.width
+
+    def step(
+        self, top_scores: list[float], top_index: list[int], vocab: int, outputs: list[list[int]]
+    ) -> list[NextBeam]:
+        """The best candidates (cumulative scores, flat beam * vocab + token indices) of the
+        running beams whose generated tokens are `outputs`. Returns the next running beams,
+        best first."""
+        width = self.params.width
         gen_len = len(outputs[0]) + 1
         at_limit = gen_len >= self.max_new_tokens
         may_finish = self.improvable and not (self._full and self.params.early_stopping is True)
         running: list[NextBeam] = []
         all_stopped = True
-        for rank, (score, flat) in enumerate(
-            zip(top_scores.tolist(), top_index.tolist(), strict=True)
-        ):
+        for rank, (score, flat) in enumerate(zip(top_scores, top_index, strict=True)):
             parent, token = divmod(flat, vocab)
             if at_limit or token in self.eos_ids:
                 if rank < width and may_finish:
@@ -116,3 +120,25 @@ def apply_beam_processors(
         ]
         if banned:
             logprobs[row, banned] = float("-inf")
+
+
+def top_candidates(
+    states: list[BeamState], logprobs: list[torch.Tensor]
+) -> list[tuple[list[float], list[int]]]:
+    """Per request: its top `num_candidates` of (running score + log-prob) over all its
+    beams x vocabulary. Requests with the same beam count share one batched topk.
+
+    logprobs: per request, [beams, V] with processors applied.
+    """
+    results: list[tuple[list[float], list[int]]] = [([], [])] * len(states)
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, (state, rows) in enumerate(zip(states, logprobs, strict=True)):
+        keep = min(state.num_candidates, rows.numel())
+        shapes.setdefault((rows.shape[0], keep), []).append(i)
+    for (_, keep), members in shapes.items():
+        scores = torch.stack([logprobs[i] for i in members])  # [G, beams, V]
+        running = torch.tensor([states[i].running_scores for i in members], device=scores.device)
+        values, index = torch.topk((scores + running[:, :, None]).flatten(1), keep)
+        for i, vals, idx in zip(members, values.tolist(), index.tolist(), strict=True):
+            results[i] = (vals, idx)
+    return results

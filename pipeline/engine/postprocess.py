@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, apply_beam_processors
+from pipeline.engine.beam import BeamState, NextBeam, apply_beam_processors, top_candidates
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.sampler import SamplingRow, sample
@@ -57,14 +57,17 @@ class Postprocessor:
             rows_of.setdefault(id(request), []).append(row)
             owners[id(request)] = request
         sampling: list[tuple[Request, int]] = []
+        beams: list[tuple[Request, list[int]]] = []
         for key, rows in rows_of.items():
             request = owners[key]
             if request.beam is not None:
-                self._advance_beams(request, logits[rows])
+                beams.append((request, rows))
             else:
                 sampling.extend((request, r) for r in self._fork_samples(request, rows))
         if sampling:
             self._sample(sampling, logits)
+        if beams:
+            self._advance_beams(beams, logits)
 
     def _fork_samples(self, request: Request, rows: list[int]) -> list[int]:
         """Before its first token an n > 1 request has one sequence: fork n children that
@@ -141,13 +144,30 @@ class Postprocessor:
         if not request.seqs:
             self._complete(request)
 
-    def _advance_beams(self, request: Request, logits: torch.Tensor) -> None:
-        state, params = request.beam, request.params
-        assert state is not None and isinstance(params, BeamParams)
-        logprobs = torch.log_softmax(logits, dim=-1)
-        outputs = [seq.output_ids for seq in request.seqs]
-        apply_beam_processors(logprobs, outputs, request.prompt_ids, params, state.eos_ids)
-        chosen = state.step(logprobs, outputs)
+    def _advance_beams(self, beams: list[tuple[Request, list[int]]], logits: torch.Tensor) -> None:
+        """One beam-search step for every beam request in the batch (rows: its beams')."""
+        all_rows = [r for _, rows in beams for r in rows]
+        logprobs = torch.log_softmax(logits[all_rows], dim=-1).split([len(r) for _, r in beams])
+        states: list[BeamState] = []
+        outputs: list[list[list[int]]] = []
+        for (request, _), rows in zip(beams, logprobs, strict=True):
+            assert request.beam is not None and isinstance(request.params, BeamParams)
+            outputs.append([seq.output_ids for seq in request.seqs])
+            apply_beam_processors(
+                rows, outputs[-1], request.prompt_ids, request.params, request.beam.eos_ids
+            )
+            states.append(request.beam)
+        tops = top_candidates(states, list(logprobs))
+        for (request, _), state, generated, (scores, index) in zip(
+            beams, states, outputs, tops, strict=True
+        ):
+            chosen = state.step(scores, index, logits.shape[1], generated)
+            self._fork_beams(request, chosen)
+            if state.done:
+                self._finish_beams(request, state)
+
+    def _fork_beams(self, request: Request, chosen: list[NextBeam]) -> None:
+        """The next beams share their parents' blocks (copy-on-write); parents are freed."""
         parents, request.seqs = request.seqs, []
         for i, beam in enumerate(chosen):
             child = parents[beam.parent].child(i)
@@ -156,18 +176,19 @@ class Postprocessor:
             request.seqs.append(child)
         for parent in parents:
             self.blocks.free(parent)
-        if state.done:
-            request.finished = [
-                CompletionOutput(
-                    index=i,
-                    text=self._text(h.token_ids),
-                    token_ids=h.token_ids,
-                    cumulative_logprob=h.score,
-                    finish_reason="stop" if h.token_ids[-1] in state.eos_ids else "length",
-                )
-                for i, h in enumerate(state.results())
-            ]
-            self._complete(request)
+
+    def _finish_beams(self, request: Request, state: BeamState) -> None:
+        request.finished = [
+            CompletionOutput(
+                index=i,
+                text=self._text(h.token_ids),
+                token_ids=h.token_ids,
+                cumulative_logprob=h.score,
+                finish_reason="stop" if h.token_ids[-1] in state.eos_ids else "length",
+            )
+            for i, h in enumerate(state.results())
+        ]
+        self._complete(request)
 
     def _complete(self, request: Request) -> None:
         self.scheduler.finish(request)
