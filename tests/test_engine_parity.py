@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from pipeline.models.loader import load_model, read_spec
 
 def make_engine(model_dir: Path, **engine_overrides) -> LLMEngine:
     settings = {
+        "device": os.environ.get("PIPELINE_TEST_DEVICE", "cpu"),  # jobs/gpu_check.sh: cuda
         "dtype": "float32",
         "block_size": 4,
         "kv_cache_memory": 8 * 2**20,
