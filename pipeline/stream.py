@@ -7,6 +7,7 @@ the input); results are taken as they complete, in any order, and the next units
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -43,6 +44,9 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         ) as cluster,
         Client(cluster) as client,
     ):
+        # Local workers share this machine's cores with the engine: let the engine's threads
+        # have them first (on 2 cores, equal priority made engine steps ~30% slower).
+        client.run(os.nice, 10)
         yield client
 
 
