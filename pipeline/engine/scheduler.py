@@ -60,13 +60,14 @@ class Scheduler:
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         batch = ScheduledBatch(is_prefill=True, seqs=[], requests=[])
+        num_tokens = 0
         num_seqs = sum(_seq_budget(r) for r in self.running)
         watermark = max(1, self.blocks.num_blocks // 100)
         while self.waiting:
             request = self.waiting[0]
             tokens = sum(len(s) for s in request.seqs)
             blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
-            if batch.seqs and batch.num_tokens + tokens > self.max_num_batched_tokens:
+            if batch.seqs and num_tokens + tokens > self.max_num_batched_tokens:
                 break
             if num_seqs + _seq_budget(request) > self.max_num_seqs and num_seqs > 0:
                 break
@@ -87,6 +88,7 @@ class Scheduler:
             request.status = Status.RUNNING
             self.running.append(request)
             num_seqs += _seq_budget(request)
+            num_tokens += tokens
         return batch if batch.seqs else None
 
     def _schedule_decode(self) -> ScheduledBatch | None:

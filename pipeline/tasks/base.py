@@ -75,7 +75,7 @@ class Task:
     def request_params(self, row_id: Any, base: RequestParams) -> RequestParams:
         """Per-row seed derived from the base seed and the row id, so that a row's samples
         do not depend on batching, scheduling or which run produced them."""
-        if isinstance(base, SamplingParams) and base.seed is not None:
+        if isinstance(base, SamplingParams) and base.seed is not None and not base.greedy:
             return replace(base, seed=row_seed(base.seed, row_id))
         return base
 
