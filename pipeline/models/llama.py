@@ -17,7 +17,7 @@ from pipeline.models.attention import (
     prefill_attention,
     write_kv,
 )
-from pipeline.models.rope import RotaryEmbedding
+from pipeline.models.rope import RopeRows, RotaryEmbedding, apply_rotary
 from pipeline.models.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: [num_blocks, block_size, KVH, D] x 2
@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             spec.num_heads,
@@ -52,11 +52,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, spec.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
-        self.rope = rope
         self.scale = self.head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, cache: KVCache
+        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionContext, cache: KVCache
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -65,7 +64,7 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(positions, q, k)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         if ctx.is_prefill:
@@ -86,21 +85,21 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no temporaries
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec, rope: RotaryEmbedding) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.self_attn = Attention(spec, rope)
+        self.self_attn = Attention(spec)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.mlp = MLP(spec)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext, cache: KVCache
+        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionContext, cache: KVCache
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, ctx, cache)
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -108,9 +107,9 @@ class LlamaModel(nn.Module):
     def __init__(self, spec: ModelSpec, max_positions: int) -> None:
         super().__init__()
         self.spec = spec
-        rope = RotaryEmbedding(spec, max_positions)
+        self.rotary = RotaryEmbedding(spec, max_positions)
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec, rope) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -137,8 +136,9 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.model.rotary(positions, x.dtype)  # shared by every layer
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, positions, ctx, cache)
+            x = layer(x, rope, ctx, cache)
         return self.model.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

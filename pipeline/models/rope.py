@@ -36,7 +36,7 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Precomputed cos/sin tables; `forward` rotates q and k in place of a copy."""
+    """Precomputed cos/sin tables; `forward` looks up a step's rows once for all layers."""
 
     def __init__(self, spec: ModelSpec, max_positions: int) -> None:
         super().__init__()
@@ -52,13 +52,20 @@ class RotaryEmbedding(torch.nn.Module):
         self.cos = table.cos().to(device)
         self.sin = table.sin().to(device)
 
-    def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, H, D], k: [T, KVH, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeRows:
+        """cos and sin [T, 1, D] for the step's positions [T], in the activations' dtype."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)
+        sin = self.sin[positions].unsqueeze(1).to(dtype)
+        return cos, sin
+
+
+RopeRows = tuple[torch.Tensor, torch.Tensor]
+
+
+def apply_rotary(x: torch.Tensor, rows: RopeRows) -> torch.Tensor:
+    """Rotate x [T, heads, D] by its positions' angles."""
+    cos, sin = rows
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
