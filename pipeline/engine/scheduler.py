@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pipeline.engine.block_manager import BlockManager
-from pipeline.engine.sequence import Request, Sequence, Status
+from pipeline.engine.sequence import Request, Sequence
 
 
 @dataclass
@@ -55,7 +55,6 @@ class Scheduler:
     def finish(self, request: Request) -> None:
         for seq in request.seqs:
             self.blocks.free(seq)
-        request.status = Status.FINISHED
         self.running.remove(request)
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
@@ -85,7 +84,6 @@ class Scheduler:
                 self.blocks.allocate(seq)
                 batch.seqs.append(seq)
                 batch.requests.append(request)
-            request.status = Status.RUNNING
             self.running.append(request)
             num_seqs += _seq_budget(request)
             num_tokens += tokens
@@ -121,7 +119,6 @@ class Scheduler:
         self.running.remove(request)
         for seq in request.seqs:
             self.blocks.free(seq)
-        request.status = Status.WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -6,9 +6,7 @@ samples or `width` beams, which share the prompt's KV blocks by reference count.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from pipeline.engine.outputs import CompletionOutput
@@ -16,14 +14,6 @@ from pipeline.engine.params import BeamParams, SamplingParams
 
 if TYPE_CHECKING:
     from pipeline.engine.beam import BeamState
-
-_seq_ids = itertools.count()
-
-
-class Status(Enum):
-    WAITING = "waiting"  # needs a prefill (new, or preempted and to be recomputed)
-    RUNNING = "running"
-    FINISHED = "finished"
 
 
 @dataclass(eq=False)
@@ -35,7 +25,6 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
-    seq_id: int = field(default_factory=lambda: next(_seq_ids))
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -69,14 +58,9 @@ class Request:
     seed: int
     arrival: int
     seqs: list[Sequence] = field(default_factory=list)  # live sequences
-    status: Status = Status.WAITING
     finished: list[CompletionOutput] = field(default_factory=list)
     beam: BeamState | None = None
     num_preemptions: int = 0
-
-    @property
-    def is_beam(self) -> bool:
-        return isinstance(self.params, BeamParams)
 
     @property
     def fan_out(self) -> int:

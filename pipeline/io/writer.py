@@ -36,7 +36,6 @@ class ResultWriter:
         self._open: dict[str, tuple[int, pa.Schema]] = {}  # expected shards, not yet started
         self._buffers: dict[str, _ShardBuffer] = {}
         self.committed: list[str] = []
-        self.rows_written = 0
         self.write_s = 0.0
 
     def expect(self, shard_name: str, num_rows: int, schema: pa.Schema) -> None:
@@ -76,7 +75,6 @@ class ResultWriter:
         _fsync_dir(self.dir)  # the rename itself must survive a power loss
         self.manifest.mark_done(shard_name, rows=table.num_rows, error_rows=buffer.error_rows)
         self.committed.append(shard_name)
-        self.rows_written += table.num_rows
         self.write_s += time.perf_counter() - start
 
 

@@ -36,8 +36,6 @@ class ModelSpec:
     qk_norm: bool = False  # Qwen3: RMSNorm on each head of q and k before RoPE
     sliding_window: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    bos_token_id: int | None = None
-    torch_dtype: str | None = None
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
@@ -76,8 +74,6 @@ class ModelSpec:
             qk_norm=architecture == "Qwen3ForCausalLM",
             sliding_window=config.get("sliding_window") if use_window else None,
             eos_token_ids=eos_ids,
-            bos_token_id=config.get("bos_token_id"),
-            torch_dtype=config.get("torch_dtype") or config.get("dtype"),
         )
 
     @property
