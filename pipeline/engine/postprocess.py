@@ -109,7 +109,7 @@ class Postprocessor:
             return "stop"
         if token in self.eos_ids and not params.ignore_eos:
             return "stop"
-        if params.stop and self._stop_string_at(seq, params.stop) is not None:
+        if params.stop and _find_stop(self._text(_tail(seq, params.stop)), params.stop) is not None:
             return "stop"
         if seq.num_output >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
@@ -118,17 +118,11 @@ class Postprocessor:
     def _text(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
-    def _stop_string_at(self, seq: Sequence, stops: list[str]) -> int | None:
-        """Where the earliest stop string starts in the output text, if one appeared."""
-        text = self._text(seq.output_ids)
-        found = [i for i in (text.find(s) for s in stops) if i >= 0]
-        return min(found) if found else None
-
     def _finish_sample(self, request: Request, seq: Sequence, reason: str) -> None:
         params = request.params
         assert isinstance(params, SamplingParams)
         text = self._text(seq.output_ids)
-        cut = self._stop_string_at(seq, params.stop) if params.stop else None
+        cut = _find_stop(text, params.stop) if params.stop else None
         request.finished.append(
             CompletionOutput(
                 index=seq.child_index,
@@ -205,3 +199,16 @@ def _seqs_in_row_order(sampling: list[tuple[Request, int]]) -> list[Sequence]:
         seqs.append(request.seqs[i])
         taken[id(request)] = i + 1
     return seqs
+
+
+def _tail(seq: Sequence, stops: list[str]) -> list[int]:
+    """The last output tokens that can hold a stop string completed by the newest token
+    (earlier text was checked at earlier steps). A character is at most 4 UTF-8 bytes, so
+    at most 4 byte-level tokens; 4 more tokens cover a partial character at the start."""
+    return seq.output_ids[-(4 * max(len(s) for s in stops) + 4) :]
+
+
+def _find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in `text`, if one appears."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
