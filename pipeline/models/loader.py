@@ -33,7 +33,7 @@ _FUSED = {
 
 
 class ModelNotFoundError(FileNotFoundError):
-    pass
+    """model.path names no usable model directory (and none could be downloaded)."""
 
 
 def resolve_model_dir(path: str, revision: str | None = None) -> Path:

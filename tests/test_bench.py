@@ -1,0 +1,60 @@
+"""The benchmarks' bookkeeping: the FLOP count, and `+job=bench` end to end on tiny input."""
+
+from __future__ import annotations
+
+from pipeline.bench.job import run_bench
+from pipeline.bench.workload import work_flops, work_flops_for
+from pipeline.models.spec import ModelSpec
+
+
+def tiny_spec() -> ModelSpec:
+    return ModelSpec(
+        architecture="LlamaForCausalLM",
+        vocab_size=10,
+        hidden_size=4,
+        intermediate_size=8,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=2,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+    )
+
+
+def test_work_flops_counts_layers_lm_head_and_attention_by_hand():
+    spec = tiny_spec()
+    # per layer: q 4x4, k 4x2, v 4x2, o 4x4, mlp 3x4x8 = 16+8+8+16+96 = 144 weights
+    per_token = 2 * 2 * 144
+    attn_pair = 4 * 4 * 2  # 4 * q_size * layers
+    prompt, new = 3, 2
+    expected = per_token * prompt + attn_pair * 6  # prefill: 1+2+3 (query, key) pairs
+    expected += per_token * 1 + attn_pair * 4  # one fed token, context 4
+    expected += 2 * 4 * 10 * new  # LM head for both generated tokens
+    work = work_flops(spec, [prompt], new, fan_out=1)
+    assert work.flops == expected
+    assert work.output_tokens == new and work.prompt_tokens == prompt
+    beams = work_flops_for(spec, [prompt], [new], fan_out=4)
+    assert beams.flops == per_token * prompt + attn_pair * 6 + 4 * (
+        expected - per_token * prompt - attn_pair * 6
+    )
+
+
+def test_bench_job_runs_the_whole_job_and_the_engine_alone(compose, tmp_path):
+    cfg = compose(
+        [
+            "+job=bench",
+            "bench.rows=48",
+            "bench.shards=2",
+            f"output.dir={tmp_path}",
+            "metrics.plot=false",
+            "engine.dtype=float32",
+            "cluster.n_workers=1",
+        ]
+    )
+    result = run_bench(cfg)
+    assert result["rows"] == 48 and result["engine_rows"] == 48
+    assert result["job_over_engine"] > 0 and 0 < result["engine_floor"] < 1
+    assert len(list((tmp_path / "bench_input").glob("*.parquet"))) == 2
+    assert len(list((tmp_path / "job" / "results").glob("*.parquet"))) == 2
+    assert (tmp_path / "bench.json").exists()
