@@ -13,7 +13,7 @@ from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.runner import prefill_group
-from pipeline.models.attention import AttentionContext, DecodeGroup
+from pipeline.models.attention import AttentionContext, DecodeGroup, Workspace
 from pipeline.models.loader import load_model, read_spec
 
 
@@ -74,7 +74,9 @@ def test_logits_match_transformers(family_model):
     lengths = torch.tensor([len(a) + 1, len(b) + 1])
     mask = (torch.arange(16)[None] < lengths[:, None])[:, None, None, :]
     groups = [DecodeGroup(0, 1, tables[:1], mask[:1]), DecodeGroup(1, 2, tables[1:], mask[1:])]
-    step = AttentionContext(False, torch.tensor([len(a), 64 + len(b)]), decode_groups=groups)
+    step = AttentionContext(
+        False, torch.tensor([len(a), 64 + len(b)]), decode_groups=groups, workspace=Workspace()
+    )
     with torch.no_grad():
         logits = ours.compute_logits(ours(torch.tensor([5, 7]), lengths - 1, step, caches))
         ref = torch.stack(

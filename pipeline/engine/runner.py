@@ -10,7 +10,7 @@ import torch
 
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
-from pipeline.models.attention import AttentionContext, DecodeGroup, PrefillGroup
+from pipeline.models.attention import AttentionContext, DecodeGroup, PrefillGroup, Workspace
 from pipeline.models.llama import KVCache, LlamaForCausalLM
 
 
@@ -31,6 +31,7 @@ class ModelRunner:
             for _ in range(spec.num_layers)
         ]
         self.model = model
+        self.workspace = Workspace()
         self.block_size = block_size
         self.device = device
         self.padded_slots = 0  # decode attention positions computed but masked (waste)
@@ -103,7 +104,9 @@ class ModelRunner:
             self.attended_slots += span * len(members)
         bs = self.block_size
         slots = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs]
-        ctx = AttentionContext(False, self._tensor(slots), decode_groups=groups)
+        ctx = AttentionContext(
+            False, self._tensor(slots), decode_groups=groups, workspace=self.workspace
+        )
         positions = self._tensor([len(s) - 1 for s in seqs])
         return self._tensor([s.token_ids[-1] for s in seqs]), positions, ctx
 

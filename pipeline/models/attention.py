@@ -13,6 +13,24 @@ import torch
 import torch.nn.functional as F
 
 
+class Workspace:
+    """Buffers reused across layers and steps. On the CPU a fresh multi-MB temporary costs
+    more in page faults than the copy into it: gathering a decode group's K/V blocks into
+    reused buffers took 2 ms instead of 6 (256 sequences x 160 positions, fp32)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A [rows, like[0].numel()] buffer of like's dtype and device (contents undefined)."""
+        width = like[0].numel()
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < rows * width or buf.dtype != like.dtype:
+            buf = torch.empty(rows * width, dtype=like.dtype, device=like.device)
+            self._buffers[name] = buf
+        return buf[: rows * width].view(rows, width)
+
+
 @dataclass
 class PrefillGroup:
     """Prompts of similar length attended together, padded to the longest: `length` slots
@@ -47,6 +65,7 @@ class AttentionContext:
     prefill_groups: list[PrefillGroup] | None = None
     # decode: the batch (sorted by context length) cut into groups of similar length
     decode_groups: list[DecodeGroup] | None = None
+    workspace: Workspace | None = None  # decode: where K/V blocks are gathered
 
 
 def write_kv(
@@ -93,6 +112,7 @@ def decode_attention(
     v_cache: torch.Tensor,
     groups: list[DecodeGroup],
     scale: float,
+    workspace: Workspace,
 ) -> torch.Tensor:
     """One query token per sequence against its cached context. q: [B, H, D] -> [B, H, D].
 
@@ -104,9 +124,21 @@ def decode_attention(
     qg = q.view(batch, kv_heads, heads // kv_heads, head_dim)
     out = torch.empty_like(qg)
     for g in groups:
-        keys = k_cache[g.block_tables].flatten(1, 2).transpose(1, 2)  # [b, KVH, S, D]
-        values = v_cache[g.block_tables].flatten(1, 2).transpose(1, 2)
+        keys = _gather_blocks(
+            k_cache, g.block_tables, workspace.get("k", g.block_tables.numel(), k_cache)
+        )
+        values = _gather_blocks(
+            v_cache, g.block_tables, workspace.get("v", g.block_tables.numel(), v_cache)
+        )
         out[g.start : g.end] = F.scaled_dot_product_attention(
             qg[g.start : g.end], keys, values, attn_mask=g.mask, scale=scale
         )
     return out.view(batch, heads, head_dim)
+
+
+def _gather_blocks(cache: torch.Tensor, tables: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """Copy the blocks of `tables` [b, n] into `buf` -> [b, KVH, n * block_size, D] (a view)."""
+    batch, blocks = tables.shape
+    block_size, kv_heads, head_dim = cache.shape[1:]
+    torch.index_select(cache.view(cache.shape[0], -1), 0, tables.flatten(), out=buf)
+    return buf.view(batch, blocks * block_size, kv_heads, head_dim).transpose(1, 2)

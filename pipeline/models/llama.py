@@ -71,8 +71,10 @@ class Attention(nn.Module):
             assert ctx.prefill_groups is not None
             out = prefill_attention(q, k, v, ctx.prefill_groups, self.scale)
         else:
-            assert ctx.decode_groups is not None
-            out = decode_attention(q, k_cache, v_cache, ctx.decode_groups, self.scale)
+            assert ctx.decode_groups is not None and ctx.workspace is not None
+            out = decode_attention(
+                q, k_cache, v_cache, ctx.decode_groups, self.scale, ctx.workspace
+            )
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
