@@ -62,7 +62,9 @@ def test_logits_match_transformers(family_model):
     slots_a, slots_b = torch.arange(len(a)), 64 + torch.arange(len(b))  # blocks 0.. and 16..
     group = prefill_group(torch.tensor([len(a), len(b)]), torch.tensor([0, len(a)]))
     assert group.mask is not None  # both prompts in one padded, masked attention call
-    ctx = AttentionContext(True, torch.cat([slots_a, slots_b]), prefill_groups=[group])
+    ctx = AttentionContext(
+        True, torch.cat([slots_a, slots_b]), prefill_groups=[group], workspace=Workspace()
+    )
     positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
     with torch.no_grad():
         logits = ours.compute_logits(ours(torch.tensor(a + b), positions, ctx, caches))

@@ -84,7 +84,9 @@ class ModelRunner:
             prefill_group(lengths[a:b], starts[a:b])
             for a, b in group_by_length([len(s) for s in seqs])
         ]
-        ctx = AttentionContext(True, self._tensor(slots), prefill_groups=groups)
+        ctx = AttentionContext(
+            True, self._tensor(slots), prefill_groups=groups, workspace=self.workspace
+        )
         return self._tensor(tokens), positions, ctx, starts + lengths - 1
 
     def _prepare_decode(

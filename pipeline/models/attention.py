@@ -65,7 +65,7 @@ class AttentionContext:
     prefill_groups: list[PrefillGroup] | None = None
     # decode: the batch (sorted by context length) cut into groups of similar length
     decode_groups: list[DecodeGroup] | None = None
-    workspace: Workspace | None = None  # decode: where K/V blocks are gathered
+    workspace: Workspace | None = None  # where attention gathers its inputs
 
 
 def write_kv(
@@ -82,7 +82,12 @@ def write_kv(
 
 
 def prefill_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list[PrefillGroup], scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    groups: list[PrefillGroup],
+    scale: float,
+    workspace: Workspace,
 ) -> torch.Tensor:
     """Causal attention within each packed prompt. q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D].
 
@@ -92,7 +97,10 @@ def prefill_attention(
     """
     out = torch.empty_like(q)
     for g in groups:
-        qg, kg, vg = (_padded(x, g) for x in (q, k, v))  # [b, heads, L, D]
+        qg, kg, vg = (
+            _padded(x, g, workspace.get(n, len(g.gather), x))
+            for n, x in zip("qkv", (q, k, v), strict=True)
+        )
         o = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None, scale=scale, enable_gqa=True
         )
@@ -101,9 +109,10 @@ def prefill_attention(
     return out
 
 
-def _padded(x: torch.Tensor, g: PrefillGroup) -> torch.Tensor:
-    """[T, heads, D] packed -> [b, heads, L, D] padded."""
-    return x.index_select(0, g.gather).view(g.batch, g.length, *x.shape[1:]).transpose(1, 2)
+def _padded(x: torch.Tensor, g: PrefillGroup, buf: torch.Tensor) -> torch.Tensor:
+    """[T, heads, D] packed -> [b, heads, L, D] padded, copied into `buf`."""
+    torch.index_select(x.reshape(x.shape[0], -1), 0, g.gather, out=buf)
+    return buf.view(g.batch, g.length, *x.shape[1:]).transpose(1, 2)
 
 
 def decode_attention(

@@ -68,8 +68,8 @@ class Attention(nn.Module):
         k_cache, v_cache = cache
         write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
         if ctx.is_prefill:
-            assert ctx.prefill_groups is not None
-            out = prefill_attention(q, k, v, ctx.prefill_groups, self.scale)
+            assert ctx.prefill_groups is not None and ctx.workspace is not None
+            out = prefill_attention(q, k, v, ctx.prefill_groups, self.scale, ctx.workspace)
         else:
             assert ctx.decode_groups is not None and ctx.workspace is not None
             out = decode_attention(
