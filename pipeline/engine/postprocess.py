@@ -15,6 +15,7 @@ from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.sampler import SamplingRow, sample
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
+from pipeline.models.attention import Workspace
 
 
 class Postprocessor:
@@ -31,6 +32,7 @@ class Postprocessor:
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self._done: list[RequestOutput] = []
+        self.workspace = Workspace()  # the sampler's [R, V] temporary
 
     def start(self, request: Request) -> None:
         if isinstance(request.params, BeamParams):
@@ -91,7 +93,7 @@ class Postprocessor:
         row_ids = [r for _, r in sampling]
         if row_ids != list(range(logits.shape[0])):  # else sample in place, without a copy
             logits = logits.index_select(0, torch.tensor(row_ids, device=logits.device))
-        result = sample(logits, rows, self.eos_ids)
+        result = sample(logits, rows, self.eos_ids, self.workspace)
         for (request, _), row, token, logprob, top in zip(
             sampling, rows, result.token_ids, result.logprobs, result.top_logprobs, strict=True
         ):

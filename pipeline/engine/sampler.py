@@ -14,6 +14,7 @@ import torch
 from pipeline.engine.params import SamplingParams
 from pipeline.engine.random import uniform
 from pipeline.engine.sequence import Sequence
+from pipeline.models.attention import Workspace
 
 
 @dataclass
@@ -30,12 +31,17 @@ class SampleResult:
     top_logprobs: list[dict[int, float] | None]
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_ids: list[int]) -> SampleResult:
+def sample(
+    logits: torch.Tensor,
+    rows: list[SamplingRow],
+    eos_ids: list[int],
+    workspace: Workspace | None = None,
+) -> SampleResult:
     """logits: [R, V] fp32, one row per entry of `rows` (modified in place)."""
     _apply_penalties(logits, rows)
     _mask_early_stop(logits, rows, eos_ids)
     top, chosen = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
-    log_norm = _log_norm(logits, top)
+    log_norm = _log_norm(logits, top, workspace)
     chosen = chosen.squeeze(1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
@@ -48,20 +54,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], eos_ids: list[int]) ->
     )
 
 
-_scratch: dict[tuple, torch.Tensor] = {}
-
-
-def _log_norm(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """logsumexp over the vocabulary, [R, 1], given the row max `top`.
-
-    Uses a reused scratch buffer: on the CPU a fresh [R, V] temporary costs more in page
-    faults than the exp itself.
-    """
-    key = (logits.shape, logits.dtype, logits.device)
-    scratch = _scratch.get(key)
-    if scratch is None:
-        _scratch.clear()
-        scratch = _scratch[key] = torch.empty_like(logits)
+def _log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+    """logsumexp over the vocabulary, [R, 1], given the row max `top`. With a workspace the
+    [R, V] temporary is a reused buffer (see `Workspace`: page faults cost more than the exp)."""
+    rows = logits.shape[0]
+    scratch = workspace.get("logits", rows, logits) if workspace else torch.empty_like(logits)
     torch.sub(logits, top, out=scratch).exp_()
     return scratch.sum(dim=-1, keepdim=True).log_() + top
 
