@@ -12,8 +12,9 @@ from tiny_models import EOS, FAMILIES, build_model
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
-from pipeline.engine.runner import prefill_group
-from pipeline.models.attention import AttentionContext, DecodeGroup, Workspace
+from pipeline.engine.runner import ModelRunner
+from pipeline.engine.scheduler import ScheduledBatch
+from pipeline.engine.sequence import Sequence
 from pipeline.models.loader import load_model, read_spec
 
 
@@ -50,37 +51,30 @@ def family_model(request, tmp_path_factory):
 
 
 def test_logits_match_transformers(family_model):
-    """Packed prefill of two prompts, then one decode step from the paged cache."""
+    """Packed prefill of two prompts, then one decode step from the paged cache, through the
+    runner's own metadata path."""
     directory, hf = family_model
     spec = read_spec(directory)
     ours = load_model(directory, spec, torch.float32, torch.device("cpu"), 256)
+    runner = ModelRunner(ours, 32, 4, torch.device("cpu"))
     a, b = random_prompts(2, seed=3, low=9, high=14)
-    block, kvh, dim = 4, spec.num_kv_heads, spec.head_dim
-    caches = [
-        (torch.zeros(32, block, kvh, dim), torch.zeros(32, block, kvh, dim)) for _ in range(2)
-    ]
-    slots_a, slots_b = torch.arange(len(a)), 64 + torch.arange(len(b))  # blocks 0.. and 16..
-    group = prefill_group(torch.tensor([len(a), len(b)]), torch.tensor([0, len(a)]))
-    assert group.mask is not None  # both prompts in one padded, masked attention call
-    ctx = AttentionContext(
-        True, torch.cat([slots_a, slots_b]), prefill_groups=[group], workspace=Workspace()
-    )
-    positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
+    seq_a = Sequence(list(a), len(a), block_table=[0, 1, 2, 3])
+    seq_b = Sequence(list(b), len(b), block_table=[16, 17, 18, 19])  # blocks 0.. and 16..
+    prefill = ScheduledBatch(True, [seq_a, seq_b], [])
+    inputs = runner.prepare(prefill, {})
+    assert len(inputs.meta.plan) == 1  # both prompts in one padded, masked attention call
     with torch.no_grad():
-        logits = ours.compute_logits(ours(torch.tensor(a + b), positions, ctx, caches))
+        hidden = ours(inputs.input_ids, inputs.positions, inputs.meta, runner.kv_caches)
+        logits = ours.compute_logits(hidden)
         ref_a, ref_b = hf(torch.tensor([a])).logits[0], hf(torch.tensor([b])).logits[0]
     torch.testing.assert_close(logits[: len(a)], ref_a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits[len(a) :], ref_b, atol=1e-4, rtol=1e-4)
 
-    tables = torch.tensor([[0, 1, 2, 3], [16, 17, 18, 19]])
-    lengths = torch.tensor([len(a) + 1, len(b) + 1])
-    mask = (torch.arange(16)[None] < lengths[:, None])[:, None, None, :]
-    groups = [DecodeGroup(0, 1, tables[:1], mask[:1]), DecodeGroup(1, 2, tables[1:], mask[1:])]
-    step = AttentionContext(
-        False, torch.tensor([len(a), 64 + len(b)]), decode_groups=groups, workspace=Workspace()
-    )
+    seq_a.token_ids.append(5)
+    seq_b.token_ids.append(7)
+    decode = ScheduledBatch(False, [seq_a, seq_b], [])
+    logits = runner.forward(runner.prepare(decode, {}))
     with torch.no_grad():
-        logits = ours.compute_logits(ours(torch.tensor([5, 7]), lengths - 1, step, caches))
         ref = torch.stack(
             [hf(torch.tensor([a + [5]])).logits[0, -1], hf(torch.tensor([b + [7]])).logits[0, -1]]
         )

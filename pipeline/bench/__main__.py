@@ -28,7 +28,7 @@ from pipeline.bench.workload import (
     work_flops,
 )
 from pipeline.engine.config import EngineConfig, ModelConfig
-from pipeline.engine.engine import LLMEngine
+from pipeline.engine.engine import HOST_PHASES, LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.models.loader import read_spec
 
@@ -108,7 +108,7 @@ def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
         "ours_floor": floor_s / seconds,
         "preemptions": after["num_preemptions"] - before["num_preemptions"],
         "padding_ratio": after["padding_ratio"],
-    }
+    } | decode_step_costs(before, after)
     if hf is not None:
         hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, args.hf_batch, **hf_kwargs)  # type: ignore[arg-type]
         row |= {
@@ -124,8 +124,27 @@ def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
     return row
 
 
+def decode_step_costs(before: dict, after: dict) -> dict:
+    """Per decode step: mean sequences, wall ms, host ms outside the device work (schedule,
+    plan, prepare, update), and each phase's ms."""
+    steps = max(after["num_decode_steps"] - before["num_decode_steps"], 1)
+    tokens = after["num_decode_tokens"] - before["num_decode_tokens"]
+    phases = {
+        name: 1e3 * (after["phase_seconds"]["decode"][name] - seconds) / steps
+        for name, seconds in before["phase_seconds"]["decode"].items()
+    }
+    return {
+        "decode_steps": steps,
+        "decode_batch": tokens / steps,
+        "decode_step_ms": sum(phases.values()),
+        "decode_host_ms": sum(phases[name] for name in HOST_PHASES),
+        "decode_phase_ms": phases,
+    }
+
+
 def format_row(row: dict) -> str:
     text = f"{row['mode']:8} {row['ours_tok_s']:11.1f} {100 * row['ours_floor']:7.1f}%"
+    text += f" {row['decode_batch']:6.0f} {row['decode_step_ms']:8.1f} {row['decode_host_ms']:8.2f}"
     if "hf_s" in row:
         text += f" {row['hf_tok_s']:10.1f} {100 * row['hf_floor']:9.1f}% {row['speedup']:7.2f}x"
     if "separate_n4_s" in row:
@@ -157,7 +176,8 @@ def main() -> None:
     )
     header = ["mode", "ours tok/s", "floor %", "HF tok/s", "HF floor %", "speedup"]
     print(
-        f"{header[0]:8} {header[1]:>11} {header[2]:>8} " + " ".join(f"{h:>10}" for h in header[3:])
+        f"{header[0]:8} {header[1]:>11} {header[2]:>8} {'batch':>6} {'step ms':>8} "
+        f"{'host ms':>8} " + " ".join(f"{h:>10}" for h in header[3:])
     )
     for mode in args.modes.split(","):
         row = run_mode(args, mode, engine, hf, prompts, peak)

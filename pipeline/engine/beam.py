@@ -122,23 +122,42 @@ def apply_beam_processors(
             logprobs[row, banned] = float("-inf")
 
 
-def top_candidates(
-    states: list[BeamState], logprobs: list[torch.Tensor]
-) -> list[tuple[list[float], list[int]]]:
-    """Per request: its top `num_candidates` of (running score + log-prob) over all its
-    beams x vocabulary. Requests with the same beam count share one batched topk.
+@dataclass
+class CandidateGroup:
+    """Beam requests with the same beam count, ranked together: [G, keep] on the device."""
 
-    logprobs: per request, [beams, V] with processors applied.
+    members: list[int]  # indices into the step's beam requests
+    values: torch.Tensor  # [G, keep] cumulative scores, best first
+    index: torch.Tensor  # [G, keep] flat beam * V + token
+
+
+def rank_candidates(
+    states: list[BeamState], logprobs: list[torch.Tensor], running: list[torch.Tensor]
+) -> list[CandidateGroup]:
+    """Per request: its top `num_candidates` of (running score + log-prob) over all its
+    beams x vocabulary, on the device. Requests with the same beam count share one topk.
+
+    logprobs: per request, [beams, V] with processors applied; running: per request [beams].
     """
-    results: list[tuple[list[float], list[int]]] = [([], [])] * len(states)
     shapes: dict[tuple[int, int], list[int]] = {}
     for i, (state, rows) in enumerate(zip(states, logprobs, strict=True)):
         keep = min(state.num_candidates, rows.numel())
         shapes.setdefault((rows.shape[0], keep), []).append(i)
+    groups = []
     for (_, keep), members in shapes.items():
         scores = torch.stack([logprobs[i] for i in members])  # [G, beams, V]
-        running = torch.tensor([states[i].running_scores for i in members], device=scores.device)
-        values, index = torch.topk((scores + running[:, :, None]).flatten(1), keep)
-        for i, vals, idx in zip(members, values.tolist(), index.tolist(), strict=True):
+        scores += torch.stack([running[i] for i in members])[:, :, None].to(scores.dtype)
+        values, index = torch.topk(scores.flatten(1), keep)
+        groups.append(CandidateGroup(members, values, index))
+    return groups
+
+
+def candidates_by_request(
+    groups: list[CandidateGroup], host: list[tuple[list[list[float]], list[list[int]]]], count: int
+) -> list[tuple[list[float], list[int]]]:
+    """Host copies of the groups' (values, index) rows, back in request order."""
+    results: list[tuple[list[float], list[int]]] = [([], [])] * count
+    for group, (values, index) in zip(groups, host, strict=True):
+        for i, vals, idx in zip(group.members, values, index, strict=True):
             results[i] = (vals, idx)
     return results

@@ -29,6 +29,9 @@ from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
+PHASES = ("schedule", "plan", "prepare", "forward", "sample", "update")
+HOST_PHASES = ("schedule", "plan", "prepare", "update")
+
 
 class LLMEngine:
     def __init__(
@@ -48,10 +51,15 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.seed = seed
         self.model_info = model_info or {}
-        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len)
+        vocab = runner.model.spec.vocab_size
+        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab)
         self._arrivals = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
         self.step_seconds = 0.0
+        # Seconds per phase, for prefill and decode steps (see `step`); host work is
+        # schedule + plan + prepare + update, the rest runs on the device.
+        self.phase_seconds = {kind: dict.fromkeys(PHASES, 0.0) for kind in ("prefill", "decode")}
+        self.num_decode_steps = 0
 
     @classmethod
     def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> LLMEngine:
@@ -111,16 +119,33 @@ class LLMEngine:
 
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
-        """Run one engine step; returns the requests that finished (or failed) in it."""
-        started = time.perf_counter()
+        """Run one engine step; returns the requests that finished (or failed) in it.
+
+        schedule (host) -> plan sampling and forks (host) -> prepare metadata, one copy to
+        the device -> forward -> sample or rank beams, one copy to the host -> update (host).
+        """
+        clock = time.perf_counter()
+        started = clock
         batch = self.scheduler.schedule()
         if batch is not None:
+            kind = "prefill" if batch.is_prefill else "decode"
             if batch.is_prefill:
                 self.num_prefill_tokens += batch.num_tokens
             else:
                 self.num_decode_tokens += batch.num_tokens
-            logits = self.runner.execute(batch)
-            self.post.process(batch, logits)
+                self.num_decode_steps += 1
+            phases = self.phase_seconds[kind]
+            clock = _lap(phases, "schedule", clock)
+            plan = self.post.plan(batch)
+            clock = _lap(phases, "plan", clock)
+            inputs = self.runner.prepare(batch, plan.arrays)
+            clock = _lap(phases, "prepare", clock)
+            logits = self.runner.forward(inputs)
+            clock = _lap(phases, "forward", clock)
+            decision = self.post.decide(plan, logits, inputs.tensors)
+            clock = _lap(phases, "sample", clock)
+            self.post.update(plan, decision, inputs.tensors)
+            _lap(phases, "update", clock)
             self.num_steps += 1
         for request, reason in self.scheduler.failed:
             self.post.reject(request, reason)
@@ -164,7 +189,18 @@ class LLMEngine:
             "num_preemptions": self.scheduler.num_preemptions,
             "padding_ratio": self.runner.padded_slots / attended,
             "step_seconds": self.step_seconds,
+            "num_decode_steps": self.num_decode_steps,
+            "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
+            "exact_resamples": self.post.num_exact_resamples,
         }
+
+
+def _lap(phases: dict[str, float], name: str, since: float) -> float:
+    """Add the time since `since` to phase `name`; returns now. On CUDA the device phases
+    are asynchronous: their time shows up where the host next waits (the copy to the host)."""
+    now = time.perf_counter()
+    phases[name] += now - since
+    return now
 
 
 def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:

@@ -1,21 +1,65 @@
-"""After the forward: sample or advance beams, append tokens, fork, detect stops, finish.
+"""Around the forward: plan a step's sampling and beams, decide on the device, update on the host.
 
-Forking happens here because it follows from a sampling decision: the first token of an
-n > 1 request is drawn n times from the prompt's logits, and each beam step picks parents.
+A step goes `plan` (host, before the forward: forks, per-row parameters as arrays that travel
+with the step's one host-to-device copy) -> `decide` (device: sampling or beam ranking over
+the whole batch, then one device-to-host copy) -> `update` (host: append tokens, detect
+stops, finish requests). Per-row Python lives in `plan` and `update` only.
+
+Forking happens in `plan` because it follows from a sampling decision: the first token of an
+n > 1 request is drawn n times from the prompt's logits. Blocks belong to the scheduler:
+forks and releases go through it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, NextBeam, apply_beam_processors, top_candidates
+from pipeline.engine.beam import (
+    BeamState,
+    CandidateGroup,
+    NextBeam,
+    apply_beam_processors,
+    candidates_by_request,
+    rank_candidates,
+)
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
-from pipeline.engine.sampler import SamplingRow, sample
+from pipeline.engine.sampler import (
+    SampleOutput,
+    SamplingPlan,
+    SamplingRow,
+    plan_sampling,
+    resample_exact,
+    sample,
+)
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
+from pipeline.engine.transfer import to_host
 from pipeline.models.attention import Workspace
+
+
+@dataclass
+class StepPlan:
+    """Host decisions for one step, made before the forward."""
+
+    rows: list[tuple[Request, Sequence]] = field(default_factory=list)  # sampled sequences
+    logit_rows: list[int] = field(default_factory=list)  # the logits row of each
+    sampling: SamplingPlan | None = None
+    beams: list[tuple[Request, list[int]]] = field(default_factory=list)  # logits rows
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # travel to the device
+
+
+@dataclass
+class Decision:
+    """A step's device results, and their host copies (one transfer)."""
+
+    sampled: SampleOutput | None
+    groups: list[CandidateGroup]
+    host: list[np.ndarray]
 
 
 class Postprocessor:
@@ -25,20 +69,25 @@ class Postprocessor:
         tokenizer: PreTrainedTokenizerBase,
         eos_ids: list[int],
         max_model_len: int,
+        vocab_size: int,
     ) -> None:
         self.scheduler = scheduler
-        self.blocks = scheduler.blocks
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
         self._done: list[RequestOutput] = []
         self.workspace = Workspace()  # the sampler's [R, V] temporary
+        self.num_exact_resamples = 0
 
     def start(self, request: Request) -> None:
-        if isinstance(request.params, BeamParams):
-            limit = min(request.params.max_tokens, self.max_model_len - len(request.prompt_ids))
-            eos = self.eos_ids + list(request.params.stop_token_ids)
-            request.beam = BeamState(request.params, eos, limit)
+        params = request.params
+        if isinstance(params, BeamParams):
+            limit = min(params.max_tokens, self.max_model_len - len(request.prompt_ids))
+            request.beam = BeamState(params, self.eos_ids + list(params.stop_token_ids), limit)
+        else:
+            eos = frozenset() if params.ignore_eos else frozenset(self.eos_ids)
+            request.stop_ids = eos | frozenset(params.stop_token_ids)
 
     def reject(self, request: Request, reason: str) -> None:
         self._done.append(RequestOutput(request.request_id, request.prompt_ids, error=reason))
@@ -50,72 +99,179 @@ class Postprocessor:
         done, self._done = self._done, []
         return done
 
-    def process(self, batch: ScheduledBatch, logits: torch.Tensor) -> None:
-        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence."""
-        rows_of: dict[int, list[int]] = {}
-        owners: dict[int, Request] = {}
+    # -- plan (host, before the forward) --------------------------------------------------
+
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        plan = StepPlan()
+        beam_rows: dict[int, tuple[Request, list[int]]] = {}
         for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
             seq.num_cached = len(seq)
-            rows_of.setdefault(id(request), []).append(row)
-            owners[id(request)] = request
-        sampling: list[tuple[Request, int]] = []
-        beams: list[tuple[Request, list[int]]] = []
-        for key, rows in rows_of.items():
-            request = owners[key]
             if request.beam is not None:
-                beams.append((request, rows))
+                beam_rows.setdefault(id(request), (request, []))[1].append(row)
+            elif request.fan_out > 1 and not request.has_forked:
+                for child in self._fork_samples(request):
+                    plan.rows.append((request, child))
+                    plan.logit_rows.append(row)
             else:
-                sampling.extend((request, r) for r in self._fork_samples(request, rows))
-        if sampling:
-            self._sample(sampling, logits)
-        if beams:
-            self._advance_beams(beams, logits)
+                plan.rows.append((request, seq))
+                plan.logit_rows.append(row)
+        plan.beams = list(beam_rows.values())
+        if plan.rows:
+            sampling_rows = [
+                SamplingRow(seq, request.params, request.seed)  # type: ignore[arg-type]
+                for request, seq in plan.rows
+            ]
+            plan.sampling = plan_sampling(sampling_rows, self.eos_ids, self.vocab_size)
+            plan.arrays |= plan.sampling.arrays
+            if plan.logit_rows != list(range(len(batch.seqs))):
+                plan.arrays["sample_rows"] = np.array(plan.logit_rows, dtype=np.int64)
+        if plan.beams:
+            plan.arrays["beam_rows"] = np.array(
+                [r for _, rows in plan.beams for r in rows], dtype=np.int64
+            )
+            plan.arrays["beam_running"] = np.array(
+                [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
+                dtype=np.float64,
+            )
+        return plan
 
-    def _fork_samples(self, request: Request, rows: list[int]) -> list[int]:
-        """Before its first token an n > 1 request has one sequence: fork n children that
-        share its blocks, each drawing its own first token from the same logits row."""
-        assert isinstance(request.params, SamplingParams)
-        if request.params.n == 1 or request.has_forked:
-            return rows
+    def _fork_samples(self, request: Request) -> list[Sequence]:
+        """Before its first token an n > 1 request has one sequence: fork n - 1 children
+        that share its blocks; each draws its own first token from the same logits row."""
         parent = request.seqs[0]
-        for index in range(1, request.params.n):
-            child = parent.child(index)
-            self.blocks.fork(child)
-            request.seqs.append(child)
-        return rows * request.params.n
+        for index in range(1, request.fan_out):
+            request.seqs.append(self.scheduler.fork(parent, index))
+        return list(request.seqs)
 
-    def _sample(self, sampling: list[tuple[Request, int]], logits: torch.Tensor) -> None:
-        seqs = _seqs_in_row_order(sampling)
-        rows = [
-            SamplingRow(seq, request.params, request.seed)  # type: ignore[arg-type]
-            for (request, _), seq in zip(sampling, seqs, strict=True)
-        ]
-        row_ids = [r for _, r in sampling]
-        if row_ids != list(range(logits.shape[0])):  # else sample in place, without a copy
-            logits = logits.index_select(0, torch.tensor(row_ids, device=logits.device))
-        result = sample(logits, rows, self.eos_ids, self.workspace)
-        for (request, _), row, token, logprob, top in zip(
-            sampling, rows, result.token_ids, result.logprobs, result.top_logprobs, strict=True
-        ):
-            seq = row.seq
+    # -- decide (device, then one copy to the host) ---------------------------------------
+
+    def decide(
+        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> Decision:
+        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence."""
+        results: list[torch.Tensor] = []
+        sampled = None
+        if plan.sampling is not None:
+            rows = tensors.get("sample_rows")
+            sampled = sample(
+                logits if rows is None else logits.index_select(0, rows),
+                plan.sampling,
+                tensors,
+                self.workspace,
+            )
+            results += [sampled.tokens, sampled.logprobs]
+            if sampled.needs_exact is not None:
+                results.append(sampled.needs_exact)
+            if sampled.top_ids is not None and sampled.top_logprobs is not None:
+                results += [sampled.top_ids, sampled.top_logprobs]
+        groups = self._rank_beams(plan, logits, tensors) if plan.beams else []
+        for g in groups:
+            results += [g.values, g.index]
+        decision = Decision(sampled, groups, to_host(results))
+        if sampled is not None and sampled.needs_exact is not None:
+            self._redraw_exact(decision, tensors)
+        return decision
+
+    def _redraw_exact(self, decision: Decision, tensors: dict[str, torch.Tensor]) -> None:
+        """Rows whose nucleus reached past the prefilter: redraw from a full sort (a second,
+        small copy to the host; rare for trained models)."""
+        sampled, host = decision.sampled, decision.host
+        assert sampled is not None
+        redo = np.flatnonzero(host[2]).tolist()
+        if not redo:
+            return
+        self.num_exact_resamples += len(redo)
+        tokens, logprobs = resample_exact(sampled, redo, tensors)
+        host[0][redo] = tokens
+        host[1][redo] = logprobs
+
+    def _rank_beams(
+        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> list[CandidateGroup]:
+        sizes = [len(rows) for _, rows in plan.beams]
+        logprobs = torch.log_softmax(logits.index_select(0, tensors["beam_rows"]), dim=-1)
+        per_request = list(logprobs.split(sizes))
+        running = list(tensors["beam_running"].split(sizes))
+        for (request, _), rows in zip(plan.beams, per_request, strict=True):
+            assert request.beam is not None and isinstance(request.params, BeamParams)
+            outputs = [seq.output_ids for seq in request.seqs]
+            apply_beam_processors(
+                rows, outputs, request.prompt_ids, request.params, request.beam.eos_ids
+            )
+        states = [request.beam for request, _ in plan.beams]
+        return rank_candidates(states, per_request, running)  # type: ignore[arg-type]
+
+    # -- update (host) ----------------------------------------------------------------------
+
+    def update(self, plan: StepPlan, decision: Decision, tensors: dict[str, torch.Tensor]) -> None:
+        host = list(decision.host)
+        if decision.sampled is not None:
+            self._update_samples(plan, decision.sampled, host, tensors)
+        if decision.groups:
+            pairs = [
+                (host[2 * i].tolist(), host[2 * i + 1].astype(np.int64).tolist())
+                for i in range(len(decision.groups))
+            ]
+            tops = candidates_by_request(decision.groups, pairs, len(plan.beams))
+            self._advance_beams(plan, tops)
+
+    def _update_samples(
+        self,
+        plan: StepPlan,
+        sampled: SampleOutput,
+        host: list[np.ndarray],
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
+        tokens = host.pop(0).astype(np.int64)
+        logprobs = host.pop(0).tolist()
+        if sampled.needs_exact is not None:
+            host.pop(0)
+        top = None
+        if sampled.top_ids is not None:
+            top = (host.pop(0).astype(np.int64), host.pop(0))
+        for i, ((request, seq), token) in enumerate(zip(plan.rows, tokens.tolist(), strict=True)):
             seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if top is not None:
-                seq.logprobs = (seq.logprobs or []) + [top]
-            reason = self._finish_reason(seq, row.params, token)
+            seq.cumulative_logprob += logprobs[i]
+            params = request.params
+            assert isinstance(params, SamplingParams)
+            if top is not None and params.logprobs is not None:
+                entry = dict(
+                    zip(
+                        top[0][i, : params.logprobs].tolist(),
+                        top[1][i, : params.logprobs].tolist(),
+                        strict=True,
+                    )
+                )
+                entry.setdefault(token, logprobs[i])
+                seq.logprobs = (seq.logprobs or []) + [entry]
+            reason = self._finish_reason(request, seq, params, token)
             if reason is not None:
                 self._finish_sample(request, seq, reason)
 
-    def _finish_reason(self, seq: Sequence, params: SamplingParams, token: int) -> str | None:
-        if token in params.stop_token_ids:
+    def _finish_reason(
+        self, request: Request, seq: Sequence, params: SamplingParams, token: int
+    ) -> str | None:
+        if token in request.stop_ids:
             return "stop"
-        if token in self.eos_ids and not params.ignore_eos:
-            return "stop"
-        if params.stop and _find_stop(self._text(_tail(seq, params.stop)), params.stop) is not None:
+        if params.stop and self._new_text_stops(seq, params.stop):
             return "stop"
         if seq.num_output >= params.max_tokens or len(seq) >= self.max_model_len:
             return "length"
         return None
+
+    def _new_text_stops(self, seq: Sequence, stops: list[str]) -> bool:
+        """Decode only the newest token's text (incrementally) and look for a stop string in
+        it and the few characters before it that a stop string could straddle."""
+        out = seq.output_ids
+        before = self._text(out[seq.prefix_offset : seq.read_offset])
+        after = self._text(out[seq.prefix_offset :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False  # no complete new character yet
+        new = after[len(before) :]
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(out)
+        reach = len(new) + max(len(s) for s in stops) - 1
+        seq.text += new
+        return _find_stop(seq.text[-reach:], stops) is not None
 
     def _text(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
@@ -136,42 +292,29 @@ class Postprocessor:
             )
         )
         request.seqs.remove(seq)
-        self.blocks.free(seq)
+        self.scheduler.release(seq)
         if not request.seqs:
             self._complete(request)
 
-    def _advance_beams(self, beams: list[tuple[Request, list[int]]], logits: torch.Tensor) -> None:
-        """One beam-search step for every beam request in the batch (rows: its beams')."""
-        all_rows = [r for _, rows in beams for r in rows]
-        logprobs = torch.log_softmax(logits[all_rows], dim=-1).split([len(r) for _, r in beams])
-        states: list[BeamState] = []
-        outputs: list[list[list[int]]] = []
-        for (request, _), rows in zip(beams, logprobs, strict=True):
-            assert request.beam is not None and isinstance(request.params, BeamParams)
-            outputs.append([seq.output_ids for seq in request.seqs])
-            apply_beam_processors(
-                rows, outputs[-1], request.prompt_ids, request.params, request.beam.eos_ids
-            )
-            states.append(request.beam)
-        tops = top_candidates(states, list(logprobs))
-        for (request, _), state, generated, (scores, index) in zip(
-            beams, states, outputs, tops, strict=True
-        ):
-            chosen = state.step(scores, index, logits.shape[1], generated)
+    def _advance_beams(self, plan: StepPlan, tops: list[tuple[list[float], list[int]]]) -> None:
+        for (request, _), (scores, index) in zip(plan.beams, tops, strict=True):
+            state = request.beam
+            assert state is not None
+            generated = [seq.output_ids for seq in request.seqs]
+            chosen = state.step(scores, index, self.vocab_size, generated)
             self._fork_beams(request, chosen)
             if state.done:
                 self._finish_beams(request, state)
 
     def _fork_beams(self, request: Request, chosen: list[NextBeam]) -> None:
-        """The next beams share their parents' blocks (copy-on-write); parents are freed."""
+        """The next beams share their parents' blocks (copy-on-write); parents are released."""
         parents, request.seqs = request.seqs, []
         for i, beam in enumerate(chosen):
-            child = parents[beam.parent].child(i)
-            self.blocks.fork(child)
+            child = self.scheduler.fork(parents[beam.parent], i)
             child.token_ids.append(beam.token)
             request.seqs.append(child)
         for parent in parents:
-            self.blocks.free(parent)
+            self.scheduler.release(parent)
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
         request.finished = [
@@ -190,24 +333,6 @@ class Postprocessor:
         self.scheduler.finish(request)
         outputs = sorted(request.finished, key=lambda o: o.index)
         self._done.append(RequestOutput(request.request_id, request.prompt_ids, outputs))
-
-
-def _seqs_in_row_order(sampling: list[tuple[Request, int]]) -> list[Sequence]:
-    """The sequence each sampling row belongs to: forked children take repeated rows in order."""
-    seqs: list[Sequence] = []
-    taken: dict[int, int] = {}
-    for request, _ in sampling:
-        i = taken.get(id(request), 0)
-        seqs.append(request.seqs[i])
-        taken[id(request)] = i + 1
-    return seqs
-
-
-def _tail(seq: Sequence, stops: list[str]) -> list[int]:
-    """The last output tokens that can hold a stop string completed by the newest token
-    (earlier text was checked at earlier steps). A character is at most 4 UTF-8 bytes, so
-    at most 4 byte-level tokens; 4 more tokens cover a partial character at the start."""
-    return seq.output_ids[-(4 * max(len(s) for s in stops) + 4) :]
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

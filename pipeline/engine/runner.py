@@ -1,22 +1,49 @@
-"""Model runner: turns a scheduled batch into tensors, runs the forward, returns logits.
+"""Model runner: turns a scheduled batch into step tensors, runs the forward, returns logits.
 
-Mechanism only - every decision was made by the scheduler. Owns the KV pool: per layer, a
-pair of [num_blocks, block_size, kv_heads, head_dim] tensors.
+Mechanism only - every decision was made by the scheduler. Owns the KV pool (per layer, a
+pair of [num_blocks, block_size, kv_heads, head_dim] tensors) and the attention backend.
+
+A step's metadata (input ids, positions, slot mapping, block tables, context lengths, the
+backend's own arrays and the sampler's) is built with numpy on the host and reaches the
+device in one copy (`HostToDevice`). Sequences stay in batch order throughout.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any
+
+import numpy as np
 import torch
 
 from pipeline.engine.scheduler import ScheduledBatch
-from pipeline.engine.sequence import Sequence
-from pipeline.models.attention import AttentionContext, DecodeGroup, PrefillGroup, Workspace
+from pipeline.engine.transfer import HostToDevice
+from pipeline.models.attention import AttentionBackend, AttentionMetadata, HostStep, make_backend
 from pipeline.models.llama import KVCache, LlamaForCausalLM
+
+
+@dataclass
+class StepInputs:
+    """A step on the device: model inputs, attention metadata, and every array that
+    travelled with them (the sampler's included)."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    meta: AttentionMetadata
+    logit_rows: torch.Tensor | None  # [B] prefill: each prompt's last token; decode: None
+    tensors: dict[str, torch.Tensor]
+    num_seqs: int
 
 
 class ModelRunner:
     def __init__(
-        self, model: LlamaForCausalLM, num_blocks: int, block_size: int, device: torch.device
+        self,
+        model: LlamaForCausalLM,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+        backend: AttentionBackend | None = None,
     ) -> None:
         spec = model.spec
         dtype = model.lm_head.weight.dtype
@@ -31,116 +58,120 @@ class ModelRunner:
             for _ in range(spec.num_layers)
         ]
         self.model = model
-        self.workspace = Workspace()
+        self.backend = backend or make_backend(device)
         self.block_size = block_size
         self.device = device
+        self.transfer = HostToDevice(device)
         self.padded_slots = 0  # decode attention positions computed but masked (waste)
         self.attended_slots = 0
 
-    @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """Logits [len(batch.seqs), vocab] fp32 for each sequence's last token."""
-        self._copy_blocks(batch.copies)
-        # Run in order of length, so that attention groups sequences of similar length.
-        order = sorted(range(len(batch.seqs)), key=lambda i: len(batch.seqs[i]))
-        seqs = [batch.seqs[i] for i in order]
-        unsort = torch.empty(len(order), dtype=torch.long, device=self.device)
-        unsort[self._tensor(order)] = torch.arange(len(order), device=self.device)
-        if batch.is_prefill:
-            input_ids, positions, ctx, last = self._prepare_prefill(seqs)
-            rows = last.index_select(0, unsort)  # each sequence's last token, batch order
-        else:
-            input_ids, positions, ctx = self._prepare_decode(seqs)
-            rows = unsort
-        hidden = self.model(input_ids, positions, ctx, self.kv_caches)
-        return self.model.compute_logits(hidden.index_select(0, rows))
+    def prepare(self, batch: ScheduledBatch, extra: dict[str, np.ndarray]) -> StepInputs:
+        """Host metadata for `batch`, plus `extra` arrays, to the device in one copy."""
+        arrays, step = (
+            _prefill_arrays(batch, self.block_size)
+            if batch.is_prefill
+            else (_decode_arrays(batch, self.block_size))
+        )
+        backend_arrays, backend_plan = self.backend.host_arrays(step)
+        if batch.copies:
+            arrays["copies"] = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
+        names = {f"backend.{k}": v for k, v in backend_arrays.items()}
+        t = self.transfer.to_device(arrays | names | extra)
+        meta = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            slot_mapping=t["slots"],
+            context_lens=t["lengths"],
+            block_tables=t.get("block_tables"),
+            cu_seqlens=t.get("cu_seqlens"),
+            max_len=int(step.lengths.max()),
+            block_size=self.block_size,
+            backend=self.backend,
+            extra={k.removeprefix("backend."): v for k, v in t.items() if k in names},
+        )
+        self.backend.prepare(meta, backend_plan)
+        if not batch.is_prefill:
+            self._count_padding(backend_plan, step)
+        if "copies" in t:
+            self._copy_blocks(t["copies"])
+        return StepInputs(
+            t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs)
+        )
 
-    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
-        if not copies:
-            return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [num_seqs, vocab] fp32 for each sequence's last token, batch order."""
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        if inputs.logit_rows is not None:
+            hidden = hidden.index_select(0, inputs.logit_rows)
+        return self.model.compute_logits(hidden)
+
+    def _copy_blocks(self, copies: torch.Tensor) -> None:
+        """Copy-on-write: [n, 2] (src, dst) block pairs, in every layer."""
+        src, dst = copies[:, 0], copies[:, 1]
         for k_cache, v_cache in self.kv_caches:
             k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
             v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
 
-    def _prepare_prefill(
-        self, seqs: list[Sequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext, torch.Tensor]:
-        """`seqs` sorted by length, packed into one token vector without padding."""
-        tokens: list[int] = []
-        slots: list[int] = []
-        bs = self.block_size
-        for seq in seqs:
-            tokens.extend(seq.token_ids)
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(len(seq)))
-        lengths = self._tensor([len(s) for s in seqs])
-        starts = torch.cumsum(lengths, 0) - lengths
-        positions = torch.arange(len(tokens), device=self.device) - starts.repeat_interleave(
-            lengths
-        )
-        groups = [
-            prefill_group(lengths[a:b], starts[a:b])
-            for a, b in group_by_length([len(s) for s in seqs])
-        ]
-        ctx = AttentionContext(
-            True, self._tensor(slots), prefill_groups=groups, workspace=self.workspace
-        )
-        return self._tensor(tokens), positions, ctx, starts + lengths - 1
-
-    def _prepare_decode(
-        self, seqs: list[Sequence]
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionContext]:
-        """`seqs` sorted by length; groups are padded to their own longest sequence."""
-        groups = []
-        for start, end in group_by_length([len(s.block_table) for s in seqs]):
-            members = seqs[start:end]
-            width = len(members[-1].block_table)
-            tables = [s.block_table + [0] * (width - len(s.block_table)) for s in members]
-            lengths = self._tensor([len(s) for s in members])
-            span = width * self.block_size
-            mask = torch.arange(span, device=self.device)[None, :] < lengths[:, None]
-            groups.append(DecodeGroup(start, end, self._tensor(tables), mask[:, None, None, :]))
-            self.padded_slots += span * len(members) - int(lengths.sum())
-            self.attended_slots += span * len(members)
-        bs = self.block_size
-        slots = [s.block_table[(len(s) - 1) // bs] * bs + (len(s) - 1) % bs for s in seqs]
-        ctx = AttentionContext(
-            False, self._tensor(slots), decode_groups=groups, workspace=self.workspace
-        )
-        positions = self._tensor([len(s) - 1 for s in seqs])
-        return self._tensor([s.token_ids[-1] for s in seqs]), positions, ctx
-
-    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=self.device)
+    def _count_padding(self, plan: Any, step: HostStep) -> None:
+        """Decode attention positions padded for the torch backend's length groups."""
+        if not isinstance(plan, list):
+            return
+        used = int(step.lengths.sum())
+        span = sum((b - a) * width * self.block_size for a, b, width in plan)
+        self.padded_slots += span - used
+        self.attended_slots += span
 
 
-def group_by_length(
-    num_blocks: list[int], slack: float = 1.25, min_size: int = 8
-) -> list[tuple[int, int]]:
-    """Cut an ascending list of block counts into [start, end) runs whose longest member is
-    at most `slack` x the shortest (+1 block), so padding stays small; tiny runs are merged
-    into the next one, since each group costs a kernel launch per layer."""
-    groups: list[tuple[int, int]] = []
-    start = 0
-    for i, blocks in enumerate(num_blocks):
-        if blocks > num_blocks[start] * slack + 1 and i - start >= min_size:
-            groups.append((start, i))
-            start = i
-    groups.append((start, len(num_blocks)))
-    return groups
+def _block_tables(tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Block tables padded with 0 to the longest: [B, W] int64, and each row's count [B]."""
+    counts = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(counts.sum()))
+    out = np.zeros((len(tables), max(1, int(counts.max()))), dtype=np.int64)
+    out[np.arange(out.shape[1])[None, :] < counts[:, None]] = flat  # row-major fill
+    return out, counts
 
 
-def prefill_group(lengths: torch.Tensor, starts: torch.Tensor) -> PrefillGroup:
-    """Index tensors that pad prompts of `lengths` (packed at `starts`) to the longest."""
-    batch, longest = len(lengths), int(lengths.max())
-    j = torch.arange(longest, device=lengths.device)
-    valid = j[None, :] < lengths[:, None]  # [b, L]
-    gather = starts[:, None] + torch.minimum(j[None, :], lengths[:, None] - 1)
-    slots = valid.flatten().nonzero().squeeze(1)
-    mask = None
-    if batch > 1:
-        causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
-        mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
-    return PrefillGroup(batch, longest, gather.flatten(), slots, gather.flatten()[slots], mask)
+def _slots(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, bs: int) -> np.ndarray:
+    return tables[rows, positions // bs] * bs + positions % bs
+
+
+def _prefill_arrays(
+    batch: ScheduledBatch, block_size: int
+) -> tuple[dict[str, np.ndarray], HostStep]:
+    """Prompts packed without padding, in batch order."""
+    seqs = batch.seqs
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    total = int(lengths.sum())
+    tokens = np.fromiter(chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
+    tables, counts = _block_tables([s.block_table for s in seqs])
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    rows = np.repeat(np.arange(len(seqs)), lengths)
+    positions = np.arange(total, dtype=np.int64) - cu[:-1][rows]
+    arrays = {
+        "input_ids": tokens,
+        "positions": positions,
+        "slots": _slots(tables, rows, positions, block_size),
+        "lengths": lengths,
+        "cu_seqlens": cu,
+        "last_rows": cu[1:] - 1,
+    }
+    return arrays, HostStep(True, lengths, counts)
+
+
+def _decode_arrays(
+    batch: ScheduledBatch, block_size: int
+) -> tuple[dict[str, np.ndarray], HostStep]:
+    """One new token per sequence: its last token, at position len - 1."""
+    seqs = batch.seqs
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    tokens = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+    tables, counts = _block_tables([s.block_table for s in seqs])
+    positions = lengths - 1
+    arrays = {
+        "input_ids": tokens,
+        "positions": positions,
+        "slots": _slots(tables, np.arange(len(seqs)), positions, block_size),
+        "lengths": lengths,
+        "block_tables": tables,
+    }
+    return arrays, HostStep(False, lengths, counts)

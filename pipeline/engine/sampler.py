@@ -1,20 +1,32 @@
-"""Turn a step's logits into tokens for sampling requests (greedy and random), batched.
+"""Sampling on the device: a step's logits [R, V] -> token ids, as tensor ops over the batch.
 
-Order of operations (per row): penalties -> min_tokens mask -> log-probs (reported) ->
+Order of operations (per row): penalties -> min_tokens ban -> log-probs (reported) ->
 temperature -> top-k -> top-p -> min-p -> inverse-CDF draw with the row's own uniform number.
 Reported log-probs are those of the penalised distribution before temperature.
+
+Two halves: `plan_sampling` (host) turns the rows' parameters into small numpy arrays that
+travel with the step's one host-to-device copy; `sample` (device) runs without a host sync.
+
+Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` best tokens
+(more when a row's top_k asks for more). When those hold less than a row's top_p mass, its
+nucleus reaches further down; such a row is flagged, and `resample_exact` redraws it from the
+full sort after the step's copy to the host - rare for a trained model, and exact either way.
+Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.engine.params import SamplingParams
-from pipeline.engine.random import uniform
+from pipeline.engine.random import signed_seed, uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.models.attention import Workspace
+
+PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
 
 
 @dataclass
@@ -25,33 +37,139 @@ class SamplingRow:
 
 
 @dataclass
-class SampleResult:
-    token_ids: list[int]
-    logprobs: list[float]  # log-prob of each chosen token
-    top_logprobs: list[dict[int, float] | None]
+class SamplingPlan:
+    """What the host knows about a step's sampling rows before the forward."""
+
+    arrays: dict[str, np.ndarray]  # travel to the device (see `sample` for the names)
+    any_random: bool
+    any_filtered: bool  # some random row has top_k or top_p
+    any_unfiltered: bool  # some random row has neither
+    any_min_p: bool
+    prefilter: int  # candidates for filtered rows
+    max_logprobs: int | None
+    ban_ids: list[list[int]] = field(default_factory=list)  # per row; [] bans nothing
+    penalty_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SampleOutput:
+    """Device tensors; `tokens`, `logprobs` and `needs_exact` go to the host in one copy."""
+
+    tokens: torch.Tensor  # [R] int64
+    logprobs: torch.Tensor  # [R] fp32: log-prob of the chosen token
+    needs_exact: torch.Tensor | None  # [R] bool: prefilter too narrow, redraw from a full sort
+    top_ids: torch.Tensor | None  # [R, k] int64 when logprobs were asked for
+    top_logprobs: torch.Tensor | None  # [R, k] fp32
+    scaled: torch.Tensor | None  # [R, V] tempered logits, kept for `resample_exact`
+    logits: torch.Tensor  # [R, V] penalised logits and their normaliser [R, 1], for the
+    log_norm: torch.Tensor  # log-probs of redrawn tokens
+
+
+def plan_sampling(rows: list[SamplingRow], eos_ids: list[int], vocab: int) -> SamplingPlan:
+    """Host side: per-row parameters as arrays (one entry per distinct params object)."""
+    kinds: dict[int, int] = {}
+    uniq: list[SamplingParams] = []
+    which = np.empty(len(rows), dtype=np.int64)
+    for i, row in enumerate(rows):
+        j = kinds.setdefault(id(row.params), len(uniq))
+        if j == len(uniq):
+            uniq.append(row.params)
+        which[i] = j
+    table = np.array(  # [P, 4]: temperature (1 for greedy), top_k (0: off), top_p, min_p
+        [
+            (
+                p.temperature or 1.0,
+                p.top_k if 0 < p.top_k < vocab else 0,
+                p.top_p,
+                p.min_p,
+            )
+            for p in uniq
+        ],
+        dtype=np.float64,
+    )
+    greedy = np.array([p.greedy for p in uniq])[which]
+    filtered = (table[which, 1] > 0) | (table[which, 2] < 1.0)
+    random_rows = ~greedy
+    arrays: dict[str, np.ndarray] = {"params": table[which]}
+    if random_rows.any():
+        arrays["seed_index_step"] = np.array(
+            [(signed_seed(r.seed), r.seq.child_index, r.seq.num_output) for r in rows],
+            dtype=np.int64,
+        ).reshape(len(rows), 3)
+        arrays["random"] = random_rows.astype(np.int64)
+    widest_k = int(table[:, 1].max()) if len(table) else 0
+    plan = SamplingPlan(
+        arrays=arrays,
+        any_random=bool(random_rows.any()),
+        any_filtered=bool((random_rows & filtered).any()),
+        any_unfiltered=bool((random_rows & ~filtered).any()),
+        any_min_p=bool((table[:, 3] > 0).any()),
+        prefilter=min(vocab, max(PREFILTER, widest_k)),
+        max_logprobs=max((p.logprobs for p in uniq if p.logprobs is not None), default=None),
+    )
+    if any(p.min_tokens > 0 for p in uniq):
+        plan.ban_ids = [
+            eos_ids + list(r.params.stop_token_ids)
+            if r.seq.num_output < r.params.min_tokens
+            else []
+            for r in rows
+        ]
+    if any(p.needs_penalties for p in uniq):
+        plan.penalty_rows = [i for i, r in enumerate(rows) if r.params.needs_penalties]
+        _plan_penalties(plan, rows, vocab)
+    return plan
+
+
+def _plan_penalties(plan: SamplingPlan, rows: list[SamplingRow], vocab: int) -> None:
+    """Token ids of the penalised rows, padded with `vocab` (a dummy column): [P, L]."""
+    picked = [rows[i] for i in plan.penalty_rows]
+    seen = _padded([r.seq.token_ids for r in picked], vocab)
+    out = _padded([r.seq.output_ids for r in picked], vocab)
+    strengths = [
+        (r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty)
+        for r in picked
+    ]
+    plan.arrays |= {
+        "penalty_rows": np.array(plan.penalty_rows, dtype=np.int64),
+        "penalty_seen": seen,
+        "penalty_out": out,
+        "penalty_strength": np.array(strengths, dtype=np.float64).reshape(len(picked), 3),
+    }
+
+
+def _padded(lists: list[list[int]], pad: int) -> np.ndarray:
+    width = max(1, max(len(x) for x in lists))
+    out = np.full((len(lists), width), pad, dtype=np.int64)
+    for i, x in enumerate(lists):
+        out[i, : len(x)] = x
+    return out
 
 
 def sample(
     logits: torch.Tensor,
-    rows: list[SamplingRow],
-    eos_ids: list[int],
+    plan: SamplingPlan,
+    tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
-) -> SampleResult:
-    """logits: [R, V] fp32, one row per entry of `rows` (modified in place)."""
-    _apply_penalties(logits, rows)
-    _mask_early_stop(logits, rows, eos_ids)
-    top, chosen = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
+) -> SampleOutput:
+    """logits: [R, V] fp32 (modified in place); `tensors`: the plan's arrays on the device."""
+    if plan.penalty_rows:
+        _apply_penalties(logits, tensors)
+    if any(plan.ban_ids):
+        _ban(logits, plan.ban_ids)
+    top, tokens = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
     log_norm = _log_norm(logits, top, workspace)
-    chosen = chosen.squeeze(1)
-    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
-    if random_rows:
-        index = torch.tensor(random_rows, device=logits.device)
-        chosen[index] = _draw(logits[index], [rows[i] for i in random_rows])
-    chosen_logprobs = (logits.gather(1, chosen[:, None]) - log_norm).squeeze(1)
-    tokens = chosen.tolist()
-    return SampleResult(
-        tokens, chosen_logprobs.tolist(), _top_logprobs(logits, log_norm, rows, tokens)
-    )
+    tokens = tokens.squeeze(1)
+    needs_exact = scaled = None
+    if plan.any_random:
+        params = tensors["params"]
+        scaled = logits / params[:, :1].float()
+        drawn, needs_exact = _draw(scaled, plan, tensors)
+        tokens = torch.where(tensors["random"].bool(), drawn, tokens)
+    chosen = (logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
+    top_ids = top_lp = None
+    if plan.max_logprobs is not None:
+        top_lp, top_ids = torch.topk(logits - log_norm, max(plan.max_logprobs, 1), dim=-1)
+    return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, logits, log_norm)
 
 
 def _log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
@@ -63,80 +181,112 @@ def _log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | No
     return scratch.sum(dim=-1, keepdim=True).log_() + top
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        p = row.params
-        if not p.needs_penalties:
-            continue
-        if p.repetition_penalty != 1.0:  # HF / CTRL: over prompt and output tokens
-            seen = torch.tensor(row.seq.token_ids, device=logits.device)
-            score = logits[i, seen]
-            score = torch.where(
-                score < 0, score * p.repetition_penalty, score / p.repetition_penalty
-            )
-            logits[i, seen] = score
-        if (p.presence_penalty or p.frequency_penalty) and row.seq.num_output:
-            out = torch.tensor(row.seq.output_ids, device=logits.device)
-            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
-
-
-def _mask_early_stop(logits: torch.Tensor, rows: list[SamplingRow], eos_ids: list[int]) -> None:
-    """Before min_tokens are generated, EOS and stop tokens cannot be chosen."""
-    for i, row in enumerate(rows):
-        if row.seq.num_output < row.params.min_tokens:
-            logits[i, eos_ids + list(row.params.stop_token_ids)] = float("-inf")
-
-
-def _draw(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """logits: [R, V] -> [R] token ids drawn from the filtered, tempered distribution."""
-    temps = torch.tensor([r.params.temperature for r in rows], device=logits.device)
-    logits = logits / temps[:, None]
-    if any(r.params.top_k > 0 for r in rows):
-        logits = _top_k(logits, [r.params.top_k for r in rows])
-    if any(r.params.top_p < 1.0 for r in rows):
-        logits = _top_p(logits, torch.tensor([r.params.top_p for r in rows], device=logits.device))
-    probs = torch.softmax(logits, dim=-1)
-    if any(r.params.min_p > 0 for r in rows):
-        min_p = torch.tensor([r.params.min_p for r in rows], device=logits.device)
-        probs = probs * (probs >= min_p[:, None] * probs.max(dim=-1, keepdim=True).values)
-    cdf = probs.cumsum(dim=-1)  # [R, V]
-    u = [uniform(r.seed, r.seq.child_index, r.seq.num_output) for r in rows]
-    target = torch.tensor(u, device=logits.device, dtype=cdf.dtype)[:, None] * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return picked.clamp_(max=logits.shape[1] - 1)
-
-
-def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:
+def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
+    """HF's repetition penalty over prompt and output tokens; vLLM's presence and frequency
+    penalties over output tokens. Ids are padded with V, a dummy column dropped at the end."""
+    rows, seen, out, strength = (
+        t["penalty_rows"],
+        t["penalty_seen"],
+        t["penalty_out"],
+        t["penalty_strength"].float(),
+    )
     vocab = logits.shape[1]
-    k_eff = [k if 0 < k < vocab else vocab for k in ks]
-    top = torch.topk(logits, max(k_eff), dim=-1).values  # [R, kmax], sorted descending
-    kth = top.gather(1, torch.tensor(k_eff, device=logits.device)[:, None] - 1)
-    return logits.masked_fill(logits < kth, float("-inf"))
+    sub = logits.index_select(0, rows)  # [P, V]
+    was_seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=logits.device)
+    was_seen.scatter_(1, seen, True)
+    rep = strength[:, :1]
+    penalised = torch.where(sub < 0, sub * rep, sub / rep)
+    sub = torch.where(was_seen[:, :vocab], penalised, sub)
+    counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
+    counts = counts[:, :vocab]
+    sub -= strength[:, 2:3] * counts + strength[:, 1:2] * (counts > 0)
+    logits.index_copy_(0, rows, sub)
 
 
-def _top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep the smallest set of tokens whose probability mass reaches top_p (at least one)."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = (cum - sorted_logits.softmax(dim=-1)) >= top_p[:, None]  # mass before this token
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+def _ban(logits: torch.Tensor, ban_ids: list[list[int]]) -> None:
+    """Before min_tokens are generated, EOS and stop tokens cannot be chosen."""
+    rows = [i for i, ids in enumerate(ban_ids) for _ in ids]
+    cols = [c for ids in ban_ids for c in ids]
+    device = logits.device
+    logits.index_put_(
+        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+        torch.tensor(float("-inf"), device=device),
+    )
 
 
-def _top_logprobs(
-    logits: torch.Tensor, log_norm: torch.Tensor, rows: list[SamplingRow], tokens: list[int]
-) -> list[dict[int, float] | None]:
-    wanted = [r.params.logprobs for r in rows]
-    result: list[dict[int, float] | None] = [None] * len(rows)
-    k = max((w for w in wanted if w is not None), default=None)
-    if k is None:
-        return result
-    values, ids = torch.topk(logits - log_norm, max(k, 1), dim=-1)
-    for i, (want, token) in enumerate(zip(wanted, tokens, strict=True)):
-        if want is None:
-            continue
-        entry = dict(zip(ids[i, :want].tolist(), values[i, :want].tolist(), strict=True))
-        entry.setdefault(token, (logits[i, token] - log_norm[i, 0]).item())
-        result[i] = entry
-    return result
+def _draw(
+    scaled: torch.Tensor, plan: SamplingPlan, t: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[R, V] tempered logits -> drawn token ids [R], and which rows need `resample_exact`."""
+    params = t["params"]
+    sis = t["seed_index_step"]
+    u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
+    filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
+    drawn = needs_exact = None
+    if plan.any_filtered:
+        drawn, covered = _draw_filtered(scaled, params, u, plan.prefilter)
+        needs_exact = filtered & ~covered & t["random"].bool()
+    if plan.any_unfiltered:
+        full = _draw_full(scaled, params, u, plan.any_min_p)
+        drawn = full if drawn is None else torch.where(filtered, drawn, full)
+    assert drawn is not None
+    return drawn, needs_exact
+
+
+def _draw_full(
+    scaled: torch.Tensor, params: torch.Tensor, u: torch.Tensor, min_p: bool
+) -> torch.Tensor:
+    """Inverse-CDF over the whole vocabulary, in vocabulary order (min-p applied)."""
+    probs = torch.softmax(scaled, dim=-1)
+    if min_p:
+        floor = params[:, 3:4].float() * probs.max(dim=-1, keepdim=True).values
+        probs = probs * (probs >= floor)
+    cdf = probs.cumsum(dim=-1)  # [R, V]
+    target = (u[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
+    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return picked.clamp_(max=scaled.shape[1] - 1)
+
+
+def _draw_filtered(
+    scaled: torch.Tensor, params: torch.Tensor, u: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k, top-p and min-p over the `k` best tokens, drawn in descending order.
+
+    Returns token ids [R] and `covered` [R]: whether those k tokens hold the row's whole
+    nucleus (always, when the row's own top_k is active; with top-p only, when their mass
+    reaches top_p). The result of a covered row equals that of a full sort."""
+    values, ids = torch.topk(scaled, k, dim=-1)  # [R, k], descending
+    top_k, top_p, min_p = params[:, 1:2], params[:, 2:3].float(), params[:, 3:4].float()
+    rank = torch.arange(k, device=scaled.device)[None, :]
+    has_k = top_k > 0
+    values = values.masked_fill(has_k & (rank >= top_k), float("-inf"))
+    # Mass of each candidate: within the top-k when top_k is set, else in the whole vocabulary.
+    full_lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    lse = torch.where(has_k, torch.logsumexp(values, dim=-1, keepdim=True), full_lse)
+    probs = (values - lse).exp()  # [R, k]
+    cum = probs.cumsum(dim=-1)
+    keep = (cum - probs) < top_p  # the mass before a token is short of top_p: keep it
+    keep &= (min_p <= 0) | (values >= values[:, :1] + torch.log(min_p.clamp(min=1e-30)))
+    covered = has_k.squeeze(1) | (cum[:, -1] >= top_p.squeeze(1))
+    weights = (probs * keep).cumsum(dim=-1)
+    target = (u[:, None] * weights[:, -1:].double()).to(weights.dtype)
+    picked = torch.searchsorted(weights, target, right=True).clamp_(max=k - 1)
+    return ids.gather(1, picked).squeeze(1), covered
+
+
+def resample_exact(
+    out: SampleOutput, rows: list[int], tensors: dict[str, torch.Tensor]
+) -> tuple[list[int], list[float]]:
+    """Redraw `rows` whose nucleus reached past the prefilter, over the fully sorted
+    vocabulary. Returns their token ids and log-probs (host values)."""
+    assert out.scaled is not None
+    index = torch.tensor(rows, device=out.scaled.device)
+    params = tensors["params"].index_select(0, index)
+    sis = tensors["seed_index_step"].index_select(0, index)
+    u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
+    scaled = out.scaled.index_select(0, index)
+    tokens, _ = _draw_filtered(scaled, params, u, scaled.shape[1])
+    logits = out.logits.index_select(0, index)
+    logprobs = logits.gather(1, tokens[:, None]) - out.log_norm.index_select(0, index)
+    return [int(t) for t in tokens.tolist()], logprobs.squeeze(1).tolist()

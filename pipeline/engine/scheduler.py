@@ -52,6 +52,16 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         return self._schedule_prefill() or self._schedule_decode()
 
+    def fork(self, parent: Sequence, child_index: int) -> Sequence:
+        """A new sequence sharing `parent`'s blocks (n samples, beams)."""
+        child = parent.child(child_index)
+        self.blocks.fork(child)
+        return child
+
+    def release(self, seq: Sequence) -> None:
+        """A sequence is done (finished sample, replaced beam): its blocks lose an owner."""
+        self.blocks.free(seq)
+
     def finish(self, request: Request) -> None:
         for seq in request.seqs:
             self.blocks.free(seq)
@@ -112,6 +122,9 @@ class Scheduler:
         return batch
 
     def _blocks_to_append(self) -> int:
+        running = self.num_running_seqs
+        if running <= self.blocks.num_free:  # each sequence needs at most one new block
+            return running
         return sum(self.blocks.blocks_needed_to_append(s) for r in self.running for s in r.seqs)
 
     def _preempt(self, request: Request) -> None:

@@ -25,6 +25,11 @@ class Sequence:
     num_cached: int = 0  # tokens whose K/V are in the cache
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
+    # Incremental detokenization for stop strings: the text of output_ids[:read_offset],
+    # and where the last decoded window started (a token's text can depend on the one before).
+    text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -47,6 +52,9 @@ class Sequence:
             num_cached=self.num_cached,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
+            text=self.text,
+            prefix_offset=self.prefix_offset,
+            read_offset=self.read_offset,
         )
 
 
@@ -61,6 +69,7 @@ class Request:
     finished: list[CompletionOutput] = field(default_factory=list)
     beam: BeamState | None = None
     num_preemptions: int = 0
+    stop_ids: frozenset[int] = frozenset()  # sampling: tokens that finish a sequence
 
     @property
     def fan_out(self) -> int:

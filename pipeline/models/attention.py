@@ -1,16 +1,29 @@
-"""Attention over the paged KV cache, in plain torch (the CPU path and the CUDA fallback).
+"""Attention over the paged KV cache: the step metadata and the backends that read it.
 
 The KV cache of one layer is a pair of tensors [num_blocks, block_size, kv_heads, head_dim];
 a sequence owns the blocks listed in its block table. A step is either a prefill (packed
 variable-length prompts, no padding) or a decode (one new token per sequence).
+
+A backend has one interface: `host_arrays` (extra per-step arrays, built on the host, that
+travel with the step's one host-to-device copy, and a host-side plan), `prepare` (once per
+step, on the device),
+then `write_kv`, `prefill` and `decode` per layer. `TorchBackend` (here) is the CPU path;
+`TritonBackend` (attention_triton.py) reads blocks in place on CUDA and can be captured in a
+CUDA graph. `make_backend` chooses once per engine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 class Workspace:
@@ -32,6 +45,93 @@ class Workspace:
 
 
 @dataclass
+class HostStep:
+    """A step's shape as the host sees it (numpy, batch order)."""
+
+    is_prefill: bool
+    lengths: np.ndarray  # [B] prefill: prompt lengths; decode: context lengths (with new token)
+    num_blocks: np.ndarray  # [B] blocks each sequence's context spans
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step metadata shared by all layers; built by the runner, read by the backend."""
+
+    is_prefill: bool
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot of each new token's K/V (-1: skip)
+    context_lens: torch.Tensor  # [B] int64 decode: tokens to attend; prefill: prompt lengths
+    block_tables: torch.Tensor | None = None  # [B, W] int64 (decode)
+    cu_seqlens: torch.Tensor | None = None  # [B + 1] int64 (prefill): prompt starts
+    max_len: int = 0  # longest prompt (prefill) or context (decode), an upper bound
+    block_size: int = 16
+    backend: AttentionBackend | None = None
+    plan: Any = None  # what the backend's `prepare` derived for this step
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the backend's host arrays
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]: ...
+
+    def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None: ...
+
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None: ...
+
+    def prefill(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+    def decode(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor: ...
+
+
+def make_backend(device: torch.device, choice: str = "auto") -> AttentionBackend:
+    """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one."""
+    if choice == "auto":
+        choice = "triton" if device.type == "cuda" and _triton_imports() else "torch"
+    if choice == "triton":
+        from pipeline.models.attention_triton import TritonBackend
+
+        backend: AttentionBackend = TritonBackend()
+    elif choice == "torch":
+        backend = TorchBackend()
+    else:
+        raise ValueError(f"engine.attention must be auto, torch or triton, got {choice!r}")
+    log.info("attention backend: %s on %s", backend.name, device)
+    return backend
+
+
+def _triton_imports() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# -- torch backend: the CPU path ------------------------------------------------------------
+
+
+@dataclass
 class PrefillGroup:
     """Prompts of similar length attended together, padded to the longest: `length` slots
     per prompt, `batch` prompts. Index tensors map padded slots to packed tokens."""
@@ -46,26 +146,124 @@ class PrefillGroup:
 
 @dataclass
 class DecodeGroup:
-    """Decode sequences [start, end) of the batch, of similar context length, attended
-    together: their block tables are padded only to the group's longest sequence."""
+    """Decode sequences of similar context length attended together: their block tables
+    are padded only to the group's longest sequence."""
 
-    start: int
-    end: int
+    members: torch.Tensor  # [b] int64 rows of the batch
     block_tables: torch.Tensor  # [b, max_blocks] int64
     mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size] bool: valid cache positions
 
 
-@dataclass
-class AttentionContext:
-    """Per-step metadata shared by all layers; built by the runner, read by attention."""
+class TorchBackend:
+    """Plain torch. Prefill pads prompts of similar length into one SDPA call per group;
+    decode gathers each group's blocks into reused buffers and runs one SDPA per group."""
 
-    is_prefill: bool
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot where each new token's K/V go
-    # prefill: the packed prompts (sorted by length) cut into groups of similar length
-    prefill_groups: list[PrefillGroup] | None = None
-    # decode: the batch (sorted by context length) cut into groups of similar length
-    decode_groups: list[DecodeGroup] | None = None
-    workspace: Workspace | None = None  # where attention gathers its inputs
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.workspace = Workspace()
+
+    def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
+        """Sort the batch by length and cut it into groups; the plan is the groups'
+        [start, end) in sorted order and their padded width (tokens or blocks)."""
+        keys = step.lengths if step.is_prefill else step.num_blocks
+        order = np.argsort(keys, kind="stable")
+        sorted_keys = keys[order].tolist()
+        plan = [(a, b, sorted_keys[b - 1]) for a, b in group_by_length(sorted_keys)]
+        arrays = {"order": order.astype(np.int64)}
+        if step.is_prefill:
+            lengths = step.lengths[order]
+            starts = (np.cumsum(step.lengths) - step.lengths)[order]
+            arrays["sorted_lengths"] = lengths.astype(np.int64)
+            for g, (a, b, _) in enumerate(plan):
+                arrays |= {f"g{g}_{k}": v for k, v in _prefill_indices(lengths[a:b], starts[a:b])}
+        return arrays, plan
+
+    def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None:
+        builder = _prefill_groups if meta.is_prefill else _decode_groups
+        meta.plan = builder(meta, host_plan)
+
+    def write_kv(
+        self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata
+    ) -> None:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def prefill(
+        self, q: Tensor, k: Tensor, v: Tensor, scale: float, meta: AttentionMetadata
+    ) -> Tensor:
+        return prefill_attention(q, k, v, meta.plan, scale, self.workspace)
+
+    def decode(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float, meta: AttentionMetadata
+    ) -> Tensor:
+        return decode_attention(q, k_cache, v_cache, meta.plan, scale, self.workspace)
+
+
+def group_by_length(
+    num_blocks: list[int], slack: float = 1.25, min_size: int = 8
+) -> list[tuple[int, int]]:
+    """Cut an ascending list of block counts into [start, end) runs whose longest member is
+    at most `slack` x the shortest (+1 block), so padding stays small; tiny runs are merged
+    into the next one, since each group costs a kernel launch per layer."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i, blocks in enumerate(num_blocks):
+        if blocks > num_blocks[start] * slack + 1 and i - start >= min_size:
+            groups.append((start, i))
+            start = i
+    groups.append((start, len(num_blocks)))
+    return groups
+
+
+def _prefill_indices(lengths: np.ndarray, starts: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """Index arrays that pad prompts of `lengths` (packed at `starts`) to the longest."""
+    longest = int(lengths.max())
+    j = np.arange(longest)
+    valid = j[None, :] < lengths[:, None]  # [b, L]
+    gather = (starts[:, None] + np.minimum(j[None, :], lengths[:, None] - 1)).reshape(-1)
+    slots = np.flatnonzero(valid.reshape(-1))
+    return [
+        ("gather", gather.astype(np.int64)),
+        ("slots", slots.astype(np.int64)),
+        ("targets", gather[slots].astype(np.int64)),
+    ]
+
+
+def _prefill_groups(
+    meta: AttentionMetadata, plan: list[tuple[int, int, int]]
+) -> list[PrefillGroup]:
+    extra, groups = meta.extra, []
+    lengths = extra["sorted_lengths"]
+    for g, (a, b, longest) in enumerate(plan):
+        mask = None
+        if b - a > 1:
+            j = torch.arange(longest, device=lengths.device)
+            valid = j[None, :] < lengths[a:b, None]  # [b, L]
+            causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
+            mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
+        groups.append(
+            PrefillGroup(
+                b - a,
+                longest,
+                extra[f"g{g}_gather"],
+                extra[f"g{g}_slots"],
+                extra[f"g{g}_targets"],
+                mask,
+            )
+        )
+    return groups
+
+
+def _decode_groups(meta: AttentionMetadata, plan: list[tuple[int, int, int]]) -> list[DecodeGroup]:
+    assert meta.block_tables is not None
+    order, groups = meta.extra["order"], []
+    for a, b, width in plan:
+        members = order[a:b]
+        tables = meta.block_tables.index_select(0, members)[:, :width]
+        span = torch.arange(width * meta.block_size, device=tables.device)
+        mask = span[None, :] < meta.context_lens.index_select(0, members)[:, None]
+        groups.append(DecodeGroup(members, tables, mask[:, None, None, :]))
+    return groups
 
 
 def write_kv(
@@ -139,8 +337,12 @@ def decode_attention(
         values = _gather_blocks(
             v_cache, g.block_tables, workspace.get("v", g.block_tables.numel(), v_cache)
         )
-        out[g.start : g.end] = F.scaled_dot_product_attention(
-            qg[g.start : g.end], keys, values, attn_mask=g.mask, scale=scale
+        out.index_copy_(
+            0,
+            g.members,
+            F.scaled_dot_product_attention(
+                qg.index_select(0, g.members), keys, values, attn_mask=g.mask, scale=scale
+            ),
         )
     return out.view(batch, heads, head_dim)
 

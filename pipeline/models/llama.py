@@ -11,12 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.attention import (
-    AttentionContext,
-    decode_attention,
-    prefill_attention,
-    write_kv,
-)
+from pipeline.models.attention import AttentionMetadata
 from pipeline.models.rope import RopeRows, RotaryEmbedding, apply_rotary
 from pipeline.models.spec import ModelSpec
 
@@ -55,7 +50,7 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(
-        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionContext, cache: KVCache
+        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -66,15 +61,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         k_cache, v_cache = cache
-        write_kv(k_cache, v_cache, k, v, ctx.slot_mapping)
+        backend = ctx.backend
+        assert backend is not None
+        backend.write_kv(k_cache, v_cache, k, v, ctx)
         if ctx.is_prefill:
-            assert ctx.prefill_groups is not None and ctx.workspace is not None
-            out = prefill_attention(q, k, v, ctx.prefill_groups, self.scale, ctx.workspace)
+            out = backend.prefill(q, k, v, self.scale, ctx)
         else:
-            assert ctx.decode_groups is not None and ctx.workspace is not None
-            out = decode_attention(
-                q, k_cache, v_cache, ctx.decode_groups, self.scale, ctx.workspace
-            )
+            out = backend.decode(q, k_cache, v_cache, self.scale, ctx)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -99,7 +92,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionContext, cache: KVCache
+        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, ctx, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -133,7 +126,7 @@ class LlamaForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,  # [T]
         positions: torch.Tensor,  # [T]
-        ctx: AttentionContext,
+        ctx: AttentionMetadata,
         kv_caches: list[KVCache],
     ) -> torch.Tensor:
         """Hidden states [T, hidden] after the final norm."""
