@@ -23,8 +23,10 @@ from pipeline.bench.hf_baseline import hf_generate_seconds, load_hf
 from pipeline.bench.workload import (
     SHAPES,
     build_random_model,
+    copy_bandwidth,
     log_uniform_prompts,
     matmul_peak,
+    prefill_flops,
     work_flops,
 )
 from pipeline.engine.config import EngineConfig, ModelConfig
@@ -65,7 +67,17 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--modes", default="greedy,n4,beam4")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--hf-batch", type=int, default=32)
+    p.add_argument(
+        "--hf-batch",
+        default="32",
+        help="transformers' batch size: one for all modes, or per mode (greedy=256,n4=32)",
+    )
+    p.add_argument(
+        "--fanout-prompts",
+        type=int,
+        default=0,
+        help="n4 and beam4 use only the first N prompts (0: all)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument(
         "--separate-n4", action="store_true", help="also time n=4 as 4 separate requests"
@@ -87,8 +99,18 @@ def engine_model_dir(engine: LLMEngine) -> Path:
     return Path(engine.model_info["path"])
 
 
-def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
+def hf_batch_size(setting: str, mode: str) -> int:
+    """`--hf-batch`: "32" for every mode, or "greedy=256,n4=32" (others: 32)."""
+    if "=" not in setting:
+        return int(setting)
+    sizes = dict(item.split("=") for item in setting.split(","))
+    return int(sizes.get(mode, 32))
+
+
+def run_mode(args, mode, engine, hf, prompts, peak, bandwidth) -> dict:
     fan_out, make_params, hf_kwargs = MODES[mode]
+    if fan_out > 1 and args.fanout_prompts:
+        prompts = prompts[: args.fanout_prompts]
     spec = read_spec(engine_model_dir(engine))
     work = work_flops(spec, [len(p) for p in prompts], args.new_tokens, fan_out)
     floor_s = work.flops / peak
@@ -109,9 +131,14 @@ def run_mode(args, mode, engine, hf, prompts, peak) -> dict:
         "preemptions": after["num_preemptions"] - before["num_preemptions"],
         "padding_ratio": after["padding_ratio"],
     } | decode_step_costs(before, after)
+    row |= prefill_rate(before, after, spec, prompts, peak)
+    if bandwidth:
+        row |= memory_floor(before, after, engine, spec, bandwidth)
     if hf is not None:
-        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, args.hf_batch, **hf_kwargs)  # type: ignore[arg-type]
+        batch = hf_batch_size(args.hf_batch, mode)
+        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, batch, **hf_kwargs)  # type: ignore[arg-type]
         row |= {
+            "hf_batch": batch,
             "hf_s": hf_s,
             "hf_tok_s": tokens / hf_s,
             "hf_floor": floor_s / hf_s,
@@ -142,15 +169,54 @@ def decode_step_costs(before: dict, after: dict) -> dict:
     }
 
 
+def prefill_rate(before: dict, after: dict, spec, prompts, peak: float) -> dict:
+    """Prefill steps' tokens/s and their FLOP rate as a fraction of the matmul peak."""
+    seconds = sum(after["phase_seconds"]["prefill"].values()) - sum(
+        before["phase_seconds"]["prefill"].values()
+    )
+    tokens = after["num_prefill_tokens"] - before["num_prefill_tokens"]
+    flops = prefill_flops(spec, [len(p) for p in prompts]) * tokens / sum(map(len, prompts))
+    return {
+        "prefill_tok_s": tokens / max(seconds, 1e-9),
+        "prefill_peak_frac": flops / max(seconds, 1e-9) / peak,
+    }
+
+
+def memory_floor(before: dict, after: dict, engine: LLMEngine, spec, bandwidth: float) -> dict:
+    """The decode step's memory floor: weights plus the KV it attends, read once, over the
+    measured copy bandwidth (bytes read + written per second)."""
+    steps = max(after["num_decode_steps"] - before["num_decode_steps"], 1)
+    context = (after["decode_context_tokens"] - before["decode_context_tokens"]) / steps
+    dtype_bytes = torch.finfo(getattr(torch, engine.model_info["dtype"])).bits // 8
+    kv_bytes = context * spec.kv_bytes_per_token * dtype_bytes
+    floor_ms = 1e3 * (engine.model_info["weight_bytes"] + kv_bytes) / bandwidth
+    return {"decode_floor_ms": floor_ms, "decode_kv_bytes": kv_bytes}
+
+
 def format_row(row: dict) -> str:
     text = f"{row['mode']:8} {row['ours_tok_s']:11.1f} {100 * row['ours_floor']:7.1f}%"
     text += f" {row['decode_batch']:6.0f} {row['decode_step_ms']:8.1f} {row['decode_host_ms']:8.2f}"
     if "hf_s" in row:
         text += f" {row['hf_tok_s']:10.1f} {100 * row['hf_floor']:9.1f}% {row['speedup']:7.2f}x"
+    if "hf_batch" in row:
+        text += f" (HF batch {row['hf_batch']})"
     if "separate_n4_s" in row:
         text += (
             f"  (n=4 as 4 separate requests: {row['separate_n4_s'] / row['ours_s']:.2f}x slower)"
         )
+    return text
+
+
+def format_costs(row: dict) -> str:
+    phases = " ".join(f"{k} {v:.2f}" for k, v in row["decode_phase_ms"].items())
+    text = f"         decode step ms: {phases}"
+    if "decode_floor_ms" in row:
+        ratio = row["decode_step_ms"] / row["decode_floor_ms"]
+        text += f" | memory floor {row['decode_floor_ms']:.2f} ms ({ratio:.2f}x)"
+    text += (
+        f" | prefill {row['prefill_tok_s']:.0f} tok/s, "
+        f"{100 * row['prefill_peak_frac']:.0f}% of matmul peak"
+    )
     return text
 
 
@@ -161,12 +227,13 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model_dir = args.model_dir or Path(tempfile.gettempdir()) / f"pipeline-bench-{args.size}"
-    build_random_model(model_dir, args.size)
+    build_random_model(model_dir, args.size, device=args.device)
     vocab = SHAPES[args.size]["vocab_size"]
     prompts = log_uniform_prompts(args.num_prompts, args.min_len, args.max_len, vocab)
     engine_cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
     engine = LLMEngine.from_config(ModelConfig(path=str(model_dir)), engine_cfg)
     peak = matmul_peak(dtype, args.device)
+    bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else 0.0
     hf = load_hf(model_dir, dtype, args.device) if args.baseline else None
     print(
         f"# {args.size} random Llama, {args.dtype} on {args.device} "
@@ -180,8 +247,9 @@ def main() -> None:
         f"{'host ms':>8} " + " ".join(f"{h:>10}" for h in header[3:])
     )
     for mode in args.modes.split(","):
-        row = run_mode(args, mode, engine, hf, prompts, peak)
+        row = run_mode(args, mode, engine, hf, prompts, peak, bandwidth)
         print(format_row(row), flush=True)
+        print(format_costs(row), flush=True)
         if args.json:
             with open(args.json, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -22,6 +22,16 @@ SHAPES: dict[str, dict[str, Any]] = {
         num_key_value_heads=2,
         vocab_size=32768,
     ),
+    # Llama 3.2 1B's shape (1.24B parameters, tied embeddings): the GPU benchmark.
+    "1B": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
     "8M": dict(
         hidden_size=256,
         intermediate_size=768,
@@ -34,9 +44,10 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def build_random_model(
-    directory: Path, size: str, seed: int = 0, max_positions: int = 1024
+    directory: Path, size: str, seed: int = 0, max_positions: int = 1024, device: str = "cpu"
 ) -> Path:
-    """Save a random-weight LlamaForCausalLM of a named shape (HF format) with a tokenizer."""
+    """Save a random-weight LlamaForCausalLM of a named shape (HF format) with a tokenizer.
+    On a GPU the weights are made there, in bf16, in seconds (no download)."""
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -44,13 +55,16 @@ def build_random_model(
         return directory
     torch.manual_seed(seed)
     config = LlamaConfig(
-        **SHAPES[size],
+        **({"tie_word_embeddings": False} | SHAPES[size]),
         max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
-        tie_word_embeddings=False,
     )
-    LlamaForCausalLM(config).save_pretrained(directory)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
+    if device != "cpu":
+        model = model.to(torch.bfloat16)  # type: ignore[arg-type]
+    model.save_pretrained(directory)
     vocab = {f"<{i}>": i for i in range(config.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
     PreTrainedTokenizerFast(
@@ -104,6 +118,28 @@ def work_flops_for(
         flops += fan_out * (per_token * fed + attn_per_pair * contexts)
         flops += fan_out * 2 * spec.hidden_size * spec.vocab_size * new
     return Work(flops, sum(prompt_lens), fan_out * sum(output_lens))
+
+
+def copy_bandwidth(device: str, size_bytes: int = 2**30, repeats: int = 8) -> float:
+    """Best measured device copy rate in bytes/s, counting bytes read plus bytes written:
+    the memory floor's denominator."""
+    src = torch.empty(size_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    best = 0.0
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = max(best, 2 * size_bytes / (time.perf_counter() - start))
+    return best
+
+
+def prefill_flops(spec: ModelSpec, prompt_lens: list[int]) -> float:
+    """Layer and attention FLOPs of feeding the prompts (the LM head runs on last tokens only)."""
+    return work_flops_for(spec, prompt_lens, [0] * len(prompt_lens)).flops
 
 
 def matmul_peak(dtype: torch.dtype, device: str = "cpu", repeats: int = 8) -> float:

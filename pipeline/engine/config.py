@@ -29,6 +29,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     seed: int = 0  # seeds requests that do not set their own seed
     num_threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    attention: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    cuda_graphs: bool = True  # decode replays CUDA graphs at batch-size buckets (Triton only)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -38,6 +40,10 @@ class EngineConfig:
         if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
             raise ConfigError(
                 f"engine.device must be auto, cpu, cuda or cuda:N, got {self.device!r}"
+            )
+        if self.attention not in ("auto", "torch", "triton"):
+            raise ConfigError(
+                f"engine.attention must be auto, torch or triton, got {self.attention!r}"
             )
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:

@@ -24,6 +24,7 @@ from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dt
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Request, Sequence
+from pipeline.models.attention import make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.spec import ModelSpec
 
@@ -75,7 +76,10 @@ class LLMEngine:
         blocks = BlockManager(
             kv_pool_blocks(engine_cfg, spec, dtype, device, max_len), engine_cfg.block_size
         )
-        runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device)
+        backend = make_backend(device, engine_cfg.attention)
+        runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device, backend)
+        if device.type == "cuda" and backend.name == "triton" and engine_cfg.cuda_graphs:
+            runner.use_decode_graphs(engine_cfg.max_num_seqs, max_len)
         scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         info = _model_info(model_dir, spec, model, dtype, device, max_len)
@@ -190,6 +194,7 @@ class LLMEngine:
             "padding_ratio": self.runner.padded_slots / attended,
             "step_seconds": self.step_seconds,
             "num_decode_steps": self.num_decode_steps,
+            "decode_context_tokens": self.runner.decode_context_tokens,
             "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
             "exact_resamples": self.post.num_exact_resamples,
         }

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.engine.cuda_graphs import DecodeGraphs
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.transfer import HostToDevice
 from pipeline.models.attention import AttentionBackend, AttentionMetadata, HostStep, make_backend
@@ -64,6 +65,24 @@ class ModelRunner:
         self.transfer = HostToDevice(device)
         self.padded_slots = 0  # decode attention positions computed but masked (waste)
         self.attended_slots = 0
+        self.decode_context_tokens = 0  # cached tokens attended by decode steps (KV read)
+        self.graphs: DecodeGraphs | None = None
+
+    def use_decode_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> None:
+        """Decode through static buffers at batch-size buckets: CUDA graphs when `capture`.
+        Needs a backend without host-side planning (Triton)."""
+        if self.backend.name != "triton":
+            raise ValueError("decode graphs need the Triton attention backend")
+        self.graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.backend,
+            max_num_seqs,
+            max_len,
+            self.block_size,
+            self.device,
+            capture,
+        )
 
     def prepare(self, batch: ScheduledBatch, extra: dict[str, np.ndarray]) -> StepInputs:
         """Host metadata for `batch`, plus `extra` arrays, to the device in one copy."""
@@ -90,9 +109,8 @@ class ModelRunner:
         )
         self.backend.prepare(meta, backend_plan)
         if not batch.is_prefill:
+            self.decode_context_tokens += int(step.lengths.sum())
             self._count_padding(backend_plan, step)
-        if "copies" in t:
-            self._copy_blocks(t["copies"])
         return StepInputs(
             t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs)
         )
@@ -100,6 +118,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [num_seqs, vocab] fp32 for each sequence's last token, batch order."""
+        if "copies" in inputs.tensors:  # copy-on-write before anything reads those blocks
+            self._copy_blocks(inputs.tensors["copies"])
+        meta = inputs.meta
+        if not meta.is_prefill and self.graphs and inputs.num_seqs <= self.graphs.max_batch:
+            return self.graphs.run(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)

@@ -106,9 +106,18 @@ class AttentionBackend(Protocol):
 
 def make_backend(device: torch.device, choice: str = "auto") -> AttentionBackend:
     """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one."""
+    import kernels
+
     if choice == "auto":
-        choice = "triton" if device.type == "cuda" and _triton_imports() else "torch"
+        choice = (
+            "triton" if device.type == "cuda" and kernels.select(device) == "triton" else "torch"
+        )
     if choice == "triton":
+        if not kernels.triton_available(device):
+            raise ValueError(
+                f"engine.attention=triton needs CUDA and triton (on {device}; tests run the "
+                "kernels on the CPU with TRITON_INTERPRET=1)"
+            )
         from pipeline.models.attention_triton import TritonBackend
 
         backend: AttentionBackend = TritonBackend()
@@ -118,14 +127,6 @@ def make_backend(device: torch.device, choice: str = "auto") -> AttentionBackend
         raise ValueError(f"engine.attention must be auto, torch or triton, got {choice!r}")
     log.info("attention backend: %s on %s", backend.name, device)
     return backend
-
-
-def _triton_imports() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # -- torch backend: the CPU path ------------------------------------------------------------

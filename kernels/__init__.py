@@ -1,0 +1,42 @@
+"""Attention and KV-cache kernels: Triton for CUDA, torch references for everything else.
+
+Each operation comes as a pair with the same arguments: `*_ref` (plain torch, any device)
+and `*_triton` (Triton; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1). The engine
+calls `select(device)` once and logs the choice. Triton is optional: without it `import
+kernels` still works and the `*_triton` functions raise a RuntimeError when called.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels._triton import triton
+from kernels.decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from kernels.kv_write import write_kv_ref, write_kv_triton
+from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+
+__all__ = [
+    "paged_decode_attention_ref",
+    "paged_decode_attention_triton",
+    "prefill_attention_ref",
+    "prefill_attention_triton",
+    "select",
+    "triton_available",
+    "write_kv_ref",
+    "write_kv_triton",
+]
+
+
+def triton_available(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on `device`: a CUDA device, or any device when
+    TRITON_INTERPRET=1 (the interpreter runs kernels on CPU tensors); Triton must import."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def select(device: torch.device | str) -> str:
+    """The implementation for `device`: "triton" where it can run, else "torch"."""
+    return "triton" if triton_available(torch.device(device)) else "torch"

@@ -1,0 +1,122 @@
+"""Decode as replayed CUDA graphs: one captured forward per batch-size bucket.
+
+A decode step of B sequences runs the graph of the smallest bucket >= B. Its inputs live in
+static buffers sized for the largest bucket; the step's tensors are copied in (device to
+device) and the rows past B are padding: slot -1 (the KV write skips it) and context length
+0 (attention yields zeros). Every launch inside depends only on the bucket and on
+`max_len`, fixed at capture, so one capture serves every step. Graphs are captured largest
+first and share one memory pool, after the KV pool is allocated.
+
+Needs a backend without host-side planning (Triton). With `capture=False` the same static
+path runs eagerly: that is how the CPU tests check padding and buffers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+
+from pipeline.models.attention import AttentionBackend, AttentionMetadata
+from pipeline.models.llama import KVCache, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from pipeline.engine.runner import StepInputs
+
+log = logging.getLogger(__name__)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 32, then every 32 up to max_num_seqs (which is always a bucket)."""
+    sizes = [b for b in (1, 2, 4, 8, 16, 32) if b < max_num_seqs]
+    sizes += range(64, max_num_seqs, 32)
+    return [*sizes, max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        kv_caches: list[KVCache],
+        backend: AttentionBackend,
+        max_num_seqs: int,
+        max_len: int,
+        block_size: int,
+        device: torch.device,
+        capture: bool = True,
+    ) -> None:
+        self.model, self.kv_caches, self.backend = model, kv_caches, backend
+        self.max_len, self.block_size = max_len, block_size
+        self.buckets = batch_buckets(max_num_seqs)
+        width = -(-max_len // block_size)
+        size = max_num_seqs
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.int64, device=device)
+
+        self.input_ids, self.positions, self.lengths = zeros(size), zeros(size), zeros(size)
+        self.slots = zeros(size) - 1
+        self.block_tables = zeros(size, width)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+        if capture:
+            self._capture()
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [B, V] for a decode step of B <= max_batch sequences."""
+        n = inputs.num_seqs
+        bucket = next(b for b in self.buckets if b >= n)
+        tables = inputs.meta.block_tables
+        assert tables is not None
+        self.input_ids[:n].copy_(inputs.input_ids)
+        self.positions[:n].copy_(inputs.positions)
+        self.slots[:n].copy_(inputs.meta.slot_mapping)
+        self.slots[n:bucket].fill_(-1)
+        self.lengths[:n].copy_(inputs.meta.context_lens)
+        self.lengths[n:bucket].fill_(0)
+        self.block_tables[:n, : tables.shape[1]].copy_(tables)
+        graph = self.graphs.get(bucket)
+        if graph is None:
+            return self._forward(bucket)[:n]
+        graph.replay()
+        return self.logits[bucket][:n]
+
+    def _forward(self, batch: int) -> torch.Tensor:
+        meta = AttentionMetadata(
+            is_prefill=False,
+            slot_mapping=self.slots[:batch],
+            context_lens=self.lengths[:batch],
+            block_tables=self.block_tables[:batch],
+            max_len=self.max_len,
+            block_size=self.block_size,
+            backend=self.backend,
+        )
+        self.backend.prepare(meta, None)
+        hidden = self.model(self.input_ids[:batch], self.positions[:batch], meta, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        started = time.perf_counter()
+        pool = None
+        for batch in reversed(self.buckets):
+            self._forward(batch)  # warm-up: compiles kernels, settles the allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.logits[batch] = self._forward(batch)
+            pool = graph.pool()
+            self.graphs[batch] = graph
+        torch.cuda.synchronize()
+        log.info(
+            "captured %d decode CUDA graphs (batch %s) in %.1fs",
+            len(self.graphs),
+            ",".join(map(str, self.buckets)),
+            time.perf_counter() - started,
+        )

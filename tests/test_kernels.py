@@ -1,0 +1,276 @@
+"""Triton kernels against their torch references.
+
+On a CPU-only machine the kernels run under the Triton interpreter (TRITON_INTERPRET=1, CPU
+tensors), which is slow: shapes stay tiny. PIPELINE_TEST_DEVICE=cuda runs the same tests
+on the GPU.
+"""
+
+import os
+import subprocess
+import sys
+from types import ModuleType
+
+if os.environ.get("PIPELINE_TEST_DEVICE") != "cuda":
+    # CPU tensors need the interpreter (also on a machine with a GPU). Must precede the
+    # first import of triton: @triton.jit reads it when a kernel is defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+DEVICE = torch.device("cuda" if os.environ.get("PIPELINE_TEST_DEVICE") == "cuda" else "cpu")
+# atol = rtol per dtype; low-precision kernels round softmax weights to the input dtype
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}
+
+
+def _load_kernels() -> ModuleType:
+    """The kernels package; on the CPU its kernels must be interpreted."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    import kernels
+
+    if DEVICE.type == "cpu" and not isinstance(
+        kernels.kv_write._write_kv_kernel, InterpretedFunction
+    ):
+        pytest.fail(
+            "Triton was imported before TRITON_INTERPRET=1 was set, so its kernels are "
+            "compiled for a GPU: set it in the environment or at the top of conftest.py",
+            pytrace=False,
+        )
+    return kernels
+
+
+K = _load_kernels()
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    tolerance = TOLERANCE[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=tolerance, rtol=tolerance)
+
+
+def _paged_cache(
+    context_lens: list[int], block_size: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches and shuffled block tables [B, max_blocks] int32 for `context_lens`.
+
+    Blocks are handed out in random order (tables neither contiguous nor increasing); table
+    entries past a sequence's blocks are random too; every cache slot past a sequence's
+    context holds NaN, so any read of it would show up in the output.
+    """
+    needed = [-(-n // block_size) for n in context_lens]
+    max_blocks = max(*needed, 1) + 1  # one spare column: entries past the end are arbitrary
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks).tolist()
+    tables = torch.randint(0, num_blocks, (len(context_lens), max_blocks), dtype=torch.int32)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache = torch.full(shape, float("nan"), dtype=dtype)
+    v_cache = torch.full(shape, float("nan"), dtype=dtype)
+    for row, (n, blocks) in enumerate(zip(context_lens, needed, strict=True)):
+        for i in range(blocks):
+            block = order.pop()
+            tables[row, i] = block
+            valid = min(block_size, n - i * block_size)
+            k_cache[block, :valid] = torch.randn(valid, kv_heads, head_dim, dtype=dtype)
+            v_cache[block, :valid] = torch.randn(valid, kv_heads, head_dim, dtype=dtype)
+    return k_cache.to(DEVICE), v_cache.to(DEVICE), tables.to(DEVICE)
+
+
+# --- dispatcher --------------------------------------------------------------------------
+
+
+def test_select_follows_device_and_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert K.select(torch.device("cuda")) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert K.triton_available(torch.device("cpu"))
+    assert K.select("cpu") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not K.triton_available(torch.device("cpu"))
+    assert K.select(torch.device("cpu")) == "torch"
+
+
+def test_import_without_triton() -> None:
+    """`import kernels` works without Triton; the Triton kernels then raise a clear error."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, kernels\n"
+        "assert kernels.select(torch.device('cuda')) == 'torch'\n"
+        "try:\n"
+        "    kernels.write_kv_triton(*[torch.zeros(1)] * 5)\n"
+        "except RuntimeError as e:\n"
+        "    assert 'Triton is not installed' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+# --- KV cache write ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("block_size", "kv_heads", "dtype", "slot_dtype"),
+    [
+        (16, 2, torch.float32, torch.int64),
+        (32, 3, torch.float32, torch.int32),  # 3 heads: padded to 4 inside the kernel
+        (16, 1, torch.bfloat16, torch.int32),
+    ],
+)
+def test_write_kv(
+    block_size: int, kv_heads: int, dtype: torch.dtype, slot_dtype: torch.dtype
+) -> None:
+    head_dim, num_blocks, tokens = 16, 6, 9
+    k = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(tokens, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    slots[[2, 7]] = -1  # padding tokens: must not be written anywhere
+    slots = slots.to(slot_dtype).to(DEVICE)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    expected = [torch.randn(shape, device=DEVICE).to(dtype) for _ in "kv"]
+    actual = [c.clone() for c in expected]
+
+    K.write_kv_ref(*expected, k, v, slots)
+    K.write_kv_triton(*actual, k, v, slots)
+
+    for e, a in zip(expected, actual, strict=True):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+    written = expected[0].view(-1, kv_heads, head_dim)[slots[slots >= 0].long()]
+    torch.testing.assert_close(written, k[slots >= 0], atol=0, rtol=0)
+
+
+def test_write_kv_noncontiguous_input() -> None:
+    """k/v as views into a fused [T, 2, KVH, D] projection (row stride != KVH * D)."""
+    kv = torch.randn(5, 2, 2, 16, device=DEVICE)
+    slots = torch.tensor([4, -1, 0, 31, 9], device=DEVICE)
+    expected = [torch.zeros(2, 16, 2, 16, device=DEVICE) for _ in "kv"]
+    actual = [c.clone() for c in expected]
+    K.write_kv_ref(*expected, kv[:, 0], kv[:, 1], slots)
+    K.write_kv_triton(*actual, kv[:, 0], kv[:, 1], slots)
+    for e, a in zip(expected, actual, strict=True):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+# --- decode attention --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("context_lens", "group", "block_size", "dtype", "split_tokens"),
+    [
+        ([1, 7, 33, 100], 1, 16, torch.float32, None),
+        ([100, 1, 33], 4, 32, torch.float32, None),
+        ([7, 0, 33], 8, 16, torch.float32, None),  # row 1: a padded row, output zeros
+        ([300, 5, 0, 64], 4, 16, torch.float32, 32),  # 10 splits; most empty for rows 1-3
+        ([300, 17], 1, 32, torch.float32, 64),  # 5 splits, the last one partial
+        ([45, 1, 100], 4, 16, torch.bfloat16, 32),
+        ([45, 3], 8, 32, torch.float16, None),
+    ],
+)
+def test_decode_attention(
+    context_lens: list[int],
+    group: int,
+    block_size: int,
+    dtype: torch.dtype,
+    split_tokens: int | None,
+) -> None:
+    kv_heads, head_dim = 2, 16
+    k_cache, v_cache, tables = _paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(context_lens), kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
+    scale = head_dim**-0.5
+
+    expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
+    actual = K.paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, lens, scale, max(context_lens), split_tokens=split_tokens
+    )
+
+    assert actual.dtype == dtype and not actual.isnan().any()
+    _assert_close(actual, expected)
+    for row, n in enumerate(context_lens):
+        if n == 0:
+            assert (actual[row] == 0).all()
+
+
+def test_decode_attention_defaults_and_out() -> None:
+    """max_context_len=None (bound by the tables' capacity) and a caller-provided `out`
+    that is a strided view, as a CUDA-graph static buffer might be."""
+    context_lens = [20, 9]
+    k_cache, v_cache, tables = _paged_cache(context_lens, 16, 1, 32, torch.float32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(2, 4, 32, device=DEVICE)
+    buffer = torch.full((2, 8, 32), -7.0, device=DEVICE)
+    out = buffer[:, ::2]
+
+    expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.2)
+    result = K.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, out=out)
+
+    assert result is out
+    _assert_close(out, expected)
+    assert (buffer[:, 1::2] == -7.0).all()
+
+
+def test_decode_attention_loose_bound_small_blocks() -> None:
+    """A loose max_context_len (as for a captured graph) gives 8 default-size splits, all
+    but the first empty for every row; block_size 8 and head_dim 32."""
+    context_lens = [40, 3, 0]
+    k_cache, v_cache, tables = _paged_cache(context_lens, 8, 2, 32, torch.float32)
+    lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(3, 8, 32, device=DEVICE)
+
+    expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.3)
+    actual = K.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.3, 2000)
+
+    _assert_close(actual, expected)
+
+
+# --- prefill attention -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seqlens", "group", "head_dim", "dtype"),
+    [
+        ([1, 7, 33, 100], 1, 16, torch.float32),  # 100 > BLOCK_M: two query blocks
+        ([5, 1, 70], 4, 16, torch.float32),
+        ([17, 3], 8, 16, torch.float32),
+        ([1], 4, 16, torch.float32),
+        ([130, 2], 4, 32, torch.float32),  # 3 query blocks, up to 3 key steps each
+        ([9, 66, 1], 4, 16, torch.bfloat16),
+    ],
+)
+def test_prefill_attention(
+    seqlens: list[int], group: int, head_dim: int, dtype: torch.dtype
+) -> None:
+    kv_heads = 2
+    total = sum(seqlens)
+    cu = torch.tensor([0, *torch.tensor(seqlens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(total, kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
+    k = torch.randn(total, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    v = torch.randn(total, kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    cu = cu.to(DEVICE)
+    scale = head_dim**-0.5
+
+    expected = K.prefill_attention_ref(q, k, v, cu, scale)
+    actual = K.prefill_attention_triton(q, k, v, cu, scale, max(seqlens))
+
+    assert actual.dtype == dtype
+    _assert_close(actual, expected)
+    # Causal and per prompt: the first token of every prompt sees only its own value.
+    starts = cu[:-1].long()
+    _assert_close(actual[starts], v[starts].repeat_interleave(group, dim=1))
+
+
+def test_prefill_attention_fused_qkv_views() -> None:
+    """q/k/v as views of one fused projection [T, H + 2 * KVH, D], a loose max_seqlen, and
+    a caller-provided `out`."""
+    seqlens, heads, kv_heads, head_dim = [3, 20], 4, 1, 16
+    qkv = torch.randn(sum(seqlens), heads + 2 * kv_heads, head_dim, device=DEVICE)
+    q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    cu = torch.tensor([0, 3, 23], dtype=torch.int32, device=DEVICE)
+    out = torch.empty_like(q)
+
+    expected = K.prefill_attention_ref(q, k, v, cu, 0.25)
+    result = K.prefill_attention_triton(q, k, v, cu, 0.25, 100, out=out)
+
+    assert result is out
+    _assert_close(out, expected)
