@@ -1,4 +1,4 @@
-"""`run(cfg)`: one job, top to bottom, as in DESIGN.md's data-flow diagram.
+"""`run(cfg)`: one job, top to bottom, as in the README's architecture section.
 
 config -> input shards (skip committed) -> Dask tokenization -> engine -> length-sorted feeding
 -> writer (one Parquet per shard, atomic) -> metrics, summary, plot.

@@ -9,8 +9,8 @@ from tiny_models import build_model
 
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
-from pipeline.engine.random import uniform
-from pipeline.engine.sampler import SamplingRow, plan_sampling, resample_exact, sample
+from pipeline.engine.random import signed_seed, uniform
+from pipeline.engine.sampler import plan_sampling, resample_exact, sample
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.transfer import HostToDevice
 
@@ -133,9 +133,12 @@ def test_logprobs_are_reported_and_consistent(model_dir):
     )
 
 
-def draw(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
-    """The sampler end to end as the engine runs it: plan, one copy, sample, exact redraws."""
-    plan = plan_sampling(rows, [], logits.shape[1])
+def draw(logits: torch.Tensor, params: SamplingParams, seeds: range) -> list[int]:
+    """The sampler end to end as the engine runs it, one row per seed: plan, one copy,
+    sample, exact redraws."""
+    seqs = [Sequence([1], 1) for _ in seeds]
+    bits = [signed_seed(s) for s in seeds]
+    plan = plan_sampling([params] * len(seqs), seqs, bits, [], logits.shape[1])
     tensors = HostToDevice(logits.device).to_device(plan.arrays)
     out = sample(logits, plan, tensors)
     tokens = out.tokens.tolist()
@@ -150,8 +153,7 @@ def test_sampler_draws_follow_the_distribution():
     """5000 draws with distinct seeds from fixed logits match softmax(logits / T)."""
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     params = SamplingParams(temperature=0.7)
-    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(5000)]
-    drawn = draw(logits.repeat(5000, 1), rows)
+    drawn = draw(logits.repeat(5000, 1), params, range(5000))
     freq = torch.bincount(torch.tensor(drawn), minlength=6).float() / 5000
     torch.testing.assert_close(freq, torch.softmax(logits / 0.7, -1), atol=0.02, rtol=0)
 
@@ -162,15 +164,13 @@ def test_sampler_draws_follow_the_distribution():
 def test_sampling_filters_that_keep_one_token_are_greedy(filters):
     logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(0))
     params = SamplingParams(temperature=1.3, **filters)
-    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(64)]
-    assert draw(logits.clone(), rows) == logits.argmax(-1).tolist()
+    assert draw(logits.clone(), params, range(64)) == logits.argmax(-1).tolist()
 
 
 def test_top_p_keeps_the_nucleus_only():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     params = SamplingParams(temperature=1.0, top_p=0.8)
-    rows = [SamplingRow(Sequence([1], 1), params, seed) for seed in range(2000)]
-    drawn = set(draw(logits.repeat(2000, 1), rows))
+    drawn = set(draw(logits.repeat(2000, 1), params, range(2000)))
     assert drawn == {0, 1}
 
 

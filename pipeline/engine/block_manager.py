@@ -43,7 +43,6 @@ class BlockManager:
             if self.ref_counts[block] == 0:
                 self.free_blocks.append(block)
         seq.block_table = []
-        seq.num_cached = 0
 
     def blocks_needed_to_append(self, seq: Sequence) -> int:
         """New blocks the next decode step needs for `seq` (0 or 1)."""

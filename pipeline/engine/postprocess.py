@@ -28,10 +28,10 @@ from pipeline.engine.beam import (
 )
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.engine.random import signed_seed
 from pipeline.engine.sampler import (
     SampleOutput,
     SamplingPlan,
-    SamplingRow,
     plan_sampling,
     resample_exact,
     sample,
@@ -88,6 +88,8 @@ class Postprocessor:
         else:
             eos = frozenset() if params.ignore_eos else frozenset(self.eos_ids)
             request.stop_ids = eos | frozenset(params.stop_token_ids)
+            request.pending_forks = params.n > 1
+        request.seed_bits = signed_seed(request.seed)
 
     def reject(self, request: Request, reason: str) -> None:
         self._done.append(RequestOutput(request.request_id, request.prompt_ids, error=reason))
@@ -104,27 +106,29 @@ class Postprocessor:
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         plan = StepPlan()
         beam_rows: dict[int, tuple[Request, list[int]]] = {}
+        rows, logit_rows = plan.rows, plan.logit_rows
         for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
-            seq.num_cached = len(seq)
             if request.beam is not None:
                 beam_rows.setdefault(id(request), (request, []))[1].append(row)
-            elif request.fan_out > 1 and not request.has_forked:
+            elif request.pending_forks:
                 for child in self._fork_samples(request):
-                    plan.rows.append((request, child))
-                    plan.logit_rows.append(row)
+                    rows.append((request, child))
+                    logit_rows.append(row)
             else:
-                plan.rows.append((request, seq))
-                plan.logit_rows.append(row)
+                rows.append((request, seq))
+                logit_rows.append(row)
         plan.beams = list(beam_rows.values())
-        if plan.rows:
-            sampling_rows = [
-                SamplingRow(seq, request.params, request.seed)  # type: ignore[arg-type]
-                for request, seq in plan.rows
-            ]
-            plan.sampling = plan_sampling(sampling_rows, self.eos_ids, self.vocab_size)
+        if rows:
+            plan.sampling = plan_sampling(
+                [request.params for request, _ in rows],  # type: ignore[misc]
+                [seq for _, seq in rows],
+                [request.seed_bits for request, _ in rows],
+                self.eos_ids,
+                self.vocab_size,
+            )
             plan.arrays |= plan.sampling.arrays
-            if plan.logit_rows != list(range(len(batch.seqs))):
-                plan.arrays["sample_rows"] = np.array(plan.logit_rows, dtype=np.int64)
+            if len(rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
+                plan.arrays["sample_rows"] = np.array(logit_rows, dtype=np.int64)
         if plan.beams:
             plan.arrays["beam_rows"] = np.array(
                 [r for _, rows in plan.beams for r in rows], dtype=np.int64
@@ -141,6 +145,7 @@ class Postprocessor:
         parent = request.seqs[0]
         for index in range(1, request.fan_out):
             request.seqs.append(self.scheduler.fork(parent, index))
+        request.pending_forks = False
         return list(request.seqs)
 
     # -- decide (device, then one copy to the host) ---------------------------------------
@@ -229,35 +234,23 @@ class Postprocessor:
         top = None
         if sampled.top_ids is not None:
             top = (host.pop(0).astype(np.int64), host.pop(0))
+        max_len = self.max_model_len
         for i, ((request, seq), token) in enumerate(zip(plan.rows, tokens.tolist(), strict=True)):
-            seq.token_ids.append(token)
+            ids = seq.token_ids
+            ids.append(token)
             seq.cumulative_logprob += logprobs[i]
-            params = request.params
-            assert isinstance(params, SamplingParams)
+            params: SamplingParams = request.params  # type: ignore[assignment]
             if top is not None and params.logprobs is not None:
-                entry = dict(
-                    zip(
-                        top[0][i, : params.logprobs].tolist(),
-                        top[1][i, : params.logprobs].tolist(),
-                        strict=True,
-                    )
-                )
+                entry = _top_entry(top, i, params.logprobs)
                 entry.setdefault(token, logprobs[i])
-                seq.logprobs = (seq.logprobs or []) + [entry]
-            reason = self._finish_reason(request, seq, params, token)
-            if reason is not None:
-                self._finish_sample(request, seq, reason)
-
-    def _finish_reason(
-        self, request: Request, seq: Sequence, params: SamplingParams, token: int
-    ) -> str | None:
-        if token in request.stop_ids:
-            return "stop"
-        if params.stop and self._new_text_stops(seq, params.stop):
-            return "stop"
-        if seq.num_output >= params.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+                seq.logprobs = seq.logprobs if seq.logprobs is not None else []
+                seq.logprobs.append(entry)
+            if token in request.stop_ids or (
+                params.stop and self._new_text_stops(seq, params.stop)
+            ):
+                self._finish_sample(request, seq, "stop")
+            elif len(ids) - seq.prompt_len >= params.max_tokens or len(ids) >= max_len:
+                self._finish_sample(request, seq, "length")
 
     def _new_text_stops(self, seq: Sequence, stops: list[str]) -> bool:
         """Decode only the newest token's text (incrementally) and look for a stop string in
@@ -333,6 +326,12 @@ class Postprocessor:
         self.scheduler.finish(request)
         outputs = sorted(request.finished, key=lambda o: o.index)
         self._done.append(RequestOutput(request.request_id, request.prompt_ids, outputs))
+
+
+def _top_entry(top: tuple[np.ndarray, np.ndarray], row: int, count: int) -> dict[int, float]:
+    """{token id: log-prob} of a row's `count` most likely tokens."""
+    ids, values = top
+    return dict(zip(ids[row, :count].tolist(), values[row, :count].tolist(), strict=True))
 
 
 def _find_stop(text: str, stops: list[str]) -> int | None:

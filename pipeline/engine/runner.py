@@ -186,8 +186,9 @@ def _decode_arrays(
 ) -> tuple[dict[str, np.ndarray], HostStep]:
     """One new token per sequence: its last token, at position len - 1."""
     seqs = batch.seqs
-    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-    tokens = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+    ids = [s.token_ids for s in seqs]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    tokens = np.fromiter((t[-1] for t in ids), dtype=np.int64, count=len(ids))
     tables, counts = _block_tables([s.block_table for s in seqs])
     positions = lengths - 1
     arrays = {
@@ -197,4 +198,4 @@ def _decode_arrays(
         "lengths": lengths,
         "block_tables": tables,
     }
-    return arrays, HostStep(False, lengths, counts)
+    return arrays, HostStep(False, lengths, counts, tables)

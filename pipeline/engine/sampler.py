@@ -22,18 +22,11 @@ import numpy as np
 import torch
 
 from pipeline.engine.params import SamplingParams
-from pipeline.engine.random import signed_seed, uniform_tensor
+from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.models.attention import Workspace
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
-
-
-@dataclass
-class SamplingRow:
-    seq: Sequence
-    params: SamplingParams
-    seed: int
 
 
 @dataclass
@@ -65,24 +58,24 @@ class SampleOutput:
     log_norm: torch.Tensor  # log-probs of redrawn tokens
 
 
-def plan_sampling(rows: list[SamplingRow], eos_ids: list[int], vocab: int) -> SamplingPlan:
-    """Host side: per-row parameters as arrays (one entry per distinct params object)."""
+def plan_sampling(
+    params: list[SamplingParams],
+    seqs: list[Sequence],
+    seeds: list[int],
+    eos_ids: list[int],
+    vocab: int,
+) -> SamplingPlan:
+    """Host side. Row i samples `seqs[i]` with `params[i]` and seed `seeds[i]` (int64 bits,
+    see `signed_seed`). Parameters become arrays, one entry per distinct params object."""
     kinds: dict[int, int] = {}
     uniq: list[SamplingParams] = []
-    which = np.empty(len(rows), dtype=np.int64)
-    for i, row in enumerate(rows):
-        j = kinds.setdefault(id(row.params), len(uniq))
-        if j == len(uniq):
-            uniq.append(row.params)
-        which[i] = j
+    for p in params:
+        if kinds.setdefault(id(p), len(uniq)) == len(uniq):
+            uniq.append(p)
+    which = np.fromiter((kinds[id(p)] for p in params), dtype=np.int64, count=len(params))
     table = np.array(  # [P, 4]: temperature (1 for greedy), top_k (0: off), top_p, min_p
         [
-            (
-                p.temperature or 1.0,
-                p.top_k if 0 < p.top_k < vocab else 0,
-                p.top_p,
-                p.min_p,
-            )
+            (p.temperature or 1.0, p.top_k if 0 < p.top_k < vocab else 0, p.top_p, p.min_p)
             for p in uniq
         ],
         dtype=np.float64,
@@ -92,48 +85,47 @@ def plan_sampling(rows: list[SamplingRow], eos_ids: list[int], vocab: int) -> Sa
     random_rows = ~greedy
     arrays: dict[str, np.ndarray] = {"params": table[which]}
     if random_rows.any():
-        arrays["seed_index_step"] = np.array(
-            [(signed_seed(r.seed), r.seq.child_index, r.seq.num_output) for r in rows],
-            dtype=np.int64,
-        ).reshape(len(rows), 3)
+        index_step = [(s.child_index, len(s.token_ids) - s.prompt_len) for s in seqs]
+        arrays["seed_index_step"] = np.column_stack(
+            [np.array(seeds, dtype=np.int64), np.array(index_step, dtype=np.int64)]
+        )
         arrays["random"] = random_rows.astype(np.int64)
-    widest_k = int(table[:, 1].max()) if len(table) else 0
     plan = SamplingPlan(
         arrays=arrays,
         any_random=bool(random_rows.any()),
         any_filtered=bool((random_rows & filtered).any()),
         any_unfiltered=bool((random_rows & ~filtered).any()),
         any_min_p=bool((table[:, 3] > 0).any()),
-        prefilter=min(vocab, max(PREFILTER, widest_k)),
+        prefilter=min(vocab, max(PREFILTER, int(table[:, 1].max()))),
         max_logprobs=max((p.logprobs for p in uniq if p.logprobs is not None), default=None),
     )
     if any(p.min_tokens > 0 for p in uniq):
         plan.ban_ids = [
-            eos_ids + list(r.params.stop_token_ids)
-            if r.seq.num_output < r.params.min_tokens
-            else []
-            for r in rows
+            eos_ids + list(p.stop_token_ids) if s.num_output < p.min_tokens else []
+            for p, s in zip(params, seqs, strict=True)
         ]
     if any(p.needs_penalties for p in uniq):
-        plan.penalty_rows = [i for i, r in enumerate(rows) if r.params.needs_penalties]
-        _plan_penalties(plan, rows, vocab)
+        plan.penalty_rows = [i for i, p in enumerate(params) if p.needs_penalties]
+        _plan_penalties(plan, params, seqs, vocab)
     return plan
 
 
-def _plan_penalties(plan: SamplingPlan, rows: list[SamplingRow], vocab: int) -> None:
+def _plan_penalties(
+    plan: SamplingPlan, params: list[SamplingParams], seqs: list[Sequence], vocab: int
+) -> None:
     """Token ids of the penalised rows, padded with `vocab` (a dummy column): [P, L]."""
-    picked = [rows[i] for i in plan.penalty_rows]
-    seen = _padded([r.seq.token_ids for r in picked], vocab)
-    out = _padded([r.seq.output_ids for r in picked], vocab)
+    rows = plan.penalty_rows
+    seen = _padded([seqs[i].token_ids for i in rows], vocab)
+    out = _padded([seqs[i].output_ids for i in rows], vocab)
     strengths = [
-        (r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty)
-        for r in picked
+        (params[i].repetition_penalty, params[i].presence_penalty, params[i].frequency_penalty)
+        for i in rows
     ]
     plan.arrays |= {
         "penalty_rows": np.array(plan.penalty_rows, dtype=np.int64),
         "penalty_seen": seen,
         "penalty_out": out,
-        "penalty_strength": np.array(strengths, dtype=np.float64).reshape(len(picked), 3),
+        "penalty_strength": np.array(strengths, dtype=np.float64).reshape(len(rows), 3),
     }
 
 

@@ -22,7 +22,6 @@ class Sequence:
     prompt_len: int
     child_index: int = 0  # which of the request's n samples this is (seeds its random stream)
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0  # tokens whose K/V are in the cache
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] | None = None
     # Incremental detokenization for stop strings: the text of output_ids[:read_offset],
@@ -49,7 +48,6 @@ class Sequence:
             prompt_len=self.prompt_len,
             child_index=child_index,
             block_table=list(self.block_table),
-            num_cached=self.num_cached,
             cumulative_logprob=self.cumulative_logprob,
             logprobs=None if self.logprobs is None else list(self.logprobs),
             text=self.text,
@@ -70,6 +68,8 @@ class Request:
     beam: BeamState | None = None
     num_preemptions: int = 0
     stop_ids: frozenset[int] = frozenset()  # sampling: tokens that finish a sequence
+    pending_forks: bool = False  # n > 1 sampling before its first token: fork then
+    seed_bits: int = 0  # `seed` as the int64 with the same bits (for the device's uniforms)
 
     @property
     def fan_out(self) -> int:

@@ -24,25 +24,14 @@ class HostToDevice:
         for name, a in arrays.items():
             if a.dtype not in _DTYPES:
                 raise TypeError(f"{name}: only int64 and float64 arrays travel, got {a.dtype}")
-        sizes = [a.size for a in arrays.values()]
-        total = sum(sizes)
-        if self.device.type == "cpu":
-            # Same memory: views of one concatenation, no copy worth avoiding.
-            packed = torch.from_numpy(_concat(arrays, total))
-        else:
-            # Reusing the pinned buffer is safe: every step ends with a device-to-host copy
-            # that waits for the stream, so the previous transfer out of it has completed.
-            host = self._pinned(total)
-            _concat(arrays, total, out=host.numpy())
-            packed = host[:total].to(self.device, non_blocking=True)
         self.num_copies += 1
-        views: dict[str, torch.Tensor] = {}
-        offset = 0
-        for (name, a), size in zip(arrays.items(), sizes, strict=True):
-            flat = packed[offset : offset + size]
-            views[name] = flat.view(_DTYPES[a.dtype]).view(a.shape)
-            offset += size
-        return views
+        if self.device.type == "cpu":  # same memory: the arrays themselves, no copy
+            return {name: torch.from_numpy(np.ascontiguousarray(a)) for name, a in arrays.items()}
+        # Reusing the pinned buffer is safe: every step ends with a device-to-host copy that
+        # waits for the stream, so the previous transfer out of it has completed.
+        host = self._pinned(sum(a.size for a in arrays.values()))
+        total = pack(arrays, host.numpy())
+        return unpack(host[:total].to(self.device, non_blocking=True), arrays)
 
     def _pinned(self, total: int) -> torch.Tensor:
         if self._host.numel() < total:
@@ -51,13 +40,24 @@ class HostToDevice:
         return self._host
 
 
-def _concat(arrays: dict[str, np.ndarray], total: int, out: np.ndarray | None = None) -> np.ndarray:
-    out = np.empty(total, dtype=np.int64) if out is None else out
+def pack(arrays: dict[str, np.ndarray], out: np.ndarray) -> int:
+    """Write the arrays' bits one after another into int64 `out`; returns the length used."""
     offset = 0
     for a in arrays.values():
         out[offset : offset + a.size] = a.reshape(-1).view(np.int64)
         offset += a.size
-    return out[:total]
+    return offset
+
+
+def unpack(packed: torch.Tensor, like: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Views of `packed` (from `pack`, on any device) with each array's shape and dtype."""
+    views: dict[str, torch.Tensor] = {}
+    offset = 0
+    for name, a in like.items():
+        flat = packed[offset : offset + a.size]
+        views[name] = flat.view(_DTYPES[a.dtype]).view(a.shape)
+        offset += a.size
+    return views
 
 
 def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:

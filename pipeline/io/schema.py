@@ -1,4 +1,5 @@
-"""The output Parquet schema (DESIGN.md): input id and text, the results, then extra columns."""
+"""The output Parquet schema (README, "Output schema"): input id and text, the results, then
+extra columns."""
 
 from __future__ import annotations
 

@@ -51,6 +51,7 @@ class HostStep:
     is_prefill: bool
     lengths: np.ndarray  # [B] prefill: prompt lengths; decode: context lengths (with new token)
     num_blocks: np.ndarray  # [B] blocks each sequence's context spans
+    block_tables: np.ndarray | None = None  # [B, W] decode: padded block tables
 
 
 @dataclass
@@ -178,6 +179,11 @@ class TorchBackend:
             arrays["sorted_lengths"] = lengths.astype(np.int64)
             for g, (a, b, _) in enumerate(plan):
                 arrays |= {f"g{g}_{k}": v for k, v in _prefill_indices(lengths[a:b], starts[a:b])}
+        else:
+            # Sorted on the host, so each group's tables and lengths are slices on the device.
+            assert step.block_tables is not None
+            arrays["sorted_tables"] = step.block_tables[order]
+            arrays["sorted_lengths"] = step.lengths[order]
         return arrays, plan
 
     def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None:
@@ -256,15 +262,15 @@ def _prefill_groups(
 
 
 def _decode_groups(meta: AttentionMetadata, plan: list[tuple[int, int, int]]) -> list[DecodeGroup]:
-    assert meta.block_tables is not None
-    order, groups = meta.extra["order"], []
-    for a, b, width in plan:
-        members = order[a:b]
-        tables = meta.block_tables.index_select(0, members)[:, :width]
-        span = torch.arange(width * meta.block_size, device=tables.device)
-        mask = span[None, :] < meta.context_lens.index_select(0, members)[:, None]
-        groups.append(DecodeGroup(members, tables, mask[:, None, None, :]))
-    return groups
+    order, tables, lengths = (meta.extra[k] for k in ("order", "sorted_tables", "sorted_lengths"))
+    span = torch.arange(plan[-1][2] * meta.block_size, device=tables.device)
+    valid = span[None, :] < lengths[:, None]  # [B, widest]: cache positions to attend
+    return [
+        DecodeGroup(
+            order[a:b], tables[a:b, :width], valid[a:b, None, None, : width * meta.block_size]
+        )
+        for a, b, width in plan
+    ]
 
 
 def write_kv(
