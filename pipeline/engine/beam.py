@@ -132,20 +132,28 @@ class CandidateGroup:
 
 
 def rank_candidates(
-    states: list[BeamState], logprobs: list[torch.Tensor], running: list[torch.Tensor]
+    states: list[BeamState],
+    logprobs: list[torch.Tensor],
+    running: list[torch.Tensor],
+    whole: torch.Tensor | None = None,
 ) -> list[CandidateGroup]:
     """Per request: its top `num_candidates` of (running score + log-prob) over all its
     beams x vocabulary, on the device. Requests with the same beam count share one topk.
 
-    logprobs: per request, [beams, V] with processors applied; running: per request [beams].
+    logprobs: per request, [beams, V] with processors applied; running: per request [beams];
+    whole: the [sum of beams, V] tensor they split (when all share one shape it is viewed
+    as [requests, beams, V] instead of stacked: no copy).
     """
     shapes: dict[tuple[int, int], list[int]] = {}
     for i, (state, rows) in enumerate(zip(states, logprobs, strict=True)):
         keep = min(state.num_candidates, rows.numel())
         shapes.setdefault((rows.shape[0], keep), []).append(i)
     groups = []
-    for (_, keep), members in shapes.items():
-        scores = torch.stack([logprobs[i] for i in members])  # [G, beams, V]
+    for (beams, keep), members in shapes.items():
+        if whole is not None and len(shapes) == 1:
+            scores = whole.view(len(members), beams, -1)  # [G, beams, V], in place
+        else:
+            scores = torch.stack([logprobs[i] for i in members])
         scores += torch.stack([running[i] for i in members])[:, :, None].to(scores.dtype)
         values, index = torch.topk(scores.flatten(1), keep)
         groups.append(CandidateGroup(members, values, index))

@@ -32,6 +32,7 @@ from pipeline.engine.random import signed_seed
 from pipeline.engine.sampler import (
     SampleOutput,
     SamplingPlan,
+    log_norm,
     plan_sampling,
     resample_exact,
     sample,
@@ -105,11 +106,11 @@ class Postprocessor:
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         plan = StepPlan()
-        beam_rows: dict[int, tuple[Request, list[int]]] = {}
+        beams_of: dict[int, tuple[Request, list[int]]] = {}
         rows, logit_rows = plan.rows, plan.logit_rows
         for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
             if request.beam is not None:
-                beam_rows.setdefault(id(request), (request, []))[1].append(row)
+                beams_of.setdefault(id(request), (request, []))[1].append(row)
             elif request.pending_forks:
                 for child in self._fork_samples(request):
                     rows.append((request, child))
@@ -117,7 +118,7 @@ class Postprocessor:
             else:
                 rows.append((request, seq))
                 logit_rows.append(row)
-        plan.beams = list(beam_rows.values())
+        plan.beams = list(beams_of.values())
         if rows:
             plan.sampling = plan_sampling(
                 [request.params for request, _ in rows],  # type: ignore[misc]
@@ -130,9 +131,9 @@ class Postprocessor:
             if len(rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
                 plan.arrays["sample_rows"] = np.array(logit_rows, dtype=np.int64)
         if plan.beams:
-            plan.arrays["beam_rows"] = np.array(
-                [r for _, rows in plan.beams for r in rows], dtype=np.int64
-            )
+            beam_rows = [r for _, request_rows in plan.beams for r in request_rows]
+            if rows or beam_rows != list(range(len(batch.seqs))):
+                plan.arrays["beam_rows"] = np.array(beam_rows, dtype=np.int64)
             plan.arrays["beam_running"] = np.array(
                 [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
                 dtype=np.float64,
@@ -194,7 +195,11 @@ class Postprocessor:
         self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
     ) -> list[CandidateGroup]:
         sizes = [len(rows) for _, rows in plan.beams]
-        logprobs = torch.log_softmax(logits.index_select(0, tensors["beam_rows"]), dim=-1)
+        rows = tensors.get("beam_rows")  # absent: the beams are all rows, in order
+        logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
+        # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
+        top = logprobs.max(dim=-1, keepdim=True).values
+        logprobs.sub_(log_norm(logprobs, top, self.workspace))
         per_request = list(logprobs.split(sizes))
         running = list(tensors["beam_running"].split(sizes))
         for (request, _), rows in zip(plan.beams, per_request, strict=True):
@@ -204,7 +209,7 @@ class Postprocessor:
                 rows, outputs, request.prompt_ids, request.params, request.beam.eos_ids
             )
         states = [request.beam for request, _ in plan.beams]
-        return rank_candidates(states, per_request, running)  # type: ignore[arg-type]
+        return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]
 
     # -- update (host) ----------------------------------------------------------------------
 

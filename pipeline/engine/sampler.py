@@ -27,6 +27,7 @@ from pipeline.engine.sequence import Sequence
 from pipeline.models.attention import Workspace
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
+DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
 
 @dataclass
@@ -149,22 +150,25 @@ def sample(
     if any(plan.ban_ids):
         _ban(logits, plan.ban_ids)
     top, tokens = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
-    log_norm = _log_norm(logits, top, workspace)
+    norm = log_norm(logits, top, workspace)
     tokens = tokens.squeeze(1)
     needs_exact = scaled = None
     if plan.any_random:
-        params = tensors["params"]
-        scaled = logits / params[:, :1].float()
-        drawn, needs_exact = _draw(scaled, plan, tensors)
+        temps = tensors["params"][:, :1].float()
+        rows = logits.shape[0]
+        scaled = workspace.get("scaled", rows, logits) if workspace else torch.empty_like(logits)
+        torch.div(logits, temps, out=scaled)
+        # max(l / T) is max(l) / T, the same element: no second pass over [R, V]
+        drawn, needs_exact = _draw(scaled, top / temps, plan, tensors, workspace)
         tokens = torch.where(tensors["random"].bool(), drawn, tokens)
-    chosen = (logits.gather(1, tokens[:, None]) - log_norm).squeeze(1)
+    chosen = (logits.gather(1, tokens[:, None]) - norm).squeeze(1)
     top_ids = top_lp = None
     if plan.max_logprobs is not None:
-        top_lp, top_ids = torch.topk(logits - log_norm, max(plan.max_logprobs, 1), dim=-1)
-    return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, logits, log_norm)
+        top_lp, top_ids = torch.topk(logits - norm, max(plan.max_logprobs, 1), dim=-1)
+    return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, logits, norm)
 
 
-def _log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
+def log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """logsumexp over the vocabulary, [R, 1], given the row max `top`. With a workspace the
     [R, V] temporary is a reused buffer (see `Workspace`: page faults cost more than the exp)."""
     rows = logits.shape[0]
@@ -208,42 +212,70 @@ def _ban(logits: torch.Tensor, ban_ids: list[list[int]]) -> None:
 
 
 def _draw(
-    scaled: torch.Tensor, plan: SamplingPlan, t: dict[str, torch.Tensor]
+    scaled: torch.Tensor,
+    top: torch.Tensor,
+    plan: SamplingPlan,
+    t: dict[str, torch.Tensor],
+    workspace: Workspace | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[R, V] tempered logits -> drawn token ids [R], and which rows need `resample_exact`."""
+    """[R, V] tempered logits (row max `top` [R, 1]) -> drawn token ids [R], and which rows
+    need `resample_exact`."""
     params = t["params"]
     sis = t["seed_index_step"]
     u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
-        drawn, covered = _draw_filtered(scaled, params, u, plan.prefilter)
+        lse = log_norm(scaled, top, workspace)
+        drawn, covered = _draw_filtered(scaled, lse, params, u, plan.prefilter)
         needs_exact = filtered & ~covered & t["random"].bool()
     if plan.any_unfiltered:
-        full = _draw_full(scaled, params, u, plan.any_min_p)
+        full = _draw_full(scaled, top, params, u, plan.any_min_p, workspace)
         drawn = full if drawn is None else torch.where(filtered, drawn, full)
     assert drawn is not None
     return drawn, needs_exact
 
 
 def _draw_full(
-    scaled: torch.Tensor, params: torch.Tensor, u: torch.Tensor, min_p: bool
+    scaled: torch.Tensor,
+    top: torch.Tensor,
+    params: torch.Tensor,
+    u: torch.Tensor,
+    min_p: bool,
+    workspace: Workspace | None,
 ) -> torch.Tensor:
-    """Inverse-CDF over the whole vocabulary, in vocabulary order (min-p applied)."""
-    probs = torch.softmax(scaled, dim=-1)
-    if min_p:
-        floor = params[:, 3:4].float() * probs.max(dim=-1, keepdim=True).values
-        probs = probs * (probs >= floor)
-    cdf = probs.cumsum(dim=-1)  # [R, V]
-    target = (u[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
-    picked = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    return picked.clamp_(max=scaled.shape[1] - 1)
+    """Inverse-CDF over the whole vocabulary in vocabulary order (min-p applied), without a
+    [R, V] cumulative sum: the draw first picks a block of DRAW_BLOCK tokens from the
+    blocks' masses, then a token inside it. scaled: [R, V] tempered logits, top: their
+    row max [R, 1]."""
+    rows, vocab = scaled.shape
+    blocks = -(-vocab // DRAW_BLOCK)
+    width = blocks * DRAW_BLOCK
+    if workspace is not None:
+        weights = workspace.get("weights", rows, scaled, width)
+    else:
+        weights = torch.empty(rows, width, device=scaled.device)
+    weights[:, vocab:].zero_()
+    torch.sub(scaled, top, out=weights[:, :vocab]).exp_()  # unnormalised probabilities, max 1
+    if min_p:  # probability >= min_p x the largest, which has weight 1
+        weights.mul_(weights >= params[:, 3:4].float())
+    by_block = weights.view(rows, blocks, DRAW_BLOCK)
+    mass = by_block.sum(dim=-1)  # [R, blocks]
+    cdf = mass.cumsum(dim=-1)
+    target = (u[:, None] * cdf[:, -1:].double()).to(cdf.dtype)  # [R, 1]
+    block = torch.searchsorted(cdf, target, right=True).clamp_(max=blocks - 1)  # [R, 1]
+    before = cdf.gather(1, block) - mass.gather(1, block)  # mass of the earlier blocks
+    inner = by_block.gather(1, block[:, :, None].expand(rows, 1, DRAW_BLOCK)).squeeze(1)
+    inner_cdf = inner.cumsum(dim=-1) + before  # [R, DRAW_BLOCK]
+    offset = torch.searchsorted(inner_cdf, target, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (block * DRAW_BLOCK + offset).squeeze(1).clamp_(max=vocab - 1)
 
 
 def _draw_filtered(
-    scaled: torch.Tensor, params: torch.Tensor, u: torch.Tensor, k: int
+    scaled: torch.Tensor, full_lse: torch.Tensor, params: torch.Tensor, u: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, top-p and min-p over the `k` best tokens, drawn in descending order.
+    full_lse: [R, 1] logsumexp of `scaled` over the whole vocabulary.
 
     Returns token ids [R] and `covered` [R]: whether those k tokens hold the row's whole
     nucleus (always, when the row's own top_k is active; with top-p only, when their mass
@@ -254,7 +286,6 @@ def _draw_filtered(
     has_k = top_k > 0
     values = values.masked_fill(has_k & (rank >= top_k), float("-inf"))
     # Mass of each candidate: within the top-k when top_k is set, else in the whole vocabulary.
-    full_lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
     lse = torch.where(has_k, torch.logsumexp(values, dim=-1, keepdim=True), full_lse)
     probs = (values - lse).exp()  # [R, k]
     cum = probs.cumsum(dim=-1)
@@ -278,7 +309,8 @@ def resample_exact(
     sis = tensors["seed_index_step"].index_select(0, index)
     u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
     scaled = out.scaled.index_select(0, index)
-    tokens, _ = _draw_filtered(scaled, params, u, scaled.shape[1])
+    lse = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    tokens, _ = _draw_filtered(scaled, lse, params, u, scaled.shape[1])
     logits = out.logits.index_select(0, index)
     logprobs = logits.gather(1, tokens[:, None]) - out.log_norm.index_select(0, index)
     return [int(t) for t in tokens.tolist()], logprobs.squeeze(1).tolist()

@@ -34,9 +34,12 @@ class Workspace:
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """A [rows, like[0].numel()] buffer of like's dtype and device (contents undefined)."""
-        width = like[0].numel()
+    def get(
+        self, name: str, rows: int, like: torch.Tensor, width: int | None = None
+    ) -> torch.Tensor:
+        """A [rows, width] buffer (default width: like[0].numel()) of like's dtype and
+        device (contents undefined)."""
+        width = like[0].numel() if width is None else width
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < rows * width or buf.dtype != like.dtype:
             buf = torch.empty(rows * width, dtype=like.dtype, device=like.device)
