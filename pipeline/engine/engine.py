@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.decide import Decider
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.postprocess import Postprocessor
@@ -53,6 +54,7 @@ class LLMEngine:
         self.seed = seed
         self.model_info = model_info or {}
         vocab = runner.model.spec.vocab_size
+        self.decider = Decider(scheduler, eos_ids, vocab)
         self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab)
         self._arrivals = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
@@ -140,15 +142,15 @@ class LLMEngine:
                 self.num_decode_steps += 1
             phases = self.phase_seconds[kind]
             clock = _lap(phases, "schedule", clock)
-            plan = self.post.plan(batch)
+            plan = self.decider.plan(batch)
             clock = _lap(phases, "plan", clock)
             inputs = self.runner.prepare(batch, plan.arrays)
             clock = _lap(phases, "prepare", clock)
             logits = self.runner.forward(inputs)
             clock = _lap(phases, "forward", clock)
-            decision = self.post.decide(plan, logits, inputs.tensors)
+            decision = self.decider.decide(plan, logits, inputs.tensors)
             clock = _lap(phases, "sample", clock)
-            self.post.update(plan, decision, inputs.tensors)
+            self.post.update(plan, decision)
             _lap(phases, "update", clock)
             self.num_steps += 1
         for request, reason in self.scheduler.failed:
@@ -196,7 +198,7 @@ class LLMEngine:
             "num_decode_steps": self.num_decode_steps,
             "decode_context_tokens": self.runner.decode_context_tokens,
             "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
-            "exact_resamples": self.post.num_exact_resamples,
+            "exact_resamples": self.decider.num_exact_resamples,
         }
 
 

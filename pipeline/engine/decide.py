@@ -1,0 +1,192 @@
+"""Before and around the forward: plan a step's sampling and beams, then decide on the device.
+
+`plan` (host, before the forward) forks n > 1 requests at their first token and turns the
+rows' parameters into arrays that travel with the step's one host-to-device copy. `decide`
+(device) samples or ranks beam candidates over the whole batch, then brings every result to
+the host in one copy. Per-row Python lives in `plan` (and in `postprocess.update`) only.
+
+Forks go through the scheduler, which owns the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pipeline.engine.beam import (
+    CandidateGroup,
+    apply_beam_processors,
+    candidates_by_request,
+    rank_candidates,
+)
+from pipeline.engine.params import BeamParams
+from pipeline.engine.sampler import (
+    SampleOutput,
+    SamplingPlan,
+    log_norm,
+    plan_sampling,
+    resample_exact,
+    sample,
+)
+from pipeline.engine.scheduler import ScheduledBatch, Scheduler
+from pipeline.engine.sequence import Request, Sequence
+from pipeline.engine.transfer import to_host
+from pipeline.models.attention import Workspace
+
+
+@dataclass
+class StepPlan:
+    """Host decisions for one step, made before the forward."""
+
+    rows: list[tuple[Request, Sequence]] = field(default_factory=list)  # sampled sequences
+    logit_rows: list[int] = field(default_factory=list)  # the logits row of each
+    sampling: SamplingPlan | None = None
+    beams: list[tuple[Request, list[int]]] = field(default_factory=list)  # logits rows
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # travel to the device
+
+
+@dataclass
+class Decision:
+    """A step's results on the host (one device-to-host copy), in `StepPlan` order."""
+
+    tokens: list[int] = field(default_factory=list)  # per sampled row
+    logprobs: list[float] = field(default_factory=list)  # of each chosen token
+    top_ids: np.ndarray | None = None  # [rows, k] when log-probs were asked for
+    top_logprobs: np.ndarray | None = None
+    beam_candidates: list[tuple[list[float], list[int]]] = field(default_factory=list)
+
+
+class Decider:
+    def __init__(self, scheduler: Scheduler, eos_ids: list[int], vocab_size: int) -> None:
+        self.scheduler = scheduler
+        self.eos_ids = eos_ids
+        self.vocab_size = vocab_size
+        self.workspace = Workspace()  # the sampler's [R, V] temporaries
+        self.num_exact_resamples = 0
+
+    def plan(self, batch: ScheduledBatch) -> StepPlan:
+        plan = StepPlan()
+        beams_of: dict[int, tuple[Request, list[int]]] = {}
+        rows, logit_rows = plan.rows, plan.logit_rows
+        for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
+            if request.beam is not None:
+                beams_of.setdefault(id(request), (request, []))[1].append(row)
+            elif request.pending_forks:
+                for child in self._fork_samples(request):
+                    rows.append((request, child))
+                    logit_rows.append(row)
+            else:
+                rows.append((request, seq))
+                logit_rows.append(row)
+        plan.beams = list(beams_of.values())
+        if rows:
+            plan.sampling = plan_sampling(
+                [request.params for request, _ in rows],  # type: ignore[misc]
+                [seq for _, seq in rows],
+                [request.seed_bits for request, _ in rows],
+                self.eos_ids,
+                self.vocab_size,
+            )
+            plan.arrays |= plan.sampling.arrays
+            if len(rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
+                plan.arrays["sample_rows"] = np.array(logit_rows, dtype=np.int64)
+        if plan.beams:
+            beam_rows = [r for _, request_rows in plan.beams for r in request_rows]
+            if rows or beam_rows != list(range(len(batch.seqs))):
+                plan.arrays["beam_rows"] = np.array(beam_rows, dtype=np.int64)
+            plan.arrays["beam_running"] = np.array(
+                [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
+                dtype=np.float64,
+            )
+        return plan
+
+    def _fork_samples(self, request: Request) -> list[Sequence]:
+        """Before its first token an n > 1 request has one sequence: fork n - 1 children
+        that share its blocks; each draws its own first token from the same logits row."""
+        parent = request.seqs[0]
+        for index in range(1, request.fan_out):
+            request.seqs.append(self.scheduler.fork(parent, index))
+        request.pending_forks = False
+        return list(request.seqs)
+
+    def decide(
+        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> Decision:
+        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence (modified)."""
+        results: list[torch.Tensor] = []
+        sampled = None
+        if plan.sampling is not None:
+            rows = tensors.get("sample_rows")
+            selected = logits if rows is None else logits.index_select(0, rows)
+            sampled = sample(selected, plan.sampling, tensors, self.workspace)
+            results += [sampled.tokens, sampled.logprobs]
+            if sampled.needs_exact is not None:
+                results.append(sampled.needs_exact)
+            if sampled.top_ids is not None and sampled.top_logprobs is not None:
+                results += [sampled.top_ids, sampled.top_logprobs]
+        groups = self._rank_beams(plan, logits, tensors) if plan.beams else []
+        for g in groups:
+            results += [g.values, g.index]
+        host = to_host(results)
+        return self._unpack(host, sampled, groups, len(plan.beams), tensors)
+
+    def _unpack(
+        self,
+        host: list[np.ndarray],
+        sampled: SampleOutput | None,
+        groups: list[CandidateGroup],
+        num_beam_requests: int,
+        tensors: dict[str, torch.Tensor],
+    ) -> Decision:
+        """Name the host arrays (in the order `decide` listed them)."""
+        decision = Decision()
+        if sampled is not None:
+            tokens, logprobs = host.pop(0).astype(np.int64), host.pop(0)
+            if sampled.needs_exact is not None:
+                self._redraw_exact(sampled, np.flatnonzero(host.pop(0)), tokens, logprobs, tensors)
+            decision.tokens, decision.logprobs = tokens.tolist(), logprobs.tolist()
+            if sampled.top_ids is not None:
+                decision.top_ids, decision.top_logprobs = host.pop(0).astype(np.int64), host.pop(0)
+        pairs = [
+            (host[2 * i].tolist(), host[2 * i + 1].astype(np.int64).tolist())
+            for i in range(len(groups))
+        ]
+        decision.beam_candidates = candidates_by_request(groups, pairs, num_beam_requests)
+        return decision
+
+    def _redraw_exact(
+        self,
+        sampled: SampleOutput,
+        redo: np.ndarray,
+        tokens: np.ndarray,
+        logprobs: np.ndarray,
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
+        """Rows whose nucleus reached past the prefilter: redraw from a full sort (a second,
+        small copy to the host; rare for trained models)."""
+        if not len(redo):
+            return
+        self.num_exact_resamples += len(redo)
+        tokens[redo], logprobs[redo] = resample_exact(sampled, redo.tolist(), tensors)
+
+    def _rank_beams(
+        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> list[CandidateGroup]:
+        sizes = [len(rows) for _, rows in plan.beams]
+        rows = tensors.get("beam_rows")  # absent: the beams are all rows, in order
+        logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
+        # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
+        top = logprobs.max(dim=-1, keepdim=True).values
+        logprobs.sub_(log_norm(logprobs, top, self.workspace))
+        per_request = list(logprobs.split(sizes))
+        running = list(tensors["beam_running"].split(sizes))
+        for (request, _), rows in zip(plan.beams, per_request, strict=True):
+            assert request.beam is not None and isinstance(request.params, BeamParams)
+            outputs = [seq.output_ids for seq in request.seqs]
+            apply_beam_processors(
+                rows, outputs, request.prompt_ids, request.params, request.beam.eos_ids
+            )
+        states = [request.beam for request, _ in plan.beams]
+        return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]
