@@ -91,6 +91,7 @@ def test_greedy_tokens_match_transformers(family_model):
         ref = hf_generate(hf, prompt, max_new_tokens=16, do_sample=False)[0, len(prompt) :]
         assert out.outputs[0].token_ids == strip_after_eos(ref.tolist())
     assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks
+    assert engine.runner.transfer.num_copies == engine.num_steps  # one transfer per step
 
 
 @pytest.mark.parametrize("early_stopping", [True, False, "never"])

@@ -35,6 +35,7 @@ class StepInputs:
     logit_rows: torch.Tensor | None  # [B] prefill: each prompt's last token; decode: None
     tensors: dict[str, torch.Tensor]
     num_seqs: int
+    graphed: bool  # decode replayed through `DecodeGraphs` (which prepares its own metadata)
 
 
 class ModelRunner:
@@ -107,12 +108,18 @@ class ModelRunner:
             backend=self.backend,
             extra={k.removeprefix("backend."): v for k, v in t.items() if k in names},
         )
-        self.backend.prepare(meta, backend_plan)
+        graphed = (
+            not batch.is_prefill
+            and self.graphs is not None
+            and len(batch.seqs) <= self.graphs.max_batch
+        )
+        if not graphed:
+            self.backend.prepare(meta, backend_plan)
         if not batch.is_prefill:
             self.decode_context_tokens += int(step.lengths.sum())
             self._count_padding(backend_plan, step)
         return StepInputs(
-            t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs)
+            t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs), graphed
         )
 
     @torch.inference_mode()
@@ -120,8 +127,8 @@ class ModelRunner:
         """Logits [num_seqs, vocab] fp32 for each sequence's last token, batch order."""
         if "copies" in inputs.tensors:  # copy-on-write before anything reads those blocks
             self._copy_blocks(inputs.tensors["copies"])
-        meta = inputs.meta
-        if not meta.is_prefill and self.graphs and inputs.num_seqs <= self.graphs.max_batch:
+        if inputs.graphed:
+            assert self.graphs is not None
             return self.graphs.run(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
         if inputs.logit_rows is not None:
