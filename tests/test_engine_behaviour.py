@@ -10,7 +10,8 @@ from tiny_models import build_model
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
 from pipeline.engine.random import signed_seed, uniform
-from pipeline.engine.sampler import plan_sampling, resample_exact, sample
+from pipeline.engine.runner import _block_tables
+from pipeline.engine.sampler import RowKinds, plan_sampling, resample_exact, sample
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.transfer import HostToDevice
 
@@ -80,6 +81,39 @@ def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_di
     assert_pool_full(engine)
 
 
+def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir):
+    """The runner updates lengths and block tables in place while the batch keeps its
+    sequences; with requests finishing, arriving, forking and beaming, every decode step's
+    arrays must equal those built from scratch."""
+    engine = make_engine(model_dir, max_num_seqs=12, max_num_batched_tokens=64)
+    runner, checked = engine.runner, []
+    prepare = runner.prepare
+
+    def checked_prepare(batch, extra):
+        inputs = prepare(batch, extra)
+        if not batch.is_prefill:
+            rows = runner.decode_rows
+            fresh, counts = _block_tables([s.block_table for s in batch.seqs])
+            assert rows.lengths.tolist() == [len(s) for s in batch.seqs]
+            assert rows.counts.tolist() == counts.tolist()
+            assert rows.tables[:, : fresh.shape[1]].tolist() == fresh.tolist()
+            checked.append(rows.version == batch.version)
+        return inputs
+
+    runner.prepare = checked_prepare
+    for i, prompt in enumerate(random_prompts(16, seed=21)):
+        params = (
+            BeamParams(width=2, max_tokens=6)
+            if i % 5 == 0
+            else SamplingParams(n=1 + i % 3, temperature=0.7, max_tokens=5 + 3 * (i % 4))
+        )
+        engine.add_request(str(i), prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert len(checked) > 20 and any(checked)
+    assert_pool_full(engine)
+
+
 def test_parallel_samples_share_prompt_blocks(model_dir):
     engine = make_engine(model_dir)
     prompt = random_prompts(1, seed=14, low=18, high=19)[0]  # 18 tokens: 4 full blocks + 2
@@ -138,7 +172,8 @@ def draw(logits: torch.Tensor, params: SamplingParams, seeds: range) -> list[int
     sample, exact redraws."""
     seqs = [Sequence([1], 1) for _ in seeds]
     bits = [signed_seed(s) for s in seeds]
-    plan = plan_sampling([params] * len(seqs), seqs, bits, [], logits.shape[1])
+    kinds = RowKinds.of([params] * len(seqs), logits.shape[1])
+    plan = plan_sampling(kinds, seqs, bits, [], logits.shape[1])
     tensors = HostToDevice(logits.device).to_device(plan.arrays)
     out = sample(logits, plan, tensors)
     tokens = out.tokens.tolist()

@@ -23,6 +23,7 @@ from pipeline.engine.beam import (
 )
 from pipeline.engine.params import BeamParams
 from pipeline.engine.sampler import (
+    RowKinds,
     SampleOutput,
     SamplingPlan,
     log_norm,
@@ -58,6 +59,17 @@ class Decision:
     beam_candidates: list[tuple[list[float], list[int]]] = field(default_factory=list)
 
 
+@dataclass
+class _ReusableRows:
+    """A decode batch's sampling rows, valid while the scheduler's version holds."""
+
+    version: int
+    rows: list[tuple[Request, Sequence]]
+    logit_rows: list[int]
+    kinds: RowKinds
+    seeds: list[int]
+
+
 class Decider:
     def __init__(self, scheduler: Scheduler, eos_ids: list[int], vocab_size: int) -> None:
         self.scheduler = scheduler
@@ -65,41 +77,55 @@ class Decider:
         self.vocab_size = vocab_size
         self.workspace = Workspace()  # the sampler's [R, V] temporaries
         self.num_exact_resamples = 0
+        self._reusable: _ReusableRows | None = None
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
-        plan = StepPlan()
-        beams_of: dict[int, tuple[Request, list[int]]] = {}
-        rows, logit_rows = plan.rows, plan.logit_rows
-        for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
-            if request.beam is not None:
-                beams_of.setdefault(id(request), (request, []))[1].append(row)
-            elif request.pending_forks:
-                for child in self._fork_samples(request):
-                    rows.append((request, child))
-                    logit_rows.append(row)
-            else:
-                rows.append((request, seq))
-                logit_rows.append(row)
-        plan.beams = list(beams_of.values())
-        if rows:
+        reuse = self._reusable
+        if reuse is not None and batch.version >= 0 and reuse.version == batch.version:
+            plan = StepPlan(rows=reuse.rows, logit_rows=reuse.logit_rows)
+            kinds, seeds = reuse.kinds, reuse.seeds
+        else:
+            plan = self._plan_rows(batch)
+            kinds = RowKinds.of([r.params for r, _ in plan.rows], self.vocab_size)  # type: ignore[misc]
+            seeds = [request.seed_bits for request, _ in plan.rows]
+            # Rows are batch rows (no forks, no beams) and stay so while the version holds.
+            same = self.scheduler.version == batch.version and len(plan.rows) == len(batch.seqs)
+            if batch.version >= 0 and same and not plan.beams:
+                self._reusable = _ReusableRows(
+                    batch.version, plan.rows, plan.logit_rows, kinds, seeds
+                )
+        if plan.rows:
             plan.sampling = plan_sampling(
-                [request.params for request, _ in rows],  # type: ignore[misc]
-                [seq for _, seq in rows],
-                [request.seed_bits for request, _ in rows],
-                self.eos_ids,
-                self.vocab_size,
+                kinds, [seq for _, seq in plan.rows], seeds, self.eos_ids, self.vocab_size
             )
             plan.arrays |= plan.sampling.arrays
-            if len(rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
-                plan.arrays["sample_rows"] = np.array(logit_rows, dtype=np.int64)
+            if len(plan.rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
+                plan.arrays["sample_rows"] = np.array(plan.logit_rows, dtype=np.int64)
         if plan.beams:
             beam_rows = [r for _, request_rows in plan.beams for r in request_rows]
-            if rows or beam_rows != list(range(len(batch.seqs))):
+            if plan.rows or beam_rows != list(range(len(batch.seqs))):
                 plan.arrays["beam_rows"] = np.array(beam_rows, dtype=np.int64)
             plan.arrays["beam_running"] = np.array(
                 [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
                 dtype=np.float64,
             )
+        return plan
+
+    def _plan_rows(self, batch: ScheduledBatch) -> StepPlan:
+        """Sampled rows (forking n > 1 requests at their first token) and beam groups."""
+        plan = StepPlan()
+        beams_of: dict[int, tuple[Request, list[int]]] = {}
+        for row, (seq, request) in enumerate(zip(batch.seqs, batch.requests, strict=True)):
+            if request.beam is not None:
+                beams_of.setdefault(id(request), (request, []))[1].append(row)
+            elif request.pending_forks:
+                for child in self._fork_samples(request):
+                    plan.rows.append((request, child))
+                    plan.logit_rows.append(row)
+            else:
+                plan.rows.append((request, seq))
+                plan.logit_rows.append(row)
+        plan.beams = list(beams_of.values())
         return plan
 
     def _fork_samples(self, request: Request) -> list[Sequence]:

@@ -68,6 +68,7 @@ class ModelRunner:
         self.attended_slots = 0
         self.decode_context_tokens = 0  # cached tokens attended by decode steps (KV read)
         self.graphs: DecodeGraphs | None = None
+        self.decode_rows = DecodeRows()
 
     def use_decode_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> None:
         """Decode through static buffers at batch-size buckets: CUDA graphs when `capture`.
@@ -90,7 +91,7 @@ class ModelRunner:
         arrays, step = (
             _prefill_arrays(batch, self.block_size)
             if batch.is_prefill
-            else (_decode_arrays(batch, self.block_size))
+            else _decode_arrays(batch, self.decode_rows, self.block_size)
         )
         backend_arrays, backend_plan = self.backend.host_arrays(step)
         if batch.copies:
@@ -188,15 +189,43 @@ def _prefill_arrays(
     return arrays, HostStep(True, lengths, counts)
 
 
+class DecodeRows:
+    """A decode batch's context lengths and block tables, kept across steps while its
+    sequences stay the same (`ScheduledBatch.version`): then every sequence grew by one
+    token, so only the lengths and the rows that crossed into a new block change."""
+
+    def __init__(self) -> None:
+        self.version = -1
+        self.lengths = np.zeros(0, dtype=np.int64)  # [B] with the new token
+        self.tables = np.zeros((0, 1), dtype=np.int64)  # [B, W] padded with 0
+        self.counts = np.zeros(0, dtype=np.int64)  # [B] blocks in each table
+
+    def update(self, batch: ScheduledBatch, block_size: int) -> None:
+        seqs = batch.seqs
+        if batch.version < 0 or batch.version != self.version or batch.copies:
+            self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+            self.tables, self.counts = _block_tables([s.block_table for s in seqs])
+            self.version = batch.version
+            return
+        self.lengths = self.lengths + 1
+        opened = (self.lengths - 1) % block_size == 0  # [B] the new token starts a block
+        if opened.any():
+            grew = np.flatnonzero(opened)
+            width = max(int(self.counts[grew].max()) + 1, self.tables.shape[1])
+            tables = np.zeros((len(seqs), width), dtype=np.int64)  # a copy: last step's
+            tables[:, : self.tables.shape[1]] = self.tables  # arrays may still be in use
+            tables[grew, self.counts[grew]] = [seqs[i].block_table[-1] for i in grew.tolist()]
+            self.tables, self.counts = tables, self.counts + opened
+
+
 def _decode_arrays(
-    batch: ScheduledBatch, block_size: int
+    batch: ScheduledBatch, rows: DecodeRows, block_size: int
 ) -> tuple[dict[str, np.ndarray], HostStep]:
     """One new token per sequence: its last token, at position len - 1."""
     seqs = batch.seqs
-    ids = [s.token_ids for s in seqs]
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter((t[-1] for t in ids), dtype=np.int64, count=len(ids))
-    tables, counts = _block_tables([s.block_table for s in seqs])
+    rows.update(batch, block_size)
+    lengths, tables = rows.lengths, rows.tables
+    tokens = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
     positions = lengths - 1
     arrays = {
         "input_ids": tokens,
@@ -205,4 +234,4 @@ def _decode_arrays(
         "lengths": lengths,
         "block_tables": tables,
     }
-    return arrays, HostStep(False, lengths, counts, tables)
+    return arrays, HostStep(False, lengths, rows.counts, tables)

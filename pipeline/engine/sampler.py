@@ -59,33 +59,50 @@ class SampleOutput:
     log_norm: torch.Tensor  # log-probs of redrawn tokens
 
 
+@dataclass
+class RowKinds:
+    """Which parameters each sampling row uses: the part of a plan that stays the same while
+    a decode batch keeps its sequences (see `Scheduler.version`)."""
+
+    params: list[SamplingParams]  # per row
+    which: np.ndarray  # [R] int64: index of each row's parameters in `table`
+    table: np.ndarray  # [P, 4] fp64: temperature (1 for greedy), top_k (0: off), top_p, min_p
+    random_rows: np.ndarray  # [R] bool
+    filtered: np.ndarray  # [R] bool: top_k or top_p set
+    uniq: list[SamplingParams]
+
+    @classmethod
+    def of(cls, params: list[SamplingParams], vocab: int) -> RowKinds:
+        if params and params.count(params[0]) == len(params):  # one params object: usual
+            uniq, which = [params[0]], np.zeros(len(params), dtype=np.int64)
+        else:
+            kinds: dict[int, int] = {}
+            uniq = []
+            for p in params:
+                if kinds.setdefault(id(p), len(uniq)) == len(uniq):
+                    uniq.append(p)
+            which = np.fromiter((kinds[id(p)] for p in params), dtype=np.int64, count=len(params))
+        table = np.array(
+            [
+                (p.temperature or 1.0, p.top_k if 0 < p.top_k < vocab else 0, p.top_p, p.min_p)
+                for p in uniq
+            ],
+            dtype=np.float64,
+        ).reshape(-1, 4)
+        greedy = np.array([p.greedy for p in uniq], dtype=bool)[which]
+        filtered = (table[which, 1] > 0) | (table[which, 2] < 1.0)
+        return cls(params, which, table, ~greedy, filtered, uniq)
+
+
 def plan_sampling(
-    params: list[SamplingParams],
-    seqs: list[Sequence],
-    seeds: list[int],
-    eos_ids: list[int],
-    vocab: int,
+    kinds: RowKinds, seqs: list[Sequence], seeds: list[int], eos_ids: list[int], vocab: int
 ) -> SamplingPlan:
-    """Host side. Row i samples `seqs[i]` with `params[i]` and seed `seeds[i]` (int64 bits,
-    see `signed_seed`). Parameters become arrays, one entry per distinct params object."""
-    kinds: dict[int, int] = {}
-    uniq: list[SamplingParams] = []
-    for p in params:
-        if kinds.setdefault(id(p), len(uniq)) == len(uniq):
-            uniq.append(p)
-    which = np.fromiter((kinds[id(p)] for p in params), dtype=np.int64, count=len(params))
-    table = np.array(  # [P, 4]: temperature (1 for greedy), top_k (0: off), top_p, min_p
-        [
-            (p.temperature or 1.0, p.top_k if 0 < p.top_k < vocab else 0, p.top_p, p.min_p)
-            for p in uniq
-        ],
-        dtype=np.float64,
-    )
-    greedy = np.array([p.greedy for p in uniq])[which]
-    filtered = (table[which, 1] > 0) | (table[which, 2] < 1.0)
-    random_rows = ~greedy
-    arrays: dict[str, np.ndarray] = {"params": table[which]}
-    if random_rows.any():
+    """Host side. Row i samples `seqs[i]` with `kinds.params[i]` and seed `seeds[i]` (int64
+    bits, see `signed_seed`)."""
+    params, uniq, table, random_rows = kinds.params, kinds.uniq, kinds.table, kinds.random_rows
+    arrays: dict[str, np.ndarray] = {"params": table[kinds.which]}
+    any_random = bool(random_rows.any())
+    if any_random:
         index_step = [(s.child_index, len(s.token_ids) - s.prompt_len) for s in seqs]
         arrays["seed_index_step"] = np.column_stack(
             [np.array(seeds, dtype=np.int64), np.array(index_step, dtype=np.int64)]
@@ -93,9 +110,9 @@ def plan_sampling(
         arrays["random"] = random_rows.astype(np.int64)
     plan = SamplingPlan(
         arrays=arrays,
-        any_random=bool(random_rows.any()),
-        any_filtered=bool((random_rows & filtered).any()),
-        any_unfiltered=bool((random_rows & ~filtered).any()),
+        any_random=any_random,
+        any_filtered=bool((random_rows & kinds.filtered).any()),
+        any_unfiltered=bool((random_rows & ~kinds.filtered).any()),
         any_min_p=bool((table[:, 3] > 0).any()),
         prefilter=min(vocab, max(PREFILTER, int(table[:, 1].max()))),
         max_logprobs=max((p.logprobs for p in uniq if p.logprobs is not None), default=None),

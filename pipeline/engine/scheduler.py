@@ -21,6 +21,7 @@ class ScheduledBatch:
     seqs: list[Sequence]
     requests: list[Request]  # the owner of each sequence, parallel to `seqs`
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    version: int = -1  # the scheduler's `version` for a decode batch: same sequences, same order
 
     @property
     def num_tokens(self) -> int:
@@ -38,6 +39,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.failed: list[tuple[Request, str]] = []  # requests that can never run, with why
         self.num_preemptions = 0
+        # Bumped whenever the running sequences change; while it holds, a decode batch has
+        # the same sequences in the same order and per-row work derived from it is reusable.
+        self.version = 0
+        self._decode_order: tuple[int, list[Sequence], list[Request]] = (-1, [], [])
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -56,18 +61,23 @@ class Scheduler:
         """A new sequence sharing `parent`'s blocks (n samples, beams)."""
         child = parent.child(child_index)
         self.blocks.fork(child)
+        self.version += 1
         return child
 
     def release(self, seq: Sequence) -> None:
         """A sequence is done (finished sample, replaced beam): its blocks lose an owner."""
         self.blocks.free(seq)
+        self.version += 1
 
     def finish(self, request: Request) -> None:
         for seq in request.seqs:
             self.blocks.free(seq)
         self.running.remove(request)
+        self.version += 1
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
+        if not self.waiting:
+            return None
         batch = ScheduledBatch(is_prefill=True, seqs=[], requests=[])
         num_tokens = 0
         num_seqs = sum(_seq_budget(r) for r in self.running)
@@ -95,6 +105,7 @@ class Scheduler:
                 batch.seqs.append(seq)
                 batch.requests.append(request)
             self.running.append(request)
+            self.version += 1
             num_seqs += _seq_budget(request)
             num_tokens += tokens
         return batch if batch.seqs else None
@@ -104,6 +115,7 @@ class Scheduler:
             victim = self.running[-1]
             if len(self.running) == 1:
                 self.running.pop()
+                self.version += 1
                 for seq in victim.seqs:
                     self.blocks.free(seq)
                 self.failed.append((victim, _too_big(victim, self.blocks)))
@@ -111,14 +123,17 @@ class Scheduler:
             self._preempt(victim)
         if not self.running:
             return None
-        batch = ScheduledBatch(is_prefill=False, seqs=[], requests=[])
-        for request in self.running:
-            for seq in request.seqs:
-                copy = self.blocks.append_slot(seq)
-                if copy is not None:
-                    batch.copies.append(copy)
-                batch.seqs.append(seq)
-                batch.requests.append(request)
+        version, seqs, requests = self._decode_order
+        if version != self.version:
+            seqs = [seq for request in self.running for seq in request.seqs]
+            requests = [request for request in self.running for _ in request.seqs]
+            self._decode_order = (self.version, seqs, requests)
+        batch = ScheduledBatch(False, seqs, requests, version=self.version)
+        append_slot = self.blocks.append_slot
+        for seq in seqs:
+            copy = append_slot(seq)
+            if copy is not None:
+                batch.copies.append(copy)
         return batch
 
     def _blocks_to_append(self) -> int:
@@ -130,6 +145,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks; it re-enters the queue front and is recomputed."""
         self.running.remove(request)
+        self.version += 1
         for seq in request.seqs:
             self.blocks.free(seq)
         request.num_preemptions += 1

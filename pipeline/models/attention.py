@@ -214,11 +214,14 @@ def group_by_length(
 ) -> list[tuple[int, int]]:
     """Cut an ascending list of block counts into [start, end) runs whose longest member is
     at most `slack` x the shortest (+1 block), so padding stays small; tiny runs are merged
-    into the next one, since each group costs a kernel launch per layer."""
+    into the next one, since each group costs a kernel launch per layer. Runs start where a
+    new count does (only those are visited: a few dozen, not one per sequence)."""
+    keys = np.asarray(num_blocks)
+    firsts = np.flatnonzero(np.diff(keys, prepend=keys[:1] - 1)).tolist()
     groups: list[tuple[int, int]] = []
     start = 0
-    for i, blocks in enumerate(num_blocks):
-        if blocks > num_blocks[start] * slack + 1 and i - start >= min_size:
+    for i in firsts:
+        if num_blocks[i] > num_blocks[start] * slack + 1 and i - start >= min_size:
             groups.append((start, i))
             start = i
     groups.append((start, len(num_blocks)))
