@@ -14,7 +14,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.engine.config import ConfigError, EngineConfig, ModelConfig
+from pipeline.engine.config import ConfigError, EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.params import BeamParams, RequestParams, SamplingParams
 from pipeline.tasks import TASKS
 
@@ -25,7 +25,6 @@ CHAT_TRANSLATE_TEMPLATE = (
     "Translate the following text from {source_lang} to {target_lang}. "
     "Reply with the translation only.\n\n{text}"
 )
-QUANT_METHODS = ("none", "int8", "nf4")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -97,17 +96,6 @@ class TaskConfig:
                 "{text}" in getattr(self, key),
                 f"task.{key} must contain the placeholder {{text}}, got {getattr(self, key)!r}",
             )
-
-
-@dataclass
-class QuantConfig:
-    method: str = "none"  # none | int8 | nf4 (bitsandbytes; read by the engine's loader)
-
-    def __post_init__(self) -> None:
-        _require(
-            self.method in QUANT_METHODS,
-            f"quant.method must be none, int8 or nf4, got {self.method!r}",
-        )
 
 
 @dataclass

@@ -6,7 +6,6 @@ config -> input shards (skip committed) -> Dask tokenization -> engine -> length
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 from dataclasses import replace
@@ -19,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.batching import LengthSortedFeeder
 from pipeline.config import PipelineConfig, load_config
 from pipeline.driver import Driver, Engine
-from pipeline.engine.config import ConfigError
 from pipeline.engine.params import RequestParams, SamplingParams
 from pipeline.io.manifest import manifest_name
 from pipeline.io.schema import output_schema
@@ -121,14 +119,7 @@ def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
 def load_engine(config: PipelineConfig) -> Engine:
     from pipeline.engine.engine import LLMEngine
 
-    if config.quant.method == "none":
-        return LLMEngine.from_config(config.model, config.engine)
-    if "quant" not in inspect.signature(LLMEngine.from_config).parameters:
-        raise ConfigError(
-            f"quant.method={config.quant.method}: this engine build has no quantized weights "
-            "yet; use quant=none"
-        )
-    return LLMEngine.from_config(config.model, config.engine, quant=config.quant)  # type: ignore[call-arg]
+    return LLMEngine.from_config(config.model, config.engine, quant=config.quant)
 
 
 def request_params(config: PipelineConfig) -> RequestParams:

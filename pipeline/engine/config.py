@@ -1,8 +1,9 @@
-"""Configs the engine is built from; Hydra registers them as `model` and `engine` groups."""
+"""Configs the engine is built from; Hydra registers them as `model`, `engine` and `quant`
+groups."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
@@ -49,6 +50,31 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         parse_memory(self.kv_cache_memory)  # raises ConfigError when malformed
+
+
+QUANT_METHODS = ("none", "int8", "nf4", "fp4")
+
+
+@dataclass
+class QuantConfig:
+    """Quantized linear weights (bitsandbytes formats; see pipeline/models/quant.py)."""
+
+    method: str = "none"  # none | int8 | nf4 | fp4; a pre-quantized checkpoint sets its own
+    compute_dtype: str = "auto"  # auto (engine.dtype) | float32 | bfloat16 | float16
+    double_quant: bool = True  # nf4/fp4: store the block scales in 8 bits too
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head", "embed_tokens"])
+    matmul: str = "dequant"  # dequant (ours) | bitsandbytes (their modules' matmul)
+
+    def __post_init__(self) -> None:
+        if self.method not in QUANT_METHODS:
+            raise ConfigError(f"quant.method must be none, int8, nf4 or fp4, got {self.method!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(
+                "quant.compute_dtype must be auto, float32, bfloat16 or float16, got "
+                f"{self.compute_dtype!r}"
+            )
+        if self.matmul not in ("dequant", "bitsandbytes"):
+            raise ConfigError(f"quant.matmul must be dequant or bitsandbytes, got {self.matmul!r}")
 
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.engine.block_manager import BlockManager
-from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.decide import Decider
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
@@ -27,6 +27,7 @@ from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Request, Sequence
 from pipeline.models.attention import make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
+from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
 from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,9 @@ class LLMEngine:
         self.num_decode_steps = 0
 
     @classmethod
-    def from_config(cls, model_cfg: ModelConfig, engine_cfg: EngineConfig) -> LLMEngine:
+    def from_config(
+        cls, model_cfg: ModelConfig, engine_cfg: EngineConfig, quant: QuantConfig | None = None
+    ) -> LLMEngine:
         started = time.perf_counter()
         model_dir = resolve_model_dir(model_cfg.path, model_cfg.revision)
         spec = read_spec(model_dir)
@@ -74,7 +77,8 @@ class LLMEngine:
         if engine_cfg.num_threads > 0:
             torch.set_num_threads(engine_cfg.num_threads)
         max_len = min(model_cfg.max_model_len or spec.max_model_len, spec.max_model_len)
-        model = load_model(model_dir, spec, dtype, device, max_len)
+        quant_spec = _quant_spec(quant or QuantConfig(), model_dir, dtype, device)
+        model = load_model(model_dir, spec, dtype, device, max_len, quant_spec)
         blocks = BlockManager(
             kv_pool_blocks(engine_cfg, spec, dtype, device, max_len), engine_cfg.block_size
         )
@@ -85,6 +89,10 @@ class LLMEngine:
         scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
         info = _model_info(model_dir, spec, model, dtype, device, max_len)
+        info |= {
+            "quant": quant_spec.method if quant_spec else "none",
+            "kv_blocks": blocks.num_blocks,
+        }
         log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
         eos = _eos_ids(model_dir, spec, tokenizer)
         return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info)
@@ -210,6 +218,16 @@ def _lap(phases: dict[str, float], name: str, since: float) -> float:
     return now
 
 
+def _quant_spec(
+    cfg: QuantConfig, model_dir: Path, dtype: torch.dtype, device: torch.device
+) -> QuantSpec | None:
+    compute = dtype if cfg.compute_dtype == "auto" else resolve_dtype(cfg.compute_dtype, device)
+    checkpoint = json.loads((model_dir / "config.json").read_text())
+    return resolve_quant(
+        cfg.method, compute, checkpoint, cfg.double_quant, tuple(cfg.skip_modules), cfg.matmul
+    )
+
+
 def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids as `generate` sees them: generation_config.json first, then config.json."""
     gen_path = model_dir / "generation_config.json"
@@ -230,12 +248,13 @@ def _model_info(
     max_len: int,
 ) -> dict[str, Any]:
     params = {id(p): p for p in model.parameters()}.values()
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
     return {
         "name": model_dir.name,
         "path": str(model_dir),
         "architecture": spec.architecture,
-        "num_params": sum(p.numel() for p in params),
-        "weight_bytes": sum(p.numel() * p.element_size() for p in params),
+        "num_params": sum(p.numel() for p in params) + sum(m.shape.numel() for m in quantized),
+        "weight_bytes": model_weight_bytes(model),
         "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
         "max_model_len": max_len,

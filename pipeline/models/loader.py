@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from bitsandbytes.functional import QuantState
 
 from pipeline.assets import demo_model_dir
 from pipeline.models.llama import LlamaForCausalLM
+from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, quantize_modules
 from pipeline.models.rope import RotaryEmbedding
+from pipeline.models.safetensors_io import read_header, read_safetensors
 from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -66,17 +69,31 @@ def read_spec(model_dir: Path) -> ModelSpec:
 
 
 def load_model(
-    model_dir: Path, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_positions: int
+    model_dir: Path,
+    spec: ModelSpec,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+    quant: QuantSpec | None = None,
 ) -> LlamaForCausalLM:
+    """Our model with the checkpoint's weights. With `quant`, linear layers (all but the
+    skipped ones; for a pre-quantized checkpoint, those it stores quantized) hold quantized
+    weights, and no full-precision copy of them ever exists beyond one layer at a time."""
+    files = _weight_files(model_dir)
     with torch.device("meta"):
         model = LlamaForCausalLM(spec, max_positions).to(dtype)
+    if quant is not None:
+        stored = _prequantized_modules(files, spec)
+        keep = quant if not stored else _only(quant, stored, model)
+        quantize_modules(model, keep)
     model = model.to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build_tables(device)
-    filled = _load_weights(model, model_dir, spec)
+    filled = _load_weights(model, files, spec, device)
     missing = {name for name, _ in model.named_parameters()} - filled
+    missing |= {f"{n}.weight" for n, m in model.named_modules() if _empty_quant(m)}
     if missing:
         raise ValueError(f"{model_dir}: weights missing from the checkpoint: {sorted(missing)[:8]}")
     return model.eval()
@@ -100,25 +117,130 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def _load_weights(model: LlamaForCausalLM, model_dir: Path, spec: ModelSpec) -> set[str]:
+def _load_weights(
+    model: LlamaForCausalLM, files: list[Path], spec: ModelSpec, device: torch.device
+) -> set[str]:
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    pending = _PendingQuant(quantized, device)
     filled: set[str] = set()
-    for file in _weight_files(model_dir):
-        with safe_open(str(file), framework="pt") as reader:
-            for name in reader.keys():  # noqa: SIM118 (safe_open is not a dict)
-                if "rotary_emb" in name or (name == "lm_head.weight" and spec.tie_word_embeddings):
-                    continue
-                target, rows = _target(name, spec)
-                if target not in params:
-                    raise ValueError(f"{file.name}: unexpected weight {name!r}")
-                with torch.no_grad():
-                    dest: torch.Tensor = params[target]
-                    dest = dest if rows is None else dest[rows[0] : rows[1]]
-                    dest.copy_(reader.get_tensor(name))
-                filled.add(target)
+    for file in files:
+        for name, tensor in read_safetensors(file):
+            if "rotary_emb" in name or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                continue
+            module, part, key = _quant_part(name, spec)
+            if module in quantized:
+                pending.add(module, part, key, tensor)
+                continue
+            target, rows = _target(name, spec)
+            if target not in params:
+                raise ValueError(f"{file.name}: unexpected weight {name!r}")
+            with torch.no_grad():
+                dest: torch.Tensor = params[target]
+                dest = dest if rows is None else dest[rows[0] : rows[1]]
+                dest.copy_(tensor)
+            filled.add(target)
+    pending.finish()
     if spec.tie_word_embeddings:
         filled.add("lm_head.weight")
     return filled
+
+
+class _PendingQuant:
+    """Weights of quantized layers on their way in. A full-precision weight is gathered
+    (its fused parts: q, k, v) into one buffer and quantized as soon as it is whole; a
+    pre-quantized one keeps its parts until all have arrived (shards may split them)."""
+
+    def __init__(self, modules: dict[str, QuantLinear], device: torch.device) -> None:
+        self.modules = modules
+        self.device = device
+        self.dense: dict[str, tuple[torch.Tensor, int]] = {}  # module -> (buffer, rows filled)
+        self.stored: dict[str, dict[int, dict[str, torch.Tensor]]] = {}  # module -> part -> key
+
+    def add(self, module: str, part: _Part, key: str, tensor: torch.Tensor) -> None:
+        index, rows_of_part = part
+        layer = self.modules[module]
+        start, stop = rows_of_part or (0, layer.out_features)
+        if key == "weight" and tensor.is_floating_point():
+            buffer, rows = self.dense.get(module) or (
+                torch.empty(layer.shape, dtype=layer.spec.compute_dtype, device=self.device),
+                0,
+            )
+            buffer[start:stop].copy_(tensor)
+            rows += stop - start
+            if rows == layer.out_features:
+                layer.set_weight(buffer)
+                self.dense.pop(module, None)
+            else:
+                self.dense[module] = (buffer, rows)
+            return
+        self.stored.setdefault(module, {}).setdefault(index, {})[key] = tensor.to(self.device)
+
+    def finish(self) -> None:
+        if self.dense:
+            raise ValueError(f"weights incomplete in the checkpoint: {sorted(self.dense)[:4]}")
+        for module, parts in self.stored.items():
+            layer = self.modules[module]
+            ordered = [parts[i] for i in sorted(parts)]
+            if layer.spec.method == "int8":
+                layer.set_int8(
+                    torch.cat([p["weight"] for p in ordered]),
+                    torch.cat([p["SCB"] for p in ordered]),
+                )
+            else:
+                states = [
+                    (p["weight"], QuantState.from_dict(_state_dict(p), self.device))
+                    for p in ordered
+                ]
+                layer.set_4bit(*(states[0] if len(states) == 1 else fuse_4bit(states)))
+        self.stored.clear()
+
+
+def _state_dict(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A 4-bit weight's saved components as QuantState.from_dict wants them."""
+    return {k.removeprefix("weight."): v for k, v in part.items() if k != "weight"}
+
+
+_Part = tuple[int, tuple[int, int] | None]  # index in a fused weight, and its rows there
+
+
+def _quant_part(name: str, spec: ModelSpec) -> tuple[str, _Part, str]:
+    """For a checkpoint tensor: our module, (part index, rows) within a fused weight, and
+    its key in a quantized layer ("weight", "SCB", "weight.absmax", ...)."""
+    for suffix in (".weight", ".SCB", ".weight_format"):
+        if name.endswith(suffix):
+            prefix, key = name[: -len(suffix)], suffix[1:]
+            break
+    else:
+        prefix, _, rest = name.partition(".weight.")
+        key = "weight." + rest
+    target, rows = _target(prefix + ".weight", spec)
+    module = target.removesuffix(".weight")
+    if rows is None:
+        return module, (0, None), key
+    fragment = next(f for f in _FUSED if f".{f}." in name)
+    return module, (_FUSED[fragment][1], rows), key
+
+
+def _prequantized_modules(files: list[Path], spec: ModelSpec) -> set[str]:
+    """Our modules that the checkpoint stores quantized (int8/uint8 weights), from the
+    safetensors headers alone."""
+    found = set()
+    for file in files:
+        for name, info in read_header(file)[0].items():
+            if name.endswith(".weight") and info["dtype"] in ("I8", "U8"):
+                found.add(_quant_part(name, spec)[0])
+    return found
+
+
+def _only(quant: QuantSpec, stored: set[str], model: LlamaForCausalLM) -> QuantSpec:
+    """For a pre-quantized checkpoint: skip exactly the linear layers it stores unquantized."""
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return replace(quant, skip_modules=tuple(sorted(linear - stored)))
+
+
+def _empty_quant(module: torch.nn.Module) -> bool:
+    return isinstance(module, QuantLinear) and module.qweight is None
 
 
 def _target(name: str, spec: ModelSpec) -> tuple[str, tuple[int, int] | None]:
