@@ -145,9 +145,13 @@ class BenchConfig:
     rows: int = 4096  # input rows, the given input repeated as needed
     shards: int = 4  # Parquet files the rows are split into
     engine_only: bool = True  # also time engine.generate alone on the same rows
+    # engine.generate alone with each of these quant.method values, loaded one after another
+    quant_methods: list[str] = field(default_factory=lambda: ["none", "int8", "nf4"])
 
     def __post_init__(self) -> None:
         _require(self.rows >= 1, f"bench.rows must be >= 1, got {self.rows}")
+        for method in self.quant_methods:
+            QuantConfig(method=method)  # raises with the valid choices
         _require(
             1 <= self.shards <= self.rows,
             f"bench.shards must be in [1, bench.rows], got {self.shards}",

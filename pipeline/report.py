@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.driver import Driver, Scores
 from pipeline.stream import TokenStream
 
@@ -85,8 +87,11 @@ def build_summary(
             metrics.output_tokens / driver.generate_s if driver.generate_s > 0 else 0.0
         ),
         "feed_padding_ratio": driver.feeder.padding_ratio,
-        "weight_bytes": model_info.get("weight_bytes"),
+        "quant": model_info.get("quant", "none"),
+        "weight_bytes": model_info.get("weight_bytes"),  # as loaded (quantized layers included)
+        "kv_blocks": model_info.get("kv_blocks"),  # the KV pool, sized after the weights
         "peak_rss_bytes": metrics.peak_rss_bytes,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "shards_written": writer.committed,
         "shards_skipped": skipped_shards,
         **quality(driver.scores),

@@ -58,3 +58,11 @@ def test_bench_job_runs_the_whole_job_and_the_engine_alone(compose, tmp_path):
     assert len(list((tmp_path / "bench_input").glob("*.parquet"))) == 2
     assert len(list((tmp_path / "job" / "results").glob("*.parquet"))) == 2
     assert (tmp_path / "bench.json").exists()
+    methods = [q["method"] for q in result["quant"]]
+    assert methods == ["none", "int8", "nf4"]  # the default comparison, one engine at a time
+    weight_bytes = [q["weight_bytes"] for q in result["quant"]]
+    assert weight_bytes[0] > weight_bytes[1] > weight_bytes[2]
+    assert all(q["output_tokens_per_s"] > 0 and q["kv_blocks"] > 0 for q in result["quant"])
+    summary = result["job_summary"]
+    assert summary["quant"] == "none" and summary["kv_blocks"] > 0
+    assert summary["weight_bytes"] == weight_bytes[0]

@@ -7,7 +7,7 @@ import pytest
 
 from pipeline.assets import demo_input_path
 from pipeline.config import TRANSLATE_TEMPLATE
-from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 
@@ -37,3 +37,18 @@ def test_demo_model_translates_held_out_numbers_greedy_and_beam_is_no_worse(engi
     beam = exact_match(engine, BeamParams(width=4, max_tokens=48))
     assert greedy >= 0.9, greedy
     assert beam >= greedy, (beam, greedy)
+
+
+def test_demo_model_quantized_keeps_exact_match_within_3_points_of_bf16():
+    greedy = SamplingParams(temperature=0, max_tokens=48)
+    settings = EngineConfig(device="cpu", dtype="bfloat16")
+    scores = {
+        method: exact_match(
+            LLMEngine.from_config(ModelConfig(path="demo"), settings, QuantConfig(method=method)),
+            greedy,
+        )
+        for method in ("none", "int8", "nf4")
+    }
+    assert scores["none"] >= 0.9, scores
+    assert scores["int8"] >= scores["none"] - 0.03, scores
+    assert scores["nf4"] >= scores["none"] - 0.03, scores

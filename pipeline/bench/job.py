@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -48,9 +49,42 @@ def run_bench(cfg: DictConfig | PipelineConfig) -> dict[str, Any]:
     if config.bench.engine_only:
         result |= engine_only(job_config, engine)
     result |= floor_fraction(config, engine, result)
+    if config.bench.quant_methods:
+        del engine  # only one engine's weights in memory at a time
+        result["quant"] = compare_quant(job_config)
     (out_dir / "bench.json").write_text(json.dumps(result, indent=2, default=str))
     print(report(result, summary))
     return result
+
+
+def compare_quant(config: PipelineConfig) -> list[dict[str, Any]]:
+    """engine.generate alone on the job's rows with each `bench.quant_methods` entry: time,
+    weight bytes, the KV blocks the weights left room for, and memory."""
+    results = []
+    for method in config.bench.quant_methods:
+        rss_before = psutil.Process().memory_info().rss
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        quantized = replace(config, quant=replace(config.quant, method=method))
+        engine: Any = load_engine(quantized)
+        loaded_rss = psutil.Process().memory_info().rss
+        timing = engine_only(quantized, engine)
+        output_tokens = sum(timing["output_lens"])
+        results.append(
+            {
+                "method": method,
+                "engine_s": timing["engine_s"],
+                "output_tokens_per_s": output_tokens / timing["engine_s"],
+                "weight_bytes": engine.model_info["weight_bytes"],
+                "kv_blocks": engine.model_info["kv_blocks"],
+                "load_rss_bytes": loaded_rss - rss_before,
+                "peak_gpu_bytes": (
+                    torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+                ),
+            }
+        )
+        del engine
+    return results
 
 
 def build_input(config: PipelineConfig, directory: Path) -> Path:
@@ -122,5 +156,11 @@ def report(result: dict[str, Any], summary: dict[str, Any]) -> str:
             f"compute floor ({result['work_gflop']:.1f} GFLOP at {result['peak_gflops']:.1f} "
             f"GFLOP/s): engine {100 * result['engine_floor']:.1f}%, "
             f"job {100 * result['job_floor']:.1f}%"
+        )
+    for q in result.get("quant", []):
+        lines.append(
+            f"quant {q['method']:>5}: engine {q['output_tokens_per_s']:.1f} output tok/s, "
+            f"weights {q['weight_bytes'] / 2**20:.1f} MiB, KV blocks {q['kv_blocks']}, "
+            f"RSS after load +{q['load_rss_bytes'] / 2**20:.0f} MiB"
         )
     return "\n".join(lines)
