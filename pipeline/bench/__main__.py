@@ -29,7 +29,7 @@ from pipeline.bench.workload import (
     prefill_flops,
     work_flops,
 )
-from pipeline.engine.config import EngineConfig, ModelConfig
+from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.engine import HOST_PHASES, LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.models.loader import read_spec
@@ -83,6 +83,11 @@ def parse_args() -> argparse.Namespace:
         "--separate-n4", action="store_true", help="also time n=4 as 4 separate requests"
     )
     p.add_argument("--model-dir", type=Path, default=None)
+    p.add_argument(
+        "--quant",
+        default="none",
+        help="quant.method values, one engine each: none,int8,nf4 (baseline beside the first)",
+    )
     p.add_argument("--json", type=Path, default=None, help="append results as JSON lines")
     return p.parse_args()
 
@@ -231,7 +236,6 @@ def main() -> None:
     vocab = SHAPES[args.size]["vocab_size"]
     prompts = log_uniform_prompts(args.num_prompts, args.min_len, args.max_len, vocab)
     engine_cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
-    engine = LLMEngine.from_config(ModelConfig(path=str(model_dir)), engine_cfg)
     peak = matmul_peak(dtype, args.device)
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else 0.0
     hf = load_hf(model_dir, dtype, args.device) if args.baseline else None
@@ -246,13 +250,21 @@ def main() -> None:
         f"{header[0]:8} {header[1]:>11} {header[2]:>8} {'batch':>6} {'step ms':>8} "
         f"{'host ms':>8} " + " ".join(f"{h:>10}" for h in header[3:])
     )
-    for mode in args.modes.split(","):
-        row = run_mode(args, mode, engine, hf, prompts, peak, bandwidth)
-        print(format_row(row), flush=True)
-        print(format_costs(row), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    for method in args.quant.split(","):
+        quant = QuantConfig(method=method)
+        engine = LLMEngine.from_config(ModelConfig(path=str(model_dir)), engine_cfg, quant)
+        if method != "none" or "," in args.quant:
+            info = engine.model_info
+            print(f"# quant {method}: weights {info['weight_bytes'] / 2**20:.0f} MiB")
+        for mode in args.modes.split(","):
+            row = run_mode(args, mode, engine, hf, prompts, peak, bandwidth) | {"quant": method}
+            print(format_row(row), flush=True)
+            print(format_costs(row), flush=True)
+            if args.json:
+                with open(args.json, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+        hf = None  # the baseline once, beside the first method
+        del engine
 
 
 if __name__ == "__main__":

@@ -44,10 +44,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def build_random_model(
-    directory: Path, size: str, seed: int = 0, max_positions: int = 1024, device: str = "cpu"
+    directory: Path,
+    size: str,
+    seed: int = 0,
+    max_positions: int = 1024,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Save a random-weight LlamaForCausalLM of a named shape (HF format) with a tokenizer.
-    On a GPU the weights are made there, in bf16, in seconds (no download)."""
+    On a GPU the weights are made there in seconds (no download). Saved in `dtype`
+    (default: bf16 on a GPU, fp32 on the CPU)."""
     from tokenizers import Tokenizer, models
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -62,8 +68,8 @@ def build_random_model(
     )
     with torch.device(device):
         model = LlamaForCausalLM(config)
-    if device != "cpu":
-        model = model.to(torch.bfloat16)  # type: ignore[arg-type]
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
+    model = model.to(dtype)  # type: ignore[arg-type]
     model.save_pretrained(directory)
     vocab = {f"<{i}>": i for i in range(config.vocab_size)}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))

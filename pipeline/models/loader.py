@@ -7,6 +7,7 @@ copies. No pickle, no remote code.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pipeline.assets import demo_model_dir
 from pipeline.models.llama import LlamaForCausalLM
 from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, quantize_modules
 from pipeline.models.rope import RotaryEmbedding
-from pipeline.models.safetensors_io import read_header, read_safetensors
+from pipeline.models.safetensors_io import SafetensorsFile, read_header
 from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -124,22 +125,28 @@ def _load_weights(
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     pending = _PendingQuant(quantized, device)
     filled: set[str] = set()
-    for file in files:
-        for name, tensor in read_safetensors(file):
-            if "rotary_emb" in name or (name == "lm_head.weight" and spec.tie_word_embeddings):
-                continue
-            module, part, key = _quant_part(name, spec)
-            if module in quantized:
-                pending.add(module, part, key, tensor)
-                continue
-            target, rows = _target(name, spec)
-            if target not in params:
-                raise ValueError(f"{file.name}: unexpected weight {name!r}")
-            with torch.no_grad():
-                dest: torch.Tensor = params[target]
-                dest = dest if rows is None else dest[rows[0] : rows[1]]
-                dest.copy_(tensor)
-            filled.add(target)
+    for path in files:
+        with SafetensorsFile(path) as file, torch.no_grad():
+            for name in file.names():
+                if "rotary_emb" in name or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                    continue
+                module, part, key = _quant_part(name, spec)
+                if module in quantized:
+                    pending.add(module, part, key, file.read(name))
+                    continue
+                target, rows = _target(name, spec)
+                if target not in params:
+                    raise ValueError(f"{path.name}: unexpected weight {name!r}")
+                dest = params[target] if rows is None else params[target][rows[0] : rows[1]]
+                if (
+                    dest.device.type == "cpu"
+                    and dest.is_contiguous()
+                    and dest.dtype == file.dtype(name)
+                ):
+                    file.read(name, out=dest)  # in place: no temporary the size of the tensor
+                else:
+                    dest.copy_(file.read(name))
+                filled.add(target)
     pending.finish()
     if spec.tie_word_embeddings:
         filled.add("lm_head.weight")
@@ -171,6 +178,8 @@ class _PendingQuant:
             if rows == layer.out_features:
                 layer.set_weight(buffer)
                 self.dense.pop(module, None)
+                del buffer
+                release_freed_memory()
             else:
                 self.dense[module] = (buffer, rows)
             return
@@ -194,6 +203,25 @@ class _PendingQuant:
                 ]
                 layer.set_4bit(*(states[0] if len(states) == 1 else fuse_4bit(states)))
         self.stored.clear()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc). Loading frees a layer's full-precision
+    buffer and temporaries at a time; without this they stay in the heap and a model loaded
+    quantized peaked at 1.55x its final size (1B shape, nf4) instead of 1.17x."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _state_dict(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from pipeline.engine.config import ConfigError
 
 METHODS = ("none", "int8", "nf4", "fp4")
 BLOCKSIZE = 64  # values per 4-bit absmax block (bitsandbytes' default, as transformers saves)
+CHUNK = 2**20  # values quantized at a time while loading (a multiple of BLOCKSIZE)
 
 
 @dataclass(frozen=True)
@@ -86,17 +87,10 @@ class QuantLinear(nn.Module):
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize a full-precision [out, in] weight (which the caller then drops)."""
         if self.spec.method == "int8":
-            cb, scb, _ = bnbf.int8_vectorwise_quant(weight.to(torch.float16))
-            self.set_int8(cb, scb)
+            self.set_int8(*quantize_int8(weight))
         else:
-            packed, state = bnbf.quantize_4bit(
-                weight.to(self.spec.compute_dtype),
-                blocksize=BLOCKSIZE,
-                compress_statistics=self.spec.double_quant,
-                quant_type=self.spec.method,
-                quant_storage=torch.uint8,
-            )
-            self.set_4bit(packed, state)
+            weight = weight.to(self.spec.compute_dtype)
+            self.set_4bit(*quantize_4bit(weight, self.spec.method, self.spec.double_quant))
 
     def set_int8(self, cb: torch.Tensor, scb: torch.Tensor) -> None:
         if tuple(cb.shape) != tuple(self.shape) or cb.dtype != torch.int8:
@@ -166,6 +160,44 @@ class QuantLinear(nn.Module):
             assert self.qweight is not None and self.quant_state is not None
             out = bnb.matmul_4bit(x, self.qweight.t(), self.quant_state, bias=self.bias)
         return out.to(x.dtype)
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' row-wise int8: CB [out, in] int8 and SCB [out] fp32. In row chunks,
+    so the temporaries stay small (rows are independent)."""
+    rows = max(1, CHUNK // weight.shape[1])
+    parts = [
+        bnbf.int8_vectorwise_quant(weight[start : start + rows].to(torch.float16))[:2]
+        for start in range(0, weight.shape[0], rows)
+    ]
+    return torch.cat([cb for cb, _ in parts]), torch.cat([scb for _, scb in parts])
+
+
+def quantize_4bit(
+    weight: torch.Tensor, method: str, double_quant: bool
+) -> tuple[torch.Tensor, bnbf.QuantState]:
+    """bitsandbytes' blockwise 4-bit over the flattened weight, as `quantize_4bit` stores it,
+    computed in chunks of whole blocks (its CPU kernel's temporaries are many times the
+    input), then the block scales double-quantized over the whole weight as it does."""
+    flat = weight.reshape(-1)
+    packed, absmax = [], []
+    for start in range(0, flat.numel(), CHUNK):
+        part, state = bnbf.quantize_4bit(
+            flat[start : start + CHUNK], blocksize=BLOCKSIZE, quant_type=method
+        )
+        packed.append(part.view(-1))
+        absmax.append(state.absmax)
+    scales = torch.cat(absmax)
+    code = bnbf.get_4bit_type(method, device=weight.device)
+    common = dict(shape=weight.shape, dtype=weight.dtype, blocksize=BLOCKSIZE, code=code)
+    if not double_quant:
+        return torch.cat(packed), bnbf.QuantState(absmax=scales, quant_type=method, **common)
+    offset = scales.mean()
+    nested, state2 = bnbf.quantize_blockwise(scales - offset, blocksize=256)
+    state = bnbf.QuantState(
+        absmax=nested, quant_type=method, offset=offset, state2=state2, **common
+    )
+    return torch.cat(packed), state
 
 
 def quantize_modules(model: nn.Module, spec: QuantSpec) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +48,42 @@ def read_header(path: Path) -> tuple[dict[str, dict[str, Any]], int]:
     return header, 8 + size
 
 
-def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) in file order, each in freshly allocated CPU memory."""
-    header, data_start = read_header(path)
-    entries = sorted(header.items(), key=lambda item: item[1]["data_offsets"][0])
-    with open(path, "rb") as f:
-        for name, info in entries:
-            dtype = DTYPES.get(info["dtype"])
-            if dtype is None:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
-            tensor = torch.empty(info["shape"], dtype=dtype)
-            if tensor.numel() * tensor.element_size() != end - start:
-                raise ValueError(f"{path}: tensor {name!r} has a size that its shape contradicts")
-            f.seek(data_start + start)
-            raw = tensor.reshape(-1).view(torch.uint8).numpy()
-            if end > start and f.readinto(raw.data) != end - start:
-                raise ValueError(f"{path}: truncated in tensor {name!r}")
-            yield name, tensor
+class SafetensorsFile:
+    """One file's tensors, read one at a time: into a new CPU tensor, or straight into a
+    destination of the same dtype and size (no temporary copy)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header, self.data_start = read_header(path)
+        self._file = open(path, "rb")  # noqa: SIM115 (closed by __exit__)
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (sequential reads)."""
+        return sorted(self.header, key=lambda name: self.header[name]["data_offsets"][0])
+
+    def dtype(self, name: str) -> torch.dtype:
+        dtype = DTYPES.get(self.header[name]["dtype"])
+        if dtype is None:
+            raise ValueError(f"{self.path}: {name!r} has unsupported dtype {self.header[name]}")
+        return dtype
+
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor `name`; into `out` when given (CPU, contiguous, same dtype and size)."""
+        info = self.header[name]
+        start, end = info["data_offsets"]
+        tensor = torch.empty(info["shape"], dtype=self.dtype(name)) if out is None else out
+        if not (tensor.is_contiguous() and tensor.device.type == "cpu"):
+            raise ValueError("SafetensorsFile.read: out must be a contiguous CPU tensor")
+        if tensor.numel() * tensor.element_size() != end - start:
+            raise ValueError(f"{self.path}: tensor {name!r} has a size its shape contradicts")
+        raw = tensor.reshape(-1).view(torch.uint8).numpy()
+        self._file.seek(self.data_start + start)
+        if end > start and self._file.readinto(raw.data) != end - start:
+            raise ValueError(f"{self.path}: truncated in tensor {name!r}")
+        return tensor
