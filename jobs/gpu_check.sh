@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One short GPU check (about 5 minutes on an H100), for a session that is lent a CUDA machine:
+# One short GPU check (about 5-6 minutes on an H100), for a session that is lent a CUDA machine:
 #   1. the kernel tests, the Triton backend tests and the engine's parity and behaviour
 #      tests, all on CUDA (Triton attention, captured decode graphs; HF oracle on the CPU)
 #   2. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
 #      prefill rate against the matmul peak
+#   3. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
+#      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
 # Results go to $OUT (or outputs/gpu_check/): results.md (card, date, commit, numbers),
 # bench.jsonl, tests.txt. Append results.md to jobs/gpu_check_results.md and commit it.
 #
@@ -26,13 +28,20 @@ versions="$(python3 -c 'import torch, triton; print("torch", torch.__version__, 
 
 PIPELINE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_backends.py tests/test_engine_parity.py \
-    tests/test_engine_behaviour.py 2>&1 | tail -n 25 | tee "$out/tests.txt"
+    tests/test_engine_behaviour.py tests/test_quant.py 2>&1 | tail -n 25 | tee "$out/tests.txt"
 tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 
 timeout 330 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
     --num-prompts 512 --fanout-prompts 256 --new-tokens 128 \
     --hf-batch greedy=256,n4=64,beam4=64 --model-dir /tmp/pipeline-bench-1B \
     --json "$out/bench.jsonl" 2>&1 | grep -v -E 'Loading|Writing' | tee "$out/bench.txt"
+
+# max_num_seqs 4096: the KV pool is then bounded by memory, not by the sequence cap, so the
+# blocks show what the quantized weights leave room for.
+timeout 120 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
+    --num-prompts 256 --new-tokens 64 --modes greedy --no-baseline --quant none,int8,nf4 \
+    --max-num-seqs 4096 --model-dir /tmp/pipeline-bench-1B --json "$out/bench.jsonl" 2>&1 \
+    | grep -v -E 'Loading|Writing' | tee "$out/quant.txt"
 
 {
     echo "## $(date -u +%Y-%m-%d) · ${card} · commit ${commit}"
@@ -41,6 +50,10 @@ timeout 330 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
     echo
     echo '```'
     cat "$out/bench.txt"
+    echo '```'
+    echo
+    echo '```'
+    cat "$out/quant.txt"
     echo '```'
 } > "$out/results.md"
 cat "$out/results.md"

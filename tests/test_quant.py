@@ -4,6 +4,7 @@ oracle for pre-quantized checkpoints, full precision as the bound for quality.""
 from __future__ import annotations
 
 import json
+import os
 
 import bitsandbytes as bnb
 import pytest
@@ -21,6 +22,7 @@ from pipeline.models.loader import load_model, read_spec
 from pipeline.models.quant import QuantLinear, QuantSpec, resolve_quant
 
 CPU = torch.device("cpu")
+DEVICE = torch.device(os.environ.get("PIPELINE_TEST_DEVICE", "cpu"))  # jobs/gpu_check.sh: cuda
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,7 @@ def bnb_reference(method: str, weight: torch.Tensor, bias: torch.Tensor) -> torc
         )
         module.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=method)
     module.bias = torch.nn.Parameter(bias.clone(), requires_grad=False)
-    return module.to(CPU).eval()  # quantizes; eval: inference kernels, as in a served model
+    return module.to(DEVICE).eval()  # quantizes; eval: inference kernels, as in a served model
 
 
 @pytest.mark.parametrize("method", ["int8", "nf4", "fp4"])
@@ -50,8 +52,9 @@ def test_quant_linear_matches_bitsandbytes_module(method):
     weight, bias, x = torch.randn(96, 128) * 0.05, torch.randn(96), torch.randn(5, 128)
     reference = bnb_reference(method, weight, bias)
     ours = QuantLinear(128, 96, True, QuantSpec(method, torch.float32))  # double quant, as bnb
-    ours.bias = torch.nn.Parameter(bias.clone())
-    ours.set_weight(weight)
+    ours.bias = torch.nn.Parameter(bias.clone().to(DEVICE))
+    ours.set_weight(weight.to(DEVICE))
+    x, bias = x.to(DEVICE), bias.to(DEVICE)
     with torch.no_grad():
         expected, got = reference(x), ours(x)
         ours.spec = QuantSpec(method, torch.float32, matmul="bitsandbytes")
@@ -114,7 +117,13 @@ def test_quantized_model_stays_close_to_full_precision(model_dir, method):
 
 
 def make_engine_quant(model_dir, method: str, **quant) -> LLMEngine:
-    settings = EngineConfig(device="cpu", dtype="float32", block_size=4, kv_cache_memory=8 * 2**20)
+    settings = EngineConfig(
+        device=DEVICE.type,
+        dtype="float32",
+        block_size=4,
+        kv_cache_memory=8 * 2**20,
+        max_num_seqs=32,
+    )
     return LLMEngine.from_config(
         ModelConfig(path=str(model_dir)), settings, QuantConfig(method=method, **quant)
     )

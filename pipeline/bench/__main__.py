@@ -88,6 +88,7 @@ def parse_args() -> argparse.Namespace:
         default="none",
         help="quant.method values, one engine each: none,int8,nf4 (baseline beside the first)",
     )
+    p.add_argument("--quant-matmul", default="dequant", choices=["dequant", "bitsandbytes"])
     p.add_argument("--json", type=Path, default=None, help="append results as JSON lines")
     return p.parse_args()
 
@@ -251,11 +252,14 @@ def main() -> None:
         f"{'host ms':>8} " + " ".join(f"{h:>10}" for h in header[3:])
     )
     for method in args.quant.split(","):
-        quant = QuantConfig(method=method)
+        quant = QuantConfig(method=method, matmul=args.quant_matmul)
         engine = LLMEngine.from_config(ModelConfig(path=str(model_dir)), engine_cfg, quant)
         if method != "none" or "," in args.quant:
             info = engine.model_info
-            print(f"# quant {method}: weights {info['weight_bytes'] / 2**20:.0f} MiB")
+            print(
+                f"# quant {method}: weights {info['weight_bytes'] / 2**20:.0f} MiB, KV blocks "
+                f"{info['kv_blocks']} (room for {info['kv_budget_blocks']})"
+            )
         for mode in args.modes.split(","):
             row = run_mode(args, mode, engine, hf, prompts, peak, bandwidth) | {"quant": method}
             print(format_row(row), flush=True)

@@ -79,9 +79,8 @@ class LLMEngine:
         max_len = min(model_cfg.max_model_len or spec.max_model_len, spec.max_model_len)
         quant_spec = _quant_spec(quant or QuantConfig(), model_dir, dtype, device)
         model = load_model(model_dir, spec, dtype, device, max_len, quant_spec)
-        blocks = BlockManager(
-            kv_pool_blocks(engine_cfg, spec, dtype, device, max_len), engine_cfg.block_size
-        )
+        num_blocks, budget_blocks = kv_pool_blocks(engine_cfg, spec, dtype, device, max_len)
+        blocks = BlockManager(num_blocks, engine_cfg.block_size)
         backend = make_backend(device, engine_cfg.attention)
         runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device, backend)
         if device.type == "cuda" and backend.name == "triton" and engine_cfg.cuda_graphs:
@@ -92,6 +91,7 @@ class LLMEngine:
         info |= {
             "quant": quant_spec.method if quant_spec else "none",
             "kv_blocks": blocks.num_blocks,
+            "kv_budget_blocks": budget_blocks,  # uncapped: the room the weights left
         }
         log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
         eos = _eos_ids(model_dir, spec, tokenizer)

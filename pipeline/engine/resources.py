@@ -47,8 +47,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def kv_pool_blocks(
     cfg: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_model_len: int
-) -> int:
-    """Number of KV blocks: the configured budget, capped at what max_num_seqs can ever use."""
+) -> tuple[int, int]:
+    """Number of KV blocks: the configured budget (measured after the weights are in
+    place), capped at what max_num_seqs can ever use; and the budget's blocks uncapped."""
     per_block = spec.kv_bytes_per_token * cfg.block_size * torch.finfo(dtype).bits // 8
     budget = parse_memory(cfg.kv_cache_memory)
     if device.type == "cuda":
@@ -76,4 +77,4 @@ def kv_pool_blocks(
         cfg.block_size,
         blocks * per_block / 2**20,
     )
-    return int(blocks)
+    return int(blocks), int(budget_bytes // per_block)

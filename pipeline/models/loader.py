@@ -15,11 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bitsandbytes.functional import QuantState
 
 from pipeline.assets import demo_model_dir
 from pipeline.models.llama import LlamaForCausalLM
-from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, quantize_modules
+from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, load_state, quantize_modules
 from pipeline.models.rope import RotaryEmbedding
 from pipeline.models.safetensors_io import SafetensorsFile, read_header
 from pipeline.models.spec import ModelSpec
@@ -197,10 +196,7 @@ class _PendingQuant:
                     torch.cat([p["SCB"] for p in ordered]),
                 )
             else:
-                states = [
-                    (p["weight"], QuantState.from_dict(_state_dict(p), self.device))
-                    for p in ordered
-                ]
+                states = [(p["weight"], load_state(_state_dict(p), self.device)) for p in ordered]
                 layer.set_4bit(*(states[0] if len(states) == 1 else fuse_4bit(states)))
         self.stored.clear()
 

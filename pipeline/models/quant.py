@@ -20,10 +20,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import torch
 from torch import nn
+
+try:
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+except ImportError:  # a machine without it still runs unquantized models (see resolve_quant)
+    bnb = bnbf = None  # type: ignore[assignment]
 
 from pipeline.engine.config import ConfigError
 
@@ -242,6 +246,11 @@ def fuse_4bit(
     return torch.cat([packed.view(-1, 1) for packed, _ in parts]), fused
 
 
+def load_state(components: dict[str, torch.Tensor], device: torch.device) -> bnbf.QuantState:
+    """A 4-bit weight's QuantState from its saved components ("absmax", "quant_map", ...)."""
+    return bnbf.QuantState.from_dict(components, device)
+
+
 def _absmax(state: bnbf.QuantState) -> torch.Tensor:
     if state.state2 is None:
         return state.absmax.float()
@@ -267,6 +276,8 @@ def resolve_quant(
     chosen = saved or method
     if chosen == "none":
         return None
+    if bnb is None:
+        raise ConfigError(f"quant.method={chosen} needs bitsandbytes: pip install bitsandbytes")
     return QuantSpec(chosen, compute_dtype, double_quant, skip_modules, matmul)
 
 
