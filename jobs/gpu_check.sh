@@ -36,11 +36,10 @@ timeout 330 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
     --hf-batch greedy=256,n4=64,beam4=64 --model-dir /tmp/pipeline-bench-1B \
     --json "$out/bench.jsonl" 2>&1 | grep -v -E 'Loading|Writing' | tee "$out/bench.txt"
 
-# max_num_seqs 4096: the KV pool is then bounded by memory, not by the sequence cap, so the
-# blocks show what the quantized weights leave room for.
+# "room for" KV blocks: the memory budget after the weights, before the max_num_seqs cap.
 timeout 120 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
     --num-prompts 256 --new-tokens 64 --modes greedy --no-baseline --quant none,int8,nf4 \
-    --max-num-seqs 4096 --model-dir /tmp/pipeline-bench-1B --json "$out/bench.jsonl" 2>&1 \
+    --model-dir /tmp/pipeline-bench-1B --json "$out/bench.jsonl" 2>&1 \
     | grep -v -E 'Loading|Writing' | tee "$out/quant.txt"
 
 {
