@@ -46,6 +46,18 @@ def bnb_reference(method: str, weight: torch.Tensor, bias: torch.Tensor) -> torc
     return module.to(DEVICE).eval()  # quantizes; eval: inference kernels, as in a served model
 
 
+def test_dequant_buffer_first_made_under_inference_mode_serves_no_grad_later():
+    # The engine runs under inference_mode, a caller may then run under no_grad: the shared
+    # dequantize buffer must not be an inference tensor.
+    layer = QuantLinear(128, 4096, False, QuantSpec("int8", torch.float32))  # widest yet
+    layer.set_weight(torch.randn(4096, 128, device=DEVICE))
+    x = torch.randn(2, 128, device=DEVICE)
+    with torch.inference_mode():
+        first = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), first)
+
+
 @pytest.mark.parametrize("method", ["int8", "nf4", "fp4"])
 def test_quant_linear_matches_bitsandbytes_module(method):
     torch.manual_seed(0)

@@ -63,7 +63,10 @@ class _DequantBuffer:
         numel = shape[0] * shape[1]
         buf = self._buffers.get((dtype, device))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor, even when first asked for under inference_mode: an
+            # inference tensor could not be written outside it later.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[(dtype, device)] = buf
         return buf[:numel].view(shape)
 
