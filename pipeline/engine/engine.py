@@ -16,16 +16,16 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
-from pipeline.engine.decide import Decider
+from pipeline.engine.decide import Decider, Decision, StepPlan
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.postprocess import Postprocessor
 from pipeline.engine.random import derive_seed
 from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dtype
 from pipeline.engine.runner import ModelRunner
-from pipeline.engine.scheduler import Scheduler
+from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
-from pipeline.models.attention import make_backend
+from pipeline.models.attention import TorchBackend, Workspace, make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
 from pipeline.models.spec import ModelSpec
@@ -137,35 +137,87 @@ class LLMEngine:
 
         schedule (host) -> plan sampling and forks (host) -> prepare metadata, one copy to
         the device -> forward -> sample or rank beams, one copy to the host -> update (host).
+        A step that runs out of memory before `update` is undone (see `_back_off`).
         """
-        clock = time.perf_counter()
-        started = clock
+        started = time.perf_counter()
         batch = self.scheduler.schedule()
         if batch is not None:
-            kind = "prefill" if batch.is_prefill else "decode"
-            if batch.is_prefill:
-                self.num_prefill_tokens += batch.num_tokens
-            else:
-                self.num_decode_tokens += batch.num_tokens
-                self.num_decode_steps += 1
-            phases = self.phase_seconds[kind]
-            clock = _lap(phases, "schedule", clock)
-            plan = self.decider.plan(batch)
-            clock = _lap(phases, "plan", clock)
-            inputs = self.runner.prepare(batch, plan.arrays)
-            clock = _lap(phases, "prepare", clock)
-            logits = self.runner.forward(inputs)
-            clock = _lap(phases, "forward", clock)
-            decision = self.decider.decide(plan, logits, inputs.tensors)
-            clock = _lap(phases, "sample", clock)
-            self.post.update(plan, decision)
-            _lap(phases, "update", clock)
-            self.num_steps += 1
+            self._run(batch, started)
         for request, reason in self.scheduler.failed:
             self.post.reject(request, reason)
         self.scheduler.failed.clear()
         self.step_seconds += time.perf_counter() - started
         return self.post.drain()
+
+    def _run(self, batch: ScheduledBatch, clock: float) -> None:
+        phases = self.phase_seconds["prefill" if batch.is_prefill else "decode"]
+        num_tokens = batch.num_tokens  # before `update` grows the sequences
+        clock = _lap(phases, "schedule", clock)
+        try:
+            plan, decision, clock = self._compute(batch, phases, clock)
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            lines = str(exc).strip().splitlines()  # CUDA's message goes on about the allocator
+            error = f"{type(exc).__name__}: {lines[0] if lines else 'out of memory'}"
+        else:
+            self.post.update(plan, decision)
+            _lap(phases, "update", clock)
+            self._count(batch.is_prefill, num_tokens)
+            return
+        # Outside the `except`: its traceback holds the failed step's tensors.
+        self._back_off(batch, error)
+
+    def _compute(
+        self, batch: ScheduledBatch, phases: dict[str, float], clock: float
+    ) -> tuple[StepPlan, Decision, float]:
+        """Everything before `update`: no sequence has its new token yet."""
+        plan = self.decider.plan(batch)
+        clock = _lap(phases, "plan", clock)
+        inputs = self.runner.prepare(batch, plan.arrays)
+        clock = _lap(phases, "prepare", clock)
+        logits = self.runner.forward(inputs)
+        clock = _lap(phases, "forward", clock)
+        decision = self.decider.decide(plan, logits, inputs.tensors)
+        return plan, decision, _lap(phases, "sample", clock)
+
+    def _count(self, is_prefill: bool, num_tokens: int) -> None:
+        self.num_steps += 1
+        if is_prefill:
+            self.num_prefill_tokens += num_tokens
+        else:
+            self.num_decode_tokens += num_tokens
+            self.num_decode_steps += 1
+        if self.scheduler.capped:
+            self.scheduler.step_done()
+
+    def _back_off(self, batch: ScheduledBatch, error: str) -> None:
+        """Out of memory: the batch's requests go back to the queue to be recomputed (none
+        lost a token: `update` did not run), cached device memory is freed and the
+        scheduler shrinks the next steps (or fails a request that ran out alone)."""
+        scheduler = self.scheduler
+        failed = scheduler.back_off(batch, error)
+        self._free_cached_memory()
+        log.warning(
+            "out of memory in a %s step of %d sequences (%s); caps now %d sequences, "
+            "%d prefill tokens",
+            "prefill" if batch.is_prefill else "decode",
+            len(batch.seqs),
+            error,
+            scheduler.seq_cap,
+            scheduler.token_cap,
+        )
+        if failed is not None:
+            log.warning("request %s ran out of memory alone: it fails", failed.request_id)
+
+    def _free_cached_memory(self) -> None:
+        """Reused step buffers only ever grow (to the largest batch so far): drop them, then
+        hand the allocator's cached blocks back, so the smaller steps find room."""
+        self.decider.workspace = Workspace()
+        if isinstance(self.runner.backend, TorchBackend):
+            self.runner.backend.workspace = Workspace()
+        if self.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self.post.has_output()
@@ -207,7 +259,20 @@ class LLMEngine:
             "decode_context_tokens": self.runner.decode_context_tokens,
             "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
             "exact_resamples": self.decider.num_exact_resamples,
+            "num_oom_events": self.scheduler.num_oom_events,
+            "oom_failed_requests": self.scheduler.num_oom_failed,
+            "oom_seq_cap": self.scheduler.seq_cap,
+            "oom_token_cap": self.scheduler.token_cap,
         }
+
+
+def _is_oom(exc: RuntimeError) -> bool:
+    """CUDA's OutOfMemoryError, or a plain RuntimeError saying so (the CPU allocator's,
+    a CUDA library's)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    message = str(exc)
+    return any(m in message for m in ("DefaultCPUAllocator", "can't allocate", "out of memory"))
 
 
 def _lap(phases: dict[str, float], name: str, since: float) -> float:

@@ -4,6 +4,10 @@ Each step is either a prefill (waiting requests admitted while the token, sequen
 budgets allow; their prompts are packed without padding) or a decode of every running
 sequence. When the KV pool runs dry, the most recently admitted request is preempted and
 later recomputed, so the oldest requests always make progress and nothing deadlocks.
+
+When a step runs out of device memory, the engine hands the batch back (`back_off`): its
+requests are recomputed later, and the cap that bounds that kind of step (prefill tokens or
+running sequences) is halved; it grows back after a run of steps without one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,12 @@ class Scheduler:
         self.running: list[Request] = []
         self.failed: list[tuple[Request, str]] = []  # requests that can never run, with why
         self.num_preemptions = 0
+        # Out-of-memory back-off: the caps in force (the configured maxima until an OOM).
+        self.seq_cap = max_num_seqs
+        self.token_cap = max_num_batched_tokens
+        self.grow_after = 64  # steps without an OOM before the caps double again
+        self.num_oom_events = self.num_oom_failed = 0
+        self._calm_steps = 0
         # Bumped whenever the running sequences change; while it holds, a decode batch has
         # the same sequences in the same order and per-row work derived from it is reusable.
         self.version = 0
@@ -86,9 +96,9 @@ class Scheduler:
             request = self.waiting[0]
             tokens = sum(len(s) for s in request.seqs)
             blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
-            if batch.seqs and num_tokens + tokens > self.max_num_batched_tokens:
+            if batch.seqs and num_tokens + tokens > self.token_cap:
                 break
-            if num_seqs + _seq_budget(request) > self.max_num_seqs and num_seqs > 0:
+            if num_seqs + _seq_budget(request) > self.seq_cap and num_seqs > 0:
                 break
             alone = not self.running and not batch.seqs  # then the whole pool is free
             if blocks + watermark > self.blocks.num_free and not (
@@ -144,13 +154,69 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks; it re-enters the queue front and is recomputed."""
+        self._requeue(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+
+    def _requeue(self, request: Request) -> None:
         self.running.remove(request)
         self.version += 1
         for seq in request.seqs:
             self.blocks.free(seq)
-        request.num_preemptions += 1
-        self.num_preemptions += 1
         self.waiting.appendleft(request)
+
+    @property
+    def capped(self) -> bool:
+        return self.seq_cap < self.max_num_seqs or self.token_cap < self.max_num_batched_tokens
+
+    def back_off(self, batch: ScheduledBatch, error: str) -> Request | None:
+        """`batch` ran out of memory before any of its sequences got a token: undo it and
+        halve the cap on its kind of step, below what it used. A request that ran out of
+        memory alone gets one retry alone (cap at 1), then fails with `error`: returned."""
+        self.num_oom_events += 1
+        self._calm_steps = 0
+        requests = self._unschedule(batch)
+        prefill = batch.is_prefill
+        cap = self.token_cap if prefill else self.seq_cap
+        if len(requests) == 1 and cap == 1:
+            self.waiting.popleft()
+            self.failed.append((requests[0], f"out of memory even alone: {error}"))
+            self.num_oom_failed += 1
+            return requests[0]
+        used = batch.num_tokens if prefill else len(batch.seqs)
+        cap = 1 if len(requests) == 1 else max(1, min(cap, used) // 2)
+        if prefill:  # prefill memory grows with its tokens, decode memory with its sequences
+            self.token_cap = cap
+        else:
+            self.seq_cap = cap
+        return None
+
+    def step_done(self) -> None:
+        """A step ran without running out of memory: after `grow_after` in a row the caps
+        double towards the configured maxima, so one transient OOM does not slow the rest
+        of a long job."""
+        self._calm_steps += 1
+        if self._calm_steps >= self.grow_after:
+            self._calm_steps = 0
+            self.seq_cap = min(self.max_num_seqs, 2 * self.seq_cap)
+            self.token_cap = min(self.max_num_batched_tokens, 2 * self.token_cap)
+
+    def _unschedule(self, batch: ScheduledBatch) -> list[Request]:
+        """The batch's requests back to the queue front in batch order, blocks freed, to be
+        recomputed. Forks made since scheduling (n > 1 samples fork at their first token,
+        in `decide.plan`) are undone so the recompute forks again and shares the prompt."""
+        requests = list(dict.fromkeys(batch.requests))
+        scheduled = set(batch.seqs)
+        for request in requests:
+            forks = [seq for seq in request.seqs if seq not in scheduled]
+            if forks:
+                request.seqs = [seq for seq in request.seqs if seq in scheduled]
+                request.pending_forks = True
+                for seq in forks:
+                    self.release(seq)
+        for request in reversed(requests):  # appendleft: the first ends up in front
+            self._requeue(request)
+        return requests
 
 
 def _seq_budget(request: Request) -> int:
