@@ -30,6 +30,8 @@ def test_bad_rows_get_errors_and_keep_their_place(tiny_llama_dir: Path, tmp_path
     rows = tokenize_unit(unit, _spec(tiny_llama_dir, max_model_len=max_len)).rows
     assert [r.index for r in rows] == list(range(6))
     assert [r.id for r in rows] == [f"in.parquet:{i}" for i in range(6)]  # no id column
+    kinds = [r.error_kind for r in rows]
+    assert kinds == [None, "null_text", "empty_text", "invalid_utf8", "too_long", None]
     errors = [r.error for r in rows]
     assert errors[0] is None and errors[5] is None
     assert errors[1] == "text is null" and errors[2] == "text is empty"
