@@ -1,6 +1,12 @@
-"""`python -m pipeline +job=NAME key=value ...`: compose `conf/` and run the job."""
+"""`python -m pipeline +job=NAME key=value ...`: compose `conf/` and run the job.
+
+Exit status 0 when every shard was written (rows with `error` set included), 1 when an input
+shard could not be read (the others were written; `summary.json` lists the failed ones).
+"""
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -17,7 +23,8 @@ def main(cfg: DictConfig) -> None:
     else:
         from pipeline.run import run
 
-        run(cfg)
+        if run(cfg).get("failed_shards"):
+            sys.exit(1)
 
 
 if __name__ == "__main__":

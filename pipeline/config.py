@@ -44,8 +44,17 @@ class InputConfig:
     # num_parts-th shard starting at `part`.
     part: int = 0
     num_parts: int = 1
+    # A prompt longer than the context: none (the row gets an error), left or right (cut that
+    # end of the row's text, never the template, until it fits with room to generate).
+    truncate: str = "none"
+    # A literal "</s>" or "<|eot_id|>" in a row's text stays text unless this is true.
+    parse_special_tokens: bool = False
 
     def __post_init__(self) -> None:
+        _require(
+            self.truncate in ("none", "left", "right"),
+            f"input.truncate must be none, left or right, got {self.truncate!r}",
+        )
         _require(self.num_parts >= 1, f"input.num_parts must be >= 1, got {self.num_parts}")
         _require(
             0 <= self.part < self.num_parts,
@@ -64,12 +73,18 @@ class InputConfig:
 class OutputConfig:
     dir: Optional[str] = None  # noqa: UP045 (null: the Hydra run dir outputs/<job>/<date>/<time>)
     compression: str = "zstd"
+    # Finished rows wait in memory until this many are pending or the oldest has waited
+    # commit_s; then they are committed as a part file (a rerun never recomputes them).
+    commit_rows: int = 4096
+    commit_s: float = 60.0
 
     def __post_init__(self) -> None:
         _require(
             self.compression in ("zstd", "snappy", "gzip", "lz4", "none"),
             f"output.compression must be zstd, snappy, gzip, lz4 or none, got {self.compression!r}",
         )
+        _require(self.commit_rows >= 1, f"output.commit_rows must be >= 1, got {self.commit_rows}")
+        _require(self.commit_s >= 0, f"output.commit_s must be >= 0, got {self.commit_s}")
 
 
 @dataclass

@@ -1,9 +1,13 @@
 """The generation loop: tokenized rows in, engine steps, result rows out to the writer.
 
-Each turn takes whatever tokenization finished, tops up the engine's waiting queue from the
-length-sorted feeder and runs one engine step. It blocks on tokenization only when the engine
-has nothing at all to do; that wait is the engine's idle time, logged because it must stay
-near zero (tokenization runs beside the engine, not in front of it).
+Each turn takes whatever tokenization finished (while fewer than `max_queued_rows` rows wait:
+memory stays bounded when tokenization outruns the engine), tops up the engine's waiting queue
+from the length-sorted feeder and runs one engine step. It blocks on tokenization only when
+the engine has nothing at all to do; that wait is the engine's idle time, logged because it
+must stay near zero (tokenization runs beside the engine, not in front of it).
+
+Rows an earlier run already committed are dropped before the engine sees them; a shard whose
+input turns out unreadable is dropped whole (its rows still in the engine drain unwritten).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pipeline.accounting import RowAccounting
 from pipeline.batching import LengthSortedFeeder
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import RequestParams
@@ -33,14 +38,6 @@ class Engine(Protocol):
 
 
 @dataclass
-class Scores:
-    """(hypothesis, reference) pairs for BLEU/chrF, from rows that have a reference."""
-
-    hypotheses: list[str] = field(default_factory=list)
-    references: list[str] = field(default_factory=list)
-
-
-@dataclass
 class Driver:
     engine: Engine
     task: Task
@@ -51,26 +48,36 @@ class Driver:
     profiler: StepProfiler
     id_column: str
     text_column: str
+    max_queued_rows: int = 1 << 62  # tokenized rows held before the engine takes them
     idle_s: float = 0.0  # engine waiting for tokenized rows once the first ones came
     start_wait_s: float = 0.0  # engine waiting for the very first rows
     generate_s: float = 0.0
-    scores: Scores = field(default_factory=Scores)
+    rows: RowAccounting = field(default_factory=RowAccounting)
     _in_flight: dict[str, tuple[PromptRow, RequestParams]] = field(default_factory=dict)
+    _failed_seen: int = 0  # of stream.failed
 
     def run(self, stream: TokenStream) -> None:
         while not stream.done or self.feeder.pending or self.engine.has_unfinished_requests():
             busy = self.engine.has_unfinished_requests() or self.feeder.pending > 0
-            waited = time.perf_counter()
-            for unit in stream.poll(block=not busy):
-                self._accept(unit)
-            if not busy:
-                self._count_wait(time.perf_counter() - waited)
+            if not busy or self.feeder.pending < self.max_queued_rows:
+                waited = time.perf_counter()
+                for unit in stream.poll(block=not busy):
+                    self._accept(unit)
+                if not busy:
+                    self._count_wait(time.perf_counter() - waited)
+                self._drop_failed_shards(stream)
             self._feed()
             if self.engine.has_unfinished_requests():
                 self._step()
+            self.writer.tick()
             if self.metrics.due():
                 self.metrics.log(self.engine.stats(), self._live_metrics())
         self.metrics.log(self.engine.stats(), self._live_metrics())
+
+    def _drop_failed_shards(self, stream: TokenStream) -> None:
+        for failed in stream.failed[self._failed_seen :]:
+            self.writer.fail(failed.unit.shard.name, failed.error)
+        self._failed_seen = len(stream.failed)
 
     def _count_wait(self, seconds: float) -> None:
         """Waiting before the first row arrived is start-up (workers importing libraries);
@@ -82,10 +89,13 @@ class Driver:
 
     def _accept(self, unit: TokenizedUnit) -> None:
         """Bad rows go straight to the writer; good rows queue for the engine."""
-        for row in unit.rows:
+        todo = [row for row in unit.rows if not self.writer.has_row(row.shard, row.index)]
+        self.rows.skipped_committed_rows += len(unit.rows) - len(todo)
+        for row in todo:
             if row.error is not None:
-                self._finish(row, self.task.error_columns(row.error, len(row.token_ids) or None))
-        self.feeder.add([row for row in unit.rows if row.error is None])
+                columns = self.task.error_columns(row.error, len(row.token_ids) or None)
+                self._finish(row, columns, row.error_kind)
+        self.feeder.add([row for row in todo if row.error is None])
 
     def _feed(self) -> None:
         num_waiting = self.engine.stats().get("num_waiting", 0)
@@ -104,14 +114,17 @@ class Driver:
             row, params = self._in_flight.pop(out.request_id)
             if out.error is not None or not out.outputs:
                 error = out.error or "the engine returned no output"
-                self._finish(row, self.task.error_columns(error, len(row.token_ids)))
+                self._finish(row, self.task.error_columns(error, len(row.token_ids)), "engine")
             else:
-                self._finish(row, self.task.result_columns(out, params))
+                self._finish(row, self.task.result_columns(out, params), None)
 
-    def _finish(self, row: PromptRow, columns: dict[str, Any]) -> None:
+    def _finish(self, row: PromptRow, columns: dict[str, Any], error_kind: str | None) -> None:
+        if row.shard in self.writer.failed:
+            self.rows.dropped_rows += 1
+            return
         if row.reference is not None and columns["error"] is None:
-            self.scores.hypotheses.append(columns["output_text"])
-            self.scores.references.append(row.reference)
+            self.rows.scores.add(columns["output_text"], row.reference)
+        self.rows.on_row(row.id, error_kind, row.truncated)
         self.metrics.on_row(
             columns["num_prompt_tokens"] or 0,
             columns["num_output_tokens"],
@@ -128,4 +141,5 @@ class Driver:
             "rows_queued": self.feeder.pending,
             "requests_in_flight": len(self._in_flight),
             "shards_committed": len(self.writer.committed),
+            "parts_committed": self.writer.parts_committed,
         }

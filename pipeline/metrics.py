@@ -24,7 +24,6 @@ class MetricsRecorder:
         self._last_time = self.start
         self._last_output_tokens = 0
         self._process = psutil.Process()
-        self.peak_rss_bytes = self._process.memory_info().rss
         self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._bar = tqdm(total=total_rows, unit="row", disable=not progress, dynamic_ncols=True)
 
@@ -44,7 +43,6 @@ class MetricsRecorder:
         interval = max(now - self._last_time, 1e-9)
         elapsed = max(now - self.start, 1e-9)
         rss = self._process.memory_info().rss
-        self.peak_rss_bytes = max(self.peak_rss_bytes, rss)
         line = {
             "time_s": round(elapsed, 3),
             "rows": self.rows,
@@ -68,9 +66,23 @@ class MetricsRecorder:
         self._bar.set_postfix_str(f"{line['interval_output_tokens_per_s']:.0f} out tok/s")
         self._last_time, self._last_output_tokens = now, self.output_tokens
 
+    @property
+    def peak_rss_bytes(self) -> int:
+        return peak_rss()
+
     def close(self) -> None:
         self._bar.close()
         self._file.close()
+
+
+def peak_rss() -> int:
+    """This process's RSS high-water mark (VmHWM: unlike getrusage's ru_maxrss, it does not
+    inherit the parent's peak across fork and exec); the current RSS where /proc is absent."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return psutil.Process().memory_info().rss
 
 
 def _gpu_metrics() -> dict[str, Any]:

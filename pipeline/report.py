@@ -12,10 +12,9 @@ from typing import Any
 
 import torch
 
-from pipeline.driver import Driver, Scores
+from pipeline.accounting import Scores
+from pipeline.driver import Driver
 from pipeline.stream import TokenStream
-
-QUALITY_SAMPLE_ROWS = 4096  # BLEU/chrF on at most this many rows, evenly spread
 
 
 @dataclass
@@ -26,23 +25,20 @@ class Timings:
 
 
 def quality(scores: Scores) -> dict[str, Any]:
-    if not scores.references:
+    if not scores.rows:
         return {}
     import sacrebleu
 
-    pairs = list(zip(scores.hypotheses, scores.references, strict=True))
-    exact = sum(h.strip() == r.strip() for h, r in pairs) / len(pairs)
     # BLEU and chrF cost ~0.2 ms a row after generation has ended: score an even sample.
-    sample = pairs[:: -(-len(pairs) // QUALITY_SAMPLE_ROWS)]
-    hyps, refs = [h for h, _ in sample], [[r for _, r in sample]]
+    hyps, refs = [h for h, _ in scores.sample], [[r for _, r in scores.sample]]
     return {
         # Corpus BLEU counts up to 4-grams: one-word outputs (the demo's numbers) score 0
         # however right they are; chrF and exact match still tell.
         "bleu": sacrebleu.corpus_bleu(hyps, refs).score,
         "chrf": sacrebleu.corpus_chrf(hyps, refs).score,
-        "bleu_chrf_rows": len(sample),
-        "exact_match": exact,
-        "scored_rows": len(pairs),
+        "bleu_chrf_rows": len(scores.sample),
+        "exact_match": scores.exact / scores.rows,
+        "scored_rows": scores.rows,
     }
 
 
@@ -64,13 +60,21 @@ def build_summary(
     model_info: dict[str, Any],
     config: dict[str, Any],
     skipped_shards: list[str],
+    failed_shards: dict[str, str],
 ) -> dict[str, Any]:
     metrics, writer = driver.metrics, driver.writer
+    engine_stats = driver.engine.stats()
     wall = timings.finished - timings.started
     tokenize_end = stream.finished or timings.finished
     return {
         "rows": metrics.rows,
         "error_rows": metrics.error_rows,
+        **driver.rows.summary(),  # ok rows, errors by kind, truncated, duplicate ids
+        "failed_shards": [{"shard": k, "error": v} for k, v in failed_shards.items()],
+        "resumed_rows": writer.resumed_rows,
+        "parts_committed": writer.parts_committed,
+        "tokenize_retries": getattr(stream, "retries", 0),
+        "oom_events": engine_stats.get("num_oom_events", 0),
         "prompt_tokens": metrics.prompt_tokens,
         "output_tokens": metrics.output_tokens,
         "load_s": timings.load_s,
@@ -94,8 +98,8 @@ def build_summary(
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
         "shards_written": writer.committed,
         "shards_skipped": skipped_shards,
-        **quality(driver.scores),
-        "engine_stats": driver.engine.stats(),
+        **quality(driver.rows.scores),
+        "engine_stats": engine_stats,
         "model": model_info,
         "device": model_info.get("device"),
         "versions": versions(),

@@ -7,7 +7,11 @@ config -> input shards (skip committed) -> Dask tokenization -> engine -> length
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -21,14 +25,20 @@ from pipeline.driver import Driver, Engine
 from pipeline.engine.params import RequestParams, SamplingParams
 from pipeline.io.manifest import manifest_name
 from pipeline.io.schema import output_schema
-from pipeline.io.shards import Shard, check_columns, discover_shards, plan_units
+from pipeline.io.shards import (
+    Shard,
+    UnreadableShard,
+    check_columns,
+    discover_shards,
+    plan_units,
+)
 from pipeline.io.writer import ResultWriter
 from pipeline.metrics import MetricsRecorder
 from pipeline.profiling import StepProfiler
 from pipeline.report import Timings, build_summary, plot_throughput, write_summary
 from pipeline.stream import TokenStream, dask_client
 from pipeline.tasks import get_task
-from pipeline.tokenize import TokenizeSpec, model_limits
+from pipeline.tokenize import TokenizeSpec, check_text_type, model_limits
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +52,23 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     config = load_config(cfg)
     out_dir = output_dir(config)
     manifest = manifest_name(config.input.part, config.input.num_parts)
-    writer = ResultWriter(out_dir / "results", config.output.compression, manifest)
-    shards, skipped = pending_shards(config, writer)
-    if not shards:
+    o = config.output
+    writer = ResultWriter(out_dir / "results", o.compression, manifest, o.commit_rows, o.commit_s)
+    shards, skipped, unreadable = pending_shards(config, writer)
+    if not shards and not unreadable:
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
         return _write_empty_summary(out_dir, skipped)
-    shards, units = plan_units(shards, None)  # already cut to input.limit
-    model_dir = _model_dir(config)
-    spec = tokenize_spec(config, model_dir)
     task = get_task(config.task.name)(config.task)
+    done = {}  # shard -> rows committed by an earlier run
     for shard in shards:
-        writer.expect(shard.name, shard.num_rows, _schema(config, shard, task.extra_fields))
+        schema = _schema(config, shard, task.extra_fields)
+        committed = writer.expect(shard.name, shard.num_rows, schema)
+        if committed is not None:
+            done[shard.name] = committed
+    _, units = plan_units(shards, None, done)  # shards are already cut to input.limit
+    spec = tokenize_spec(config, _model_dir(config))
 
-    with dask_client(config.cluster) as client:
+    with dask_client(config.cluster) as client, _flush_on_exit(writer):
         in_flight = config.cluster.max_tasks_in_flight or 4 * _num_workers(client)
         stream = TokenStream(client, units, spec, in_flight)  # starts before the engine loads
         load_start = time.perf_counter()
@@ -66,16 +80,45 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
         finally:
             driver.metrics.close()
             driver.profiler.finish()
+            stream.close()
     timings.finished = time.perf_counter()
 
+    failed = {u.name: u.error for u in unreadable} | writer.failed
     model_info = getattr(engine, "model_info", {})
     config_dict = OmegaConf.to_container(OmegaConf.structured(config))
-    summary = build_summary(timings, driver, stream, model_info, config_dict, skipped)  # type: ignore[arg-type]
+    summary = build_summary(timings, driver, stream, model_info, config_dict, skipped, failed)  # type: ignore[arg-type]
     write_summary(out_dir / "summary.json", summary)
     if config.metrics.plot and driver.metrics.history:
         plot_throughput(driver.metrics.history, out_dir / "throughput.png")
     _log_summary(summary, out_dir)
     return summary
+
+
+@contextmanager
+def _flush_on_exit(writer: ResultWriter) -> Iterator[None]:
+    """However the job ends (an error, Ctrl-C, SIGTERM from a scheduler preempting the node),
+    the rows that finished are committed first. SIGKILL cannot be caught: what was committed
+    before it is what a rerun keeps."""
+    previous = _raise_on_sigterm()
+    try:
+        yield
+    except BaseException:
+        writer.flush()
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_on_sigterm() -> Any:
+    """SIGTERM becomes SystemExit(143) so that `finally` blocks run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def output_dir(config: PipelineConfig) -> Path:
@@ -89,15 +132,28 @@ def output_dir(config: PipelineConfig) -> Path:
     return Path("outputs", config.task.name, datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))
 
 
-def pending_shards(config: PipelineConfig, writer: ResultWriter) -> tuple[list[Shard], list[str]]:
-    """Shards still to do (in input order), and the names of those already committed."""
-    shards = discover_shards(config.input.path)
+def pending_shards(
+    config: PipelineConfig, writer: ResultWriter
+) -> tuple[list[Shard], list[str], list[UnreadableShard]]:
+    """Shards still to do (in input order), the names of those already committed, and the
+    files whose footer cannot be read (the job goes on without them, and fails at the end)."""
+    unreadable: list[UnreadableShard] = []
+    shards = discover_shards(config.input.path, unreadable)
     check_columns(shards, config.input.text_column, config.input.columns)
+    for shard in shards:
+        check_text_type(shard.schema, config.input.text_column, shard.url)
     if config.input.limit is not None:  # the limit counts from the input's first row
         shards, _ = plan_units(shards, config.input.limit)
-    shards = shards[config.input.part :: config.input.num_parts]
+    # Every num_parts-th file of the input, readable or not: a file going bad must not move
+    # the others to another part.
+    files: list[Shard | UnreadableShard] = sorted([*shards, *unreadable], key=lambda s: s.url)
+    mine = {s.url for s in files[config.input.part :: config.input.num_parts]}
+    shards = [s for s in shards if s.url in mine]
+    unreadable = [s for s in unreadable if s.url in mine]
+    for bad in unreadable:
+        log.error("%s", bad.error)
     skipped = [s.name for s in shards if writer.manifest.is_committed(s.name)]
-    return [s for s in shards if s.name not in skipped], skipped
+    return [s for s in shards if s.name not in skipped], skipped, unreadable
 
 
 def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
@@ -113,6 +169,9 @@ def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
         reference_column=config.input.reference_column,
         max_model_len=max_len,
         is_encoder_decoder=is_encoder_decoder,
+        max_new_tokens=request_params(config).max_tokens,
+        truncate=config.input.truncate,
+        parse_special_tokens=config.input.parse_special_tokens,
     )
 
 
@@ -147,6 +206,7 @@ def _driver(
     )
     m = config.metrics
     return Driver(
+        max_queued_rows=2 * feeder.window + feeder.queue_depth,
         engine=engine,
         task=task,
         params=request_params(config),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.engine.config import ConfigError
+from pipeline.io import shards as shards_module
 from pipeline.io.shards import check_columns, discover_shards, plan_units, read_unit
 
 
@@ -58,3 +60,35 @@ def test_missing_text_column_fails_before_work_starts(tmp_path: Path) -> None:
         check_columns(shards, "text", [])
     with pytest.raises(ConfigError, match=r"input\.columns"):
         check_columns(shards, "prompt", ["lang"])
+
+
+def test_big_row_groups_are_cut_into_units_and_committed_units_left_out(
+    make_shards, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shards_module, "UNIT_ROWS", 3)
+    shards = discover_shards(str(make_shards(num_shards=1, rows=10, row_group_size=7)[0]))
+    _, units = plan_units(shards, None)
+    assert [(u.row_group, u.offset, u.start, u.num_rows) for u in units] == [
+        (0, 0, 0, 3),
+        (0, 3, 3, 3),
+        (0, 6, 6, 1),
+        (1, 0, 7, 3),
+    ]
+    ids = [i for u in units for i in read_unit(u, ["id"]).column("id").to_pylist()]
+    assert ids == [f"s0-r{i}" for i in range(10)]
+    done = np.zeros(10, dtype=bool)
+    done[[0, 1, 2, 3]] = True  # the first unit is all committed, the second only partly
+    _, units = plan_units(shards, None, {shards[0].name: done})
+    assert [u.start for u in units] == [3, 6, 7]
+
+
+def test_an_unreadable_footer_is_named_and_the_other_shards_go_on(make_shards) -> None:
+    paths = make_shards(num_shards=2)
+    paths[0].write_bytes(paths[0].read_bytes()[:-20])  # truncated: the footer is gone
+    with pytest.raises(ConfigError, match=r"part-000\.parquet"):
+        discover_shards(str(paths[0].parent))
+    unreadable: list = []
+    shards = discover_shards(str(paths[0].parent), unreadable)
+    assert [s.name for s in shards] == ["part-001.parquet"]
+    assert [u.name for u in unreadable] == ["part-000.parquet"]
+    assert "footer" in unreadable[0].error

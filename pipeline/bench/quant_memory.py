@@ -20,15 +20,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.workload import SHAPES, build_random_model
-
-
-def peak_rss() -> int:
-    """This process's RSS high-water mark (VmHWM: unlike getrusage's ru_maxrss, it does not
-    inherit the parent's peak across fork and exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+from pipeline.metrics import peak_rss
 
 
 def measure(model_dir: Path, method: str) -> dict:
