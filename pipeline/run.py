@@ -153,6 +153,8 @@ def pending_shards(
     for bad in unreadable:
         log.error("%s", bad.error)
     skipped = [s.name for s in shards if writer.manifest.is_committed(s.name)]
+    for name in skipped:
+        writer.remove_leftovers(name)
     return [s for s in shards if s.name not in skipped], skipped, unreadable
 
 

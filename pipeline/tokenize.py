@@ -103,7 +103,7 @@ def _tokenizer(path: str) -> PreTrainedTokenizerBase:
     if path not in _TOKENIZERS:
         from transformers import AutoTokenizer
 
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path)
+        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     return _TOKENIZERS[path]
 
 

@@ -116,6 +116,20 @@ def make_shards(tmp_path: Path) -> ShardMaker:
     return make
 
 
+def corrupt_row_group(path: Path, row_group: int) -> None:
+    """Overwrite the row group's column chunks with garbage; the footer stays valid, so that
+    discovery and planning see a normal shard and only reading that row group fails."""
+    meta = pq.ParquetFile(path).metadata.row_group(row_group)
+    chunks = [meta.column(i) for i in range(meta.num_columns)]
+    starts = [
+        c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks
+    ]
+    end = max(s + c.total_compressed_size for s, c in zip(starts, chunks, strict=True))
+    data = bytearray(path.read_bytes())
+    data[min(starts) : end] = b"\xff" * (end - min(starts))
+    path.write_bytes(data)
+
+
 @pytest.fixture
 def compose() -> Callable[..., object]:
     """Compose `conf/config.yaml` with overrides, as `python -m pipeline` would."""

@@ -107,18 +107,19 @@ def test_killed_again_and_again_then_rerun_writes_what_one_run_writes(
     rng = random.Random(seed)
     args = _overrides(tiny_llama_dir, inputs[0].parent, out)
     killed = []
-    for point, nth in CRASHES:  # killed by itself, at the n-th time it reaches the point
-        proc = _start(args, tmp_path, f"{point}:{nth}")
-        if proc.wait(timeout=300) == -signal.SIGKILL:
-            killed.append(f"{point}:{nth}")
-    for _ in range(4):  # killed from outside, at a random moment
+    for _ in range(4):  # killed from outside at a random moment, while most work remains
         proc = _start(args, tmp_path)
-        moment = rng.uniform(0.1, 0.9) * full_run_s
+        moment = rng.uniform(0.15, 0.6) * full_run_s
         try:
             proc.wait(timeout=moment)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             killed.append(f"at {moment:.1f}s")
+    for point, nth in CRASHES:  # killed by itself, at the n-th time it reaches the point
+        proc = _start(args, tmp_path, f"{point}:{nth}")
+        if proc.wait(timeout=300) == -signal.SIGKILL:
+            killed.append(f"{point}:{nth}")
+        _kill_group(proc)  # its Dask workers, orphaned
     assert len(killed) >= 10, (seed, killed)
 
     for _ in range(3):  # then rerun until it finishes
@@ -128,9 +129,7 @@ def test_killed_again_and_again_then_rerun_writes_what_one_run_writes(
     assert proc.returncode == 0, proc.stderr.read().decode()[-3000:]  # type: ignore[union-attr]
     print("kills:", killed, "seed:", seed)
     assert_same_results(out, reference)  # nothing lost or repeated
-    assert not (out / "results" / PARTS_DIR).exists() or not any(
-        (out / "results" / PARTS_DIR).iterdir()
-    )
+    assert not (out / "results" / PARTS_DIR).exists()
     assert not list((out / "results").glob(".*"))  # no temp file left
 
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import dask
 import distributed  # noqa: F401  (loads its config defaults before dask.config.set below)
-import pyarrow.parquet as pq
 import pytest
+from conftest import corrupt_row_group
 
 from pipeline.config import ClusterConfig, TaskConfig
 from pipeline.io.shards import WorkUnit, discover_shards, plan_units
@@ -98,20 +98,6 @@ def test_a_worker_killed_mid_task_is_replaced_and_its_units_come_back_once(
     assert set(niceness.values()) == {min(os.nice(0) + 10, 19)}  # the replacement is niced too
 
 
-def _corrupt_row_group(path: Path, row_group: int) -> None:
-    """Overwrite the row group's column chunks with garbage; the footer stays valid, so that
-    discovery and planning see a normal shard and only reading that row group fails."""
-    meta = pq.ParquetFile(path).metadata.row_group(row_group)
-    chunks = [meta.column(i) for i in range(meta.num_columns)]
-    starts = [
-        c.dictionary_page_offset if c.has_dictionary_page else c.data_page_offset for c in chunks
-    ]
-    end = max(s + c.total_compressed_size for s, c in zip(starts, chunks, strict=True))
-    data = bytearray(path.read_bytes())
-    data[min(starts) : end] = b"\xff" * (end - min(starts))
-    path.write_bytes(data)
-
-
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
     with dask_client(ClusterConfig(n_workers=2)) as client:
@@ -123,7 +109,7 @@ def test_a_corrupt_row_group_fails_its_unit_only(client, tiny_llama_dir: Path, m
     units = _units(paths[0].parent)
     spec = _spec(tiny_llama_dir)
     expected = _expected(units, spec)
-    _corrupt_row_group(paths[1], row_group=2)
+    corrupt_row_group(paths[1], row_group=2)
     del expected[(paths[1].name, 2)]
 
     on_workers = TokenStream(client, units, spec, max_in_flight=4)

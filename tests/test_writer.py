@@ -179,3 +179,16 @@ def test_manifest_lines_cannot_point_outside_the_results(tmp_path: Path, name: s
     (tmp_path / MANIFEST_NAME).write_text(json.dumps({**record, "first": 0, "last": 0}) + "\n")
     with pytest.raises(ConfigError, match="part-NNNNN"):
         Manifest(tmp_path)
+
+
+def test_parts_left_by_a_crash_after_the_shard_was_recorded_are_removed(tmp_path: Path) -> None:
+    writer = ResultWriter(tmp_path)
+    writer.expect("a.parquet", 1, SCHEMA)
+    writer.put("a.parquet", 0, _rows(1)[0])
+    leftover = tmp_path / PARTS_DIR / "a.parquet" / "part-00000.parquet"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"a part the crash kept")
+    rerun = ResultWriter(tmp_path)
+    assert rerun.manifest.is_committed("a.parquet")
+    rerun.remove_leftovers("a.parquet")
+    assert not (tmp_path / PARTS_DIR).exists()

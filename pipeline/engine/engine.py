@@ -86,7 +86,7 @@ class LLMEngine:
         if device.type == "cuda" and backend.name == "triton" and engine_cfg.cuda_graphs:
             runner.use_decode_graphs(engine_cfg.max_num_seqs, max_len)
         scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
         info = _model_info(model_dir, spec, model, dtype, device, max_len)
         info |= {
             "quant": quant_spec.method if quant_spec else "none",

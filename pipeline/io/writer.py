@@ -13,6 +13,7 @@ files and parts without a manifest line; `expect` removes both when the shard is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -73,7 +74,7 @@ class ResultWriter:
     def expect(self, shard_name: str, num_rows: int, schema: pa.Schema) -> np.ndarray | None:
         """Declare a shard this run writes, with its exact row count. Returns which rows are
         already committed (bool [num_rows]) when an earlier run committed some, else None."""
-        self._remove_leftovers(shard_name)
+        self.remove_leftovers(shard_name)
         parts = self.manifest.committed_parts(shard_name)
         if not parts:
             self._open[shard_name] = (num_rows, schema)
@@ -93,17 +94,17 @@ class ResultWriter:
             self._assemble(shard_name, shard)
         return shard.done
 
-    def _remove_leftovers(self, shard_name: str) -> None:
+    def remove_leftovers(self, shard_name: str) -> None:
         """Temp files of a run that died writing this shard, parts it never recorded, and the
-        parts of a shard that is complete. Only this shard's: other jobs may be writing
-        their own shards into the same directory right now."""
+        parts of a shard that is complete (a run that died right after recording it). Only
+        this shard's: other jobs may be writing their own shards into the same directory."""
         for stale in self.dir.glob(f".{shard_name}{TEMP_MARK}*"):
             stale.unlink()
         directory = self.manifest.parts_dir(shard_name)
         if not directory.exists():
             return
         if self.manifest.is_committed(shard_name):
-            shutil.rmtree(directory)
+            self._remove_parts(shard_name)
             return
         recorded = {p.part for p in self.manifest.parts.get(shard_name, [])}
         for path in directory.iterdir():
@@ -157,7 +158,7 @@ class ResultWriter:
         shard = self._shards.pop(shard_name, None)
         if shard is not None:
             self._num_pending -= len(shard.pending)
-        shutil.rmtree(self.manifest.parts_dir(shard_name), ignore_errors=True)
+        self._remove_parts(shard_name)
 
     def has_row(self, shard_name: str, index: int) -> bool:
         """The row is committed or waiting to be (a resumed shard's rows, mostly)."""
@@ -211,7 +212,7 @@ class ResultWriter:
         crash_point("shard_renamed")
         self.manifest.mark_done(shard_name, rows=shard.num_rows, error_rows=shard.error_rows)
         crash_point("shard_recorded")
-        shutil.rmtree(self.manifest.parts_dir(shard_name), ignore_errors=True)
+        self._remove_parts(shard_name)
         del self._shards[shard_name]
         self.committed.append(shard_name)
         self.write_s += time.perf_counter() - start
@@ -234,6 +235,12 @@ class ResultWriter:
                 f"exactly once ({len(got)} rows found)"
             )
         return table.drop_columns([ROW_INDEX])
+
+    def _remove_parts(self, shard_name: str) -> None:
+        directory = self.manifest.parts_dir(shard_name)
+        shutil.rmtree(directory, ignore_errors=True)
+        with contextlib.suppress(OSError):  # results/_parts goes too once no shard uses it
+            directory.parent.rmdir()
 
     def _part_path(self, part: PartRecord) -> Path:
         return self.manifest.parts_dir(part.shard) / part.part
