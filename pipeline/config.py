@@ -16,15 +16,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.engine.config import ConfigError, EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.params import BeamParams, RequestParams, SamplingParams
-from pipeline.tasks import TASKS
 
-TRANSLATE_TEMPLATE = (
-    "Translate from {source_lang} to {target_lang}.\n{source_lang}: {text}\n{target_lang}:"
-)
-CHAT_TRANSLATE_TEMPLATE = (
-    "Translate the following text from {source_lang} to {target_lang}. "
-    "Reply with the translation only.\n\n{text}"
-)
+# Re-exported (`import X as X`): TaskConfig and its templates live next to the tasks.
+from pipeline.tasks.config import CHAT_TRANSLATE_TEMPLATE as CHAT_TRANSLATE_TEMPLATE
+from pipeline.tasks.config import TRANSLATE_TEMPLATE as TRANSLATE_TEMPLATE
+from pipeline.tasks.config import TaskConfig
 
 
 def _require(ok: bool, message: str) -> None:
@@ -85,32 +81,6 @@ class OutputConfig:
         )
         _require(self.commit_rows >= 1, f"output.commit_rows must be >= 1, got {self.commit_rows}")
         _require(self.commit_s >= 0, f"output.commit_s must be >= 0, got {self.commit_s}")
-
-
-@dataclass
-class TaskConfig:
-    name: str = "translate"  # set by `+job=NAME`
-    source_lang: str = "English"
-    target_lang: str = "German"
-    prompt_template: str = TRANSLATE_TEMPLATE  # decoder-only models without a chat template
-    chat_prompt: str = CHAT_TRANSLATE_TEMPLATE  # the user message when a chat template is used
-    chat_template: str = "auto"  # auto (when the tokenizer has one) | always | never
-    system_prompt: Optional[str] = None  # noqa: UP045
-
-    def __post_init__(self) -> None:
-        _require(
-            self.name in TASKS,
-            f"task.name must be one of {sorted(TASKS)} (`+job=NAME`), got {self.name!r}",
-        )
-        _require(
-            self.chat_template in ("auto", "always", "never"),
-            f"task.chat_template must be auto, always or never, got {self.chat_template!r}",
-        )
-        for key in ("prompt_template", "chat_prompt"):
-            _require(
-                "{text}" in getattr(self, key),
-                f"task.{key} must contain the placeholder {{text}}, got {getattr(self, key)!r}",
-            )
 
 
 @dataclass

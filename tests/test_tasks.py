@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-import pyarrow as pa
+import ast
+import subprocess
+import sys
+from pathlib import Path
 
-from pipeline.config import TaskConfig
+import pyarrow as pa
+import pytest
+
+from pipeline.engine.config import ConfigError
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.tasks import get_task
 from pipeline.tasks.base import row_seed
+from pipeline.tasks.config import TaskConfig
 from pipeline.tasks.evalset import EvalsetTask
 
 
@@ -61,3 +68,29 @@ def test_error_columns_fill_every_field() -> None:
     columns = EvalsetTask(TaskConfig(name="evalset")).error_columns("text is null", None)
     assert columns["error"] == "text is null" and columns["outputs"] == []
     assert columns["seed"] is None and columns["logprobs"] is None
+
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "pipeline" / "tasks"
+
+
+def test_tasks_never_import_the_job_config() -> None:
+    """pipeline.config builds on the tasks' config, so the tasks must not import it back
+    (not even for type checking): no import circle."""
+    for path in TASKS_DIR.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module != "pipeline.config", f"{path.name} imports pipeline.config"
+            if isinstance(node, ast.Import):
+                assert "pipeline.config" not in [a.name for a in node.names], path.name
+
+
+@pytest.mark.parametrize("module", ["pipeline.tasks", "pipeline.tasks.config", "pipeline.config"])
+def test_each_side_imports_first_in_a_fresh_interpreter(module: str) -> None:
+    check = f"import {module}; from pipeline.tasks.config import TaskConfig; TaskConfig('evalset')"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_task_name_is_checked_against_the_registry() -> None:
+    with pytest.raises(ConfigError, match=r"task\.name must be one of \['bench', 'evalset'"):
+        TaskConfig(name="summarize")
+    assert TaskConfig(name="bench").name == "bench"

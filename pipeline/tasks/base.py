@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 import pyarrow as pa
 
 from pipeline.engine.params import RequestParams, SamplingParams
+from pipeline.tasks.config import TaskConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from pipeline.config import TaskConfig
     from pipeline.engine.outputs import CompletionOutput, RequestOutput
 
 PromptFormat = Literal["raw", "chat", "template"]
