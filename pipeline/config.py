@@ -8,6 +8,7 @@ composed DictConfig into dataclasses; each one's `__post_init__` checks the valu
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -21,6 +22,14 @@ from pipeline.engine.params import BeamParams, RequestParams, SamplingParams
 from pipeline.tasks.config import CHAT_TRANSLATE_TEMPLATE as CHAT_TRANSLATE_TEMPLATE
 from pipeline.tasks.config import TRANSLATE_TEMPLATE as TRANSLATE_TEMPLATE
 from pipeline.tasks.config import TaskConfig
+
+log = logging.getLogger(__name__)
+
+# beam.* keys that mean what the sampling.* key of the same name means: unless set, beam search
+# takes sampling's value, so that the one `sampling.max_tokens=24` limits every job's outputs.
+BEAM_INHERITS = ("max_tokens", "min_tokens", "stop_token_ids")
+# sampling.* keys beam search has no equivalent for (said once, when a config is built).
+BEAM_IGNORES = ("stop", "ignore_eos", "logprobs")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -159,6 +168,17 @@ class PipelineConfig:
     bench: BenchConfig = field(default_factory=BenchConfig)
     profile: bool = False  # write a torch profiler trace of a few engine steps
 
+    def __post_init__(self) -> None:
+        if self.beam.width > 1:
+            default = SamplingParams()
+            ignored = [k for k in BEAM_IGNORES if getattr(self.sampling, k) != getattr(default, k)]
+            for key in ignored:
+                log.warning(
+                    "beam search (beam.width=%d) does not apply sampling.%s=%r; beams end at "
+                    "EOS, beam.stop_token_ids or beam.max_tokens",
+                    *(self.beam.width, key, getattr(self.sampling, key)),
+                )
+
     @property
     def request_params(self) -> RequestParams:
         """Beam search when beam.width > 1, else sampling."""
@@ -170,15 +190,26 @@ def load_config(cfg: DictConfig | PipelineConfig | dict[str, Any]) -> PipelineCo
     if isinstance(cfg, PipelineConfig):
         return cfg
     if not isinstance(cfg, DictConfig) or OmegaConf.get_type(cfg) is not PipelineConfig:
-        cfg = OmegaConf.merge(OmegaConf.structured(PipelineConfig), cfg)  # type: ignore[assignment]
+        cfg = OmegaConf.merge(schema(), cfg)  # type: ignore[assignment]
     obj = OmegaConf.to_object(cfg)  # ConfigError / ParamsError from __post_init__ propagate
     assert isinstance(obj, PipelineConfig)
     return obj
 
 
+def schema() -> DictConfig:
+    """`PipelineConfig` as Hydra and `load_config` see it: the types and defaults, with each
+    `BEAM_INHERITS` key following its sampling key (an interpolation, shown by `--cfg job`)
+    until it is set. A `BeamParams` or `PipelineConfig` built in Python takes its values as
+    given (beam.max_tokens: 64, as sampling's)."""
+    node = OmegaConf.structured(PipelineConfig)
+    for key in BEAM_INHERITS:
+        node.beam[key] = f"${{sampling.{key}}}"
+    return node
+
+
 def register_configs() -> None:
     """Register the schema that `conf/config.yaml` lists first in its defaults."""
-    ConfigStore.instance().store(name="pipeline_schema", node=PipelineConfig)
+    ConfigStore.instance().store(name="pipeline_schema", node=schema())
 
 
 register_configs()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,38 @@ def test_beam_width_selects_beam_search(compose) -> None:
     config = load_config(compose(["beam.width=4", "beam.max_tokens=32"]))
     assert isinstance(config.request_params, BeamParams)
     assert config.request_params.max_tokens == 32
+
+
+def test_beam_follows_the_sampling_length_limits_unless_set(compose) -> None:
+    limits = ["sampling.max_tokens=24", "sampling.min_tokens=2", "sampling.stop_token_ids=[7]"]
+    params = load_config(compose([*limits, "beam.width=4"])).request_params
+    assert isinstance(params, BeamParams)
+    assert (params.max_tokens, params.min_tokens, params.stop_token_ids) == (24, 2, [7])
+    explicit = ["beam.max_tokens=32", "beam.min_tokens=0", "beam.stop_token_ids=[]"]
+    params = load_config(compose([*limits, "beam.width=4", *explicit])).request_params
+    assert (params.max_tokens, params.min_tokens, params.stop_token_ids) == (32, 0, [])
+    # A plain mapping (no Hydra) is composed against the same schema.
+    params = load_config({"sampling": {"max_tokens": 5}, "beam": {"width": 2}}).request_params
+    assert params.max_tokens == 5
+
+
+def test_sampling_max_tokens_limits_beam_outputs(compose, tiny_llama_dir: Path) -> None:
+    from pipeline.engine.engine import LLMEngine
+
+    overrides = [f"model.path={tiny_llama_dir}", "engine=cpu_small", "beam.width=2"]
+    # min_tokens = max_tokens: every beam runs to the limit, whatever the random weights say.
+    config = load_config(compose([*overrides, "sampling.max_tokens=3", "sampling.min_tokens=3"]))
+    engine = LLMEngine.from_config(config.model, config.engine)
+    (out,) = engine.generate([[1, 5, 6, 7]], config.request_params)
+    assert [len(o.token_ids) for o in out.outputs] == [3]
+
+
+def test_beam_search_names_the_sampling_keys_it_ignores(compose, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="pipeline.config"):
+        load_config(compose(["beam.width=4", "sampling.logprobs=2"]))
+    warned = caplog.text
+    assert "sampling.stop=['\\n']" in warned and "sampling.logprobs=2" in warned
+    assert "ignore_eos" not in warned  # left at its default
 
 
 def test_evalset_samples_with_logprobs(compose) -> None:

@@ -89,6 +89,8 @@ class BeamParams:
     early_stopping: Any = False  # True, False or "never"
     num_return: int = 1
     no_repeat_ngram_size: int = 0
+    # In a job these three follow sampling.* unless set (pipeline/config.py, BEAM_INHERITS):
+    # one length limit for the job, whichever search runs.
     max_tokens: int = 64
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
