@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
     from pipeline.config import ClusterConfig
 
+# Worker resources when engines run as replicas beside the tokenization workers.
+ENGINE = "ENGINE"
+TOKENIZE = "TOKENIZE"
+
 
 @contextmanager
 def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
@@ -37,13 +41,18 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         with Client(cfg.address) as client:
             yield client
         return
+    replicated = cfg.engines > 1
     with LocalCluster(
         n_workers=cfg.n_workers,
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
         silence_logs=40,  # logging.ERROR: worker chatter would bury the progress bar
+        # With engine workers beside them, tokenization tasks must not queue behind a replica.
+        resources={TOKENIZE: 1} if replicated else None,
     ) as cluster:
+        if replicated:
+            _add_engine_workers(cluster, cfg.engines)
         try:
             # Closed first: whatever the client still holds (tasks whose units ran inline, the
             # scattered spec) is released before the workers go.
@@ -64,9 +73,25 @@ def _low_priority_plugin() -> Any:
 
     class LowPriority(WorkerPlugin):
         def setup(self, worker: Worker) -> None:
-            os.nice(10)  # once per worker process: setup runs when the worker registers
+            if ENGINE not in worker.state.total_resources:  # an engine replica keeps its share
+                os.nice(10)  # once per worker process: setup runs when the worker registers
 
     return LowPriority()
+
+
+def _add_engine_workers(cluster: LocalCluster, engines: int) -> None:
+    """One single-threaded worker process per engine replica, with the ENGINE resource (and,
+    on a machine with GPUs, one GPU each); the cluster's nannies restart one that dies."""
+    import torch
+    from distributed import Nanny as NannyClass
+
+    gpus = torch.cuda.device_count()
+    for i in range(engines):
+        env = {"CUDA_VISIBLE_DEVICES": str(i % gpus)} if gpus else {}
+        options = {"nthreads": 1, "resources": {ENGINE: 1}, "env": env, "silence_logs": 40}
+        cluster.worker_spec[f"engine-{i}"] = {"cls": NannyClass, "options": options}
+    cluster.sync(cluster._correct_state)
+    cluster.wait_for_workers(len(cluster.worker_spec))
 
 
 async def _stop_workers(cluster: LocalCluster, timeout_s: float = 20.0) -> None:
@@ -126,6 +151,7 @@ class TokenStream:
         spec: TokenizeSpec,
         max_in_flight: int,
         resubmits: int = 2,
+        resources: dict[str, float] | None = None,
     ) -> None:
         from distributed import as_completed
 
@@ -139,6 +165,7 @@ class TokenStream:
         self._stolen: set[Any] = set()  # keys of cancelled tasks, whose units ran inline
         self._running = as_completed()
         self._resubmits = resubmits
+        self._resources = resources  # where tokenization tasks may run (None: any worker)
         self.failed: list[FailedUnit] = []
         self.retries = 0  # units resubmitted because their workers died
         self.started = time.perf_counter()
@@ -186,7 +213,12 @@ class TokenStream:
             pending = self._todo.popleft()
             # pure=False: a fresh key, so that a resubmitted unit is not the failed task again.
             future = self._client.submit(
-                tokenize_unit, pending.unit, self._spec_future, retries=2, pure=False
+                tokenize_unit,
+                pending.unit,
+                self._spec_future,
+                retries=2,
+                pure=False,
+                resources=self._resources,
             )
             self._submitted[future.key] = (future, pending)
             self._running.add(future)

@@ -86,32 +86,36 @@ def sample_text(i: int) -> str:
 ShardMaker = Callable[..., list[Path]]
 
 
+def write_shards(
+    directory: Path,
+    num_shards: int = 3,
+    rows: int = 10,
+    row_group_size: int = 4,
+    with_id: bool = True,
+    bad_rows: bool = False,
+) -> list[Path]:
+    """Write `num_shards` Parquet files of `rows` rows (row groups of `row_group_size`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(num_shards):
+        texts: list[str | None] = [sample_text(s * rows + i) for i in range(rows)]
+        if bad_rows:
+            texts[1], texts[2] = None, "   "
+        columns = {"text": texts, "reference": [t or "" for t in texts]}
+        if with_id:
+            columns = {"id": [f"s{s}-r{i}" for i in range(rows)], **columns}
+        path = directory / f"part-{s:03d}.parquet"
+        pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+        paths.append(path)
+    return paths
+
+
 @pytest.fixture
 def make_shards(tmp_path: Path) -> ShardMaker:
-    """Write `num_shards` Parquet files of `rows` rows (row groups of `row_group_size`)."""
+    """`write_shards` into tmp_path/input unless another `directory` is given."""
 
-    def make(
-        num_shards: int = 3,
-        rows: int = 10,
-        row_group_size: int = 4,
-        with_id: bool = True,
-        bad_rows: bool = False,
-        directory: Path | None = None,
-    ) -> list[Path]:
-        directory = directory or tmp_path / "input"
-        directory.mkdir(parents=True, exist_ok=True)
-        paths = []
-        for s in range(num_shards):
-            texts: list[str | None] = [sample_text(s * rows + i) for i in range(rows)]
-            if bad_rows:
-                texts[1], texts[2] = None, "   "
-            columns = {"text": texts, "reference": [t or "" for t in texts]}
-            if with_id:
-                columns = {"id": [f"s{s}-r{i}" for i in range(rows)], **columns}
-            path = directory / f"part-{s:03d}.parquet"
-            pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
-            paths.append(path)
-        return paths
+    def make(directory: Path | None = None, **kw: object) -> list[Path]:
+        return write_shards(directory or tmp_path / "input", **kw)  # type: ignore[arg-type]
 
     return make
 
@@ -130,16 +134,17 @@ def corrupt_row_group(path: Path, row_group: int) -> None:
     path.write_bytes(data)
 
 
-@pytest.fixture
-def compose() -> Callable[..., object]:
+def compose_config(overrides: list[str] | None = None) -> object:
     """Compose `conf/config.yaml` with overrides, as `python -m pipeline` would."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     import pipeline.config  # noqa: F401  (registers the schema)
 
-    def _compose(overrides: list[str] | None = None):
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=overrides or [])
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides or [])
 
-    return _compose
+
+@pytest.fixture
+def compose() -> Callable[..., object]:
+    return compose_config
