@@ -20,8 +20,16 @@ from pipeline.stream import TokenStream
 @dataclass
 class Timings:
     started: float  # perf_counter at job start
-    load_s: float = 0.0  # engine construction (overlaps tokenization start)
+    load_s: float = 0.0  # the engine's own load time (`engine_load_s`)
     finished: float = 0.0
+
+
+def engine_load_s(engine: Any, waited_s: float) -> float:
+    """The engine's load time as it measured it (`model_info["load_s"]`), not the job's wait:
+    an engine handed to the job (bench) was loaded before it, and the wait also holds the
+    first import of the engine's modules (torch, Triton, transformers: seconds, cold).
+    `waited_s` for an engine that does not say."""
+    return float(getattr(engine, "model_info", {}).get("load_s", waited_s))
 
 
 def quality(scores: Scores) -> dict[str, Any]:

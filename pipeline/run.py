@@ -35,7 +35,7 @@ from pipeline.io.shards import (
 from pipeline.io.writer import ResultWriter
 from pipeline.metrics import MetricsRecorder
 from pipeline.profiling import StepProfiler
-from pipeline.report import Timings, build_summary, plot_throughput, write_summary
+from pipeline.report import Timings, build_summary, engine_load_s, plot_throughput, write_summary
 from pipeline.stream import TokenStream, dask_client
 from pipeline.tasks import get_task
 from pipeline.tokenize import TokenizeSpec, check_text_type, model_limits
@@ -73,7 +73,7 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
         stream = TokenStream(client, units, spec, in_flight)  # starts before the engine loads
         load_start = time.perf_counter()
         engine = engine or load_engine(config)
-        timings.load_s = time.perf_counter() - load_start
+        timings.load_s = engine_load_s(engine, time.perf_counter() - load_start)
         driver = _driver(config, engine, task, writer, out_dir, sum(s.num_rows for s in shards))
         try:
             driver.run(stream)
