@@ -57,6 +57,7 @@ class Driver:
     _failed_seen: int = 0  # of stream.failed
 
     def run(self, stream: TokenStream) -> None:
+        self.metrics.begin(self.engine.stats(), self._live_metrics())
         while not stream.done or self.feeder.pending or self.engine.has_unfinished_requests():
             busy = self.engine.has_unfinished_requests() or self.feeder.pending > 0
             if not busy or self.feeder.pending < self.max_queued_rows:
@@ -72,7 +73,7 @@ class Driver:
             self.writer.tick()
             if self.metrics.due():
                 self.metrics.log(self.engine.stats(), self._live_metrics())
-        self.metrics.log(self.engine.stats(), self._live_metrics())
+        self.metrics.log(self.engine.stats(), self._live_metrics())  # the totals' last part
 
     def _drop_failed_shards(self, stream: TokenStream) -> None:
         for failed in stream.failed[self._failed_seen :]:
@@ -134,6 +135,8 @@ class Driver:
         self.writer.put(row.shard, row.index, record)
 
     def _live_metrics(self) -> dict[str, Any]:
+        """The driver's side of a metrics line; the recorder differences the two wait
+        counters into shares of each interval (see `metrics.COUNTERS`)."""
         return {
             "engine_idle_s": round(self.idle_s, 3),
             "engine_start_wait_s": round(self.start_wait_s, 3),
