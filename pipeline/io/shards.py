@@ -1,34 +1,35 @@
-"""Find the input's Parquet shards and cut them into work units of at most `UNIT_ROWS` rows.
+"""Find the input's shards (one per file) and cut them into work units of at most
+`UNIT_ROWS` rows.
 
-Only Parquet footers are read here (row counts per row group, the schema); rows are read by the
-tokenization tasks one unit at a time (a slice of one row group, streamed), so memory stays
-bounded however large the input or its row groups.
+Discovery learns each file's rows and schema (`pipeline.io.sources` says which files, in which
+format; `formats` and `text_formats` read them): a Parquet footer, an Arrow file's batch
+headers, or one pass over a JSON Lines or CSV file. Rows are read by the tokenization tasks
+one unit at a time (a slice of one row group, streamed), so memory stays bounded however large
+the input or its row groups.
 """
 
 from __future__ import annotations
 
-import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipeline.assets import demo_input_path
 from pipeline.engine.config import ConfigError
+from pipeline.io import formats, text_formats
+from pipeline.io.sources import InputFile, InputSource, locate, output_name
 
-_GLOB_CHARS = "*?["
-DEMO = "demo"  # `input.path=demo`: the sample input bundled with the demo model
 UNIT_ROWS = 4096  # rows per tokenization task: big enough to batch, small enough to bound memory
 
 
 @dataclass(frozen=True)
 class Shard:
     url: str  # what fsspec opens: a local path or a URL with its protocol
-    name: str  # base name; the output file has the same name
-    row_group_rows: tuple[int, ...]  # rows in each row group
+    name: str  # the output file's name: the input's base name, extension .parquet
+    row_group_rows: tuple[int, ...]  # rows in each row group (line-based formats: a block)
     schema: pa.Schema
+    format: str = "parquet"  # parquet | arrow | jsonl | csv | openai_batch
+    block_offsets: tuple[int, ...] = ()  # line-based formats: byte where each row group starts
 
     @property
     def num_rows(self) -> int:
@@ -53,47 +54,45 @@ class UnreadableShard:
     error: str
 
 
-def discover_shards(path: str, unreadable: list[UnreadableShard] | None = None) -> list[Shard]:
-    """Parquet file, directory (searched recursively), glob or fsspec URL -> sorted shards.
+def discover_shards(
+    source: str | InputSource, unreadable: list[UnreadableShard] | None = None
+) -> list[Shard]:
+    """`input.path` (a plain path: its format told by extension) -> shards in input order.
 
-    A file whose footer cannot be read is an error naming it; with `unreadable` given, it is
-    recorded there instead and the other shards go on."""
-    url = str(demo_input_path()) if path == DEMO else path
-    fs, root = fsspec.core.url_to_fs(url)
-    if any(c in root for c in _GLOB_CHARS):
-        files = sorted(p for p in fs.glob(root) if fs.isfile(p))
-    elif fs.isdir(root):
-        files = sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-    elif fs.isfile(root):
-        files = [root]
-    else:
-        raise ConfigError(f"input.path={path!r}: no such file or directory")
-    if not files:
-        raise ConfigError(f"input.path={path!r} matches no Parquet file")
-    local = url == root  # keep plain local paths plain
+    A file that cannot be read is an error naming it; with `unreadable` given, it is recorded
+    there instead and the other shards go on."""
+    source = source if isinstance(source, InputSource) else InputSource(source)
     shards = []
-    for file in files:
-        file_url = file if local else fs.unstrip_protocol(file)
+    for file in locate(source):
+        name = output_name(file.path, file.format)
         try:
-            shards.append(_read_footer(fs, file, file_url))
-        except (OSError, pa.ArrowException) as exc:
-            error = f"cannot read the Parquet footer of {file_url}: {exc}"
+            layout = _scan(file, source)
+        except (OSError, pa.ArrowException, ValueError) as exc:
+            error = f"cannot read {_what(file)} {file.url}: {exc}"
             if unreadable is None:
                 raise ConfigError(error) from exc
-            unreadable.append(UnreadableShard(file_url, posixpath.basename(file), error))
-    _check_unique_names(shards, path)
+            unreadable.append(UnreadableShard(file.url, name, error))
+            continue
+        rows, schema, offsets = layout.row_group_rows, layout.schema, layout.block_offsets
+        shards.append(Shard(file.url, name, rows, schema, file.format, offsets))
+    _check_unique_names([*shards, *(unreadable or [])], source.path)
     return shards
 
 
-def _read_footer(fs: fsspec.AbstractFileSystem, path: str, url: str) -> Shard:
-    with fs.open(path, "rb") as f:
-        meta = pq.ParquetFile(f).metadata
-        schema = meta.schema.to_arrow_schema()
-        rows = tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))
-    return Shard(url=url, name=posixpath.basename(path), row_group_rows=rows, schema=schema)
+def _scan(file: InputFile, source: InputSource) -> formats.Layout:
+    if file.format == "parquet":
+        return formats.scan_parquet(file.fs, file.path)
+    if file.format == "arrow":
+        return formats.scan_arrow(file.fs, file.path)
+    return text_formats.scan(file.fs, file.path, file.format, source, UNIT_ROWS)
 
 
-def _check_unique_names(shards: list[Shard], path: str) -> None:
+def _what(file: InputFile) -> str:
+    return "the Parquet footer of" if file.format == "parquet" else f"the {file.format} file"
+
+
+def _check_unique_names(shards: list[Shard | UnreadableShard], path: str) -> None:
+    """Two inputs must not write one output (a.jsonl and a.parquet, or x/a.csv and y/a.csv)."""
     seen: dict[str, str] = {}
     for shard in shards:
         if shard.name in seen:
@@ -138,7 +137,7 @@ def plan_units(
                 break
             taken.append(take)
             remaining -= take
-        kept = Shard(shard.url, shard.name, tuple(taken), shard.schema)
+        kept = replace(shard, row_group_rows=tuple(taken))
         used.append(kept)
         committed = (done or {}).get(shard.name)
         units += [u for u in _units(kept) if committed is None or not _all(committed, u)]
@@ -161,24 +160,11 @@ def _all(done: np.ndarray, unit: WorkUnit) -> bool:
 
 
 def read_unit(unit: WorkUnit, columns: list[str]) -> pa.Table:
-    """Read the unit's rows of `columns` (those present in the shard), streaming through its
-    row group so that no more than a batch of it is decoded at once."""
+    """Read the unit's rows of `columns` (those present in the shard), streamed: no more than a
+    batch or block of its file is decoded at once."""
     present = [c for c in dict.fromkeys(columns) if c in unit.shard.schema.names]
-    fs, path = fsspec.core.url_to_fs(unit.shard.url)
-    with fs.open(path, "rb") as f:
-        parquet = pq.ParquetFile(f)
-        if unit.offset == 0 and parquet.metadata.row_group(unit.row_group).num_rows <= UNIT_ROWS:
-            table = parquet.read_row_group(unit.row_group, columns=present)
-            return table.slice(0, unit.num_rows)
-        batches, seen = [], 0
-        stop = unit.offset + unit.num_rows
-        for batch in parquet.iter_batches(UNIT_ROWS, [unit.row_group], present):
-            begin = max(0, unit.offset - seen)  # the unit's rows in this batch: [begin, end)
-            end = min(batch.num_rows, stop - seen)
-            if end > begin:
-                batches.append(batch.slice(begin, end - begin))
-            seen += batch.num_rows
-            if seen >= stop:
-                break
-        schema = pa.schema([parquet.schema_arrow.field(c) for c in present])
-    return pa.Table.from_batches(batches, schema=schema)
+    if unit.shard.format == "parquet":
+        return formats.read_parquet(unit, present, UNIT_ROWS)
+    if unit.shard.format == "arrow":
+        return formats.read_arrow(unit, present)
+    return text_formats.read(unit, present)
