@@ -24,7 +24,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.driver import Driver, Engine
 from pipeline.engine.params import RequestParams, SamplingParams
 from pipeline.io.manifest import manifest_name
-from pipeline.io.schema import output_schema
+from pipeline.io.schema import job_metadata, output_schema
 from pipeline.io.shards import (
     Shard,
     UnreadableShard,
@@ -59,9 +59,10 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
         return _write_empty_summary(out_dir, skipped)
     task = get_task(config.task.name)(config.task)
+    job = job_metadata(config, _model_dir(config), request_params(config))  # in every file
     done = {}  # shard -> rows committed by an earlier run
     for shard in shards:
-        schema = _schema(config, shard, task.extra_fields)
+        schema = _schema(config, shard, task.extra_fields, job)
         committed = writer.expect(shard.name, shard.num_rows, schema)
         if committed is not None:
             done[shard.name] = committed
@@ -227,9 +228,9 @@ def _model_dir(config: PipelineConfig) -> Path:
     return resolve_model_dir(config.model.path, config.model.revision)
 
 
-def _schema(config: PipelineConfig, shard: Shard, task_fields: Any) -> Any:
+def _schema(config: PipelineConfig, shard: Shard, task_fields: Any, job: dict[str, Any]) -> Any:
     i = config.input
-    return output_schema(shard, i.id_column, i.text_column, i.columns, list(task_fields))
+    return output_schema(shard, i.id_column, i.text_column, i.columns, list(task_fields), job)
 
 
 def _num_workers(client: Any) -> int:
