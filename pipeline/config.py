@@ -39,7 +39,13 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass
 class InputConfig:
-    path: str = "demo"  # Parquet file, directory, glob or fsspec URL; "demo": the bundled sample
+    # Parquet, JSON Lines, CSV or Arrow file, directory, glob, fsspec URL, save_to_disk
+    # directory or hf://datasets/NAME; "demo": the bundled sample
+    path: str = "demo"
+    # auto (by extension) | parquet | jsonl | csv | arrow | openai_batch (pipeline/io/sources.py)
+    format: str = "auto"
+    split: Optional[str] = None  # noqa: UP045 (hf://datasets/NAME only; null: train)
+    config: Optional[str] = None  # noqa: UP045 (hf://datasets/NAME only: the dataset's config)
     text_column: str = "text"
     id_column: str = "id"  # generated as "<shard>:<row>" when the input lacks it
     limit: Optional[int] = None  # noqa: UP045 (first N rows, for a quick try)
@@ -72,6 +78,15 @@ class InputConfig:
             self.limit is None or self.limit >= 1,
             f"input.limit must be null (all rows) or >= 1, got {self.limit}",
         )
+        self.source()  # checks input.format, input.split and input.config
+
+    def source(self) -> Any:
+        """What `discover_shards` reads (a `pipeline.io.sources.InputSource`)."""
+        from pipeline.io.sources import InputSource
+
+        return InputSource(
+            self.path, self.format, self.split, self.config, self.id_column, self.text_column
+        )
 
 
 @dataclass
@@ -97,9 +112,13 @@ class ClusterConfig:
     address: Optional[str] = None  # noqa: UP045 (a running Dask scheduler; null: a LocalCluster)
     n_workers: int = 2  # LocalCluster worker processes (one thread each)
     max_tasks_in_flight: int = 0  # tokenization tasks submitted ahead; 0: 4 per worker
+    # Engine replicas, each in its own worker process (one GPU each on CUDA); shards are
+    # dispatched to them longest first. 1: the engine runs in the main process.
+    engines: int = 1
 
     def __post_init__(self) -> None:
         _require(self.n_workers >= 1, f"cluster.n_workers must be >= 1, got {self.n_workers}")
+        _require(self.engines >= 1, f"cluster.engines must be >= 1, got {self.engines}")
         _require(
             self.max_tasks_in_flight >= 0,
             f"cluster.max_tasks_in_flight must be >= 0 (0: automatic), got "

@@ -10,7 +10,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -47,17 +47,53 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     """Run the job; returns the summary (also written to `<output.dir>/summary.json`).
 
     `engine` lets a caller that already holds a loaded engine reuse it (benchmarks, tests).
+    With `cluster.engines` > 1 the shards go to engine replicas on Dask (pipeline/replicas.py).
     """
     timings = Timings(started=time.perf_counter())
     config = load_config(cfg)
     out_dir = output_dir(config)
-    manifest = manifest_name(config.input.part, config.input.num_parts)
-    o = config.output
-    writer = ResultWriter(out_dir / "results", o.compression, manifest, o.commit_rows, o.commit_s)
+    writer = make_writer(config, out_dir, manifest_name(config.input.part, config.input.num_parts))
     shards, skipped, unreadable = pending_shards(config, writer)
     if not shards and not unreadable:
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
         return _write_empty_summary(out_dir, skipped)
+    if config.cluster.engines > 1:
+        from pipeline.replicas import run_replicas
+
+        summary, history = run_replicas(config, out_dir, shards, skipped, unreadable, timings)
+    else:
+        with dask_client(config.cluster) as client:
+            get_engine = lambda: engine or load_engine(config)  # noqa: E731
+            summary, history = process_shards(
+                config, out_dir, writer, shards, client, get_engine, timings, skipped, unreadable
+            )
+    write_summary(out_dir / "summary.json", summary)
+    if config.metrics.plot and history:
+        plot_throughput(history, out_dir / "throughput.png")
+    _log_summary(summary, out_dir)
+    return summary
+
+
+def make_writer(config: PipelineConfig, out_dir: Path, manifest: str) -> ResultWriter:
+    o = config.output
+    return ResultWriter(out_dir / "results", o.compression, manifest, o.commit_rows, o.commit_s)
+
+
+def process_shards(
+    config: PipelineConfig,
+    out_dir: Path,
+    writer: ResultWriter,
+    shards: list[Shard],
+    client: Any,
+    get_engine: Callable[[], Engine],
+    timings: Timings,
+    skipped: list[str],
+    unreadable: list[UnreadableShard],
+    metrics_name: str = "metrics.jsonl",
+    resources: dict[str, float] | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Tokenize (on `client`'s workers, restricted to `resources`), generate and commit the
+    given shards; returns the summary and the metrics history."""
     task = get_task(config.task.name)(config.task)
     job = job_metadata(config, _model_dir(config), request_params(config))  # in every file
     done = {}  # shard -> rows committed by an earlier run
@@ -68,14 +104,14 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
             done[shard.name] = committed
     _, units = plan_units(shards, None, done)  # shards are already cut to input.limit
     spec = tokenize_spec(config, _model_dir(config))
-
-    with dask_client(config.cluster) as client, _flush_on_exit(writer):
+    with _flush_on_exit(writer):
         in_flight = config.cluster.max_tasks_in_flight or 4 * _num_workers(client)
-        stream = TokenStream(client, units, spec, in_flight)  # starts before the engine loads
-        load_start = time.perf_counter()
-        engine = engine or load_engine(config)
+        stream = TokenStream(client, units, spec, in_flight, resources=resources)
+        load_start = time.perf_counter()  # tokenization has started: loading overlaps it
+        engine = get_engine()
         timings.load_s = engine_load_s(engine, time.perf_counter() - load_start)
-        driver = _driver(config, engine, task, writer, out_dir, sum(s.num_rows for s in shards))
+        total = sum(s.num_rows for s in shards)
+        driver = _driver(config, engine, task, writer, out_dir / metrics_name, total)
         try:
             driver.run(stream)
         finally:
@@ -83,16 +119,11 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
             driver.profiler.finish()
             stream.close()
     timings.finished = time.perf_counter()
-
     failed = {u.name: u.error for u in unreadable} | writer.failed
     model_info = getattr(engine, "model_info", {})
     config_dict = OmegaConf.to_container(OmegaConf.structured(config))
     summary = build_summary(timings, driver, stream, model_info, config_dict, skipped, failed)  # type: ignore[arg-type]
-    write_summary(out_dir / "summary.json", summary)
-    if config.metrics.plot and driver.metrics.history:
-        plot_throughput(driver.metrics.history, out_dir / "throughput.png")
-    _log_summary(summary, out_dir)
-    return summary
+    return summary, driver.metrics.history
 
 
 @contextmanager
@@ -139,7 +170,7 @@ def pending_shards(
     """Shards still to do (in input order), the names of those already committed, and the
     files whose footer cannot be read (the job goes on without them, and fails at the end)."""
     unreadable: list[UnreadableShard] = []
-    shards = discover_shards(config.input.path, unreadable)
+    shards = discover_shards(config.input.source(), unreadable)
     check_columns(shards, config.input.text_column, config.input.columns)
     for shard in shards:
         check_text_type(shard.schema, config.input.text_column, shard.url)
@@ -198,7 +229,7 @@ def _driver(
     engine: Engine,
     task: Any,
     writer: ResultWriter,
-    out_dir: Path,
+    metrics_path: Path,
     total_rows: int,
 ) -> Driver:
     max_seqs = config.engine.max_num_seqs
@@ -215,8 +246,10 @@ def _driver(
         params=request_params(config),
         feeder=feeder,
         writer=writer,
-        metrics=MetricsRecorder(out_dir / "metrics.jsonl", m.interval_s, total_rows, m.progress),
-        profiler=StepProfiler(config.profile, m.profile_steps, out_dir / "profile_trace.json"),
+        metrics=MetricsRecorder(metrics_path, m.interval_s, total_rows, m.progress),
+        profiler=StepProfiler(
+            config.profile, m.profile_steps, metrics_path.parent / "profile_trace.json"
+        ),
         id_column=config.input.id_column,
         text_column=config.input.text_column,
     )

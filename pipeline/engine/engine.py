@@ -93,6 +93,7 @@ class LLMEngine:
             "kv_blocks": blocks.num_blocks,
             "kv_budget_blocks": budget_blocks,  # uncapped: the room the weights left
         }
+        info["load_s"] = time.perf_counter() - started  # summary.json's load_s (pipeline/run.py)
         log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
         eos = _eos_ids(model_dir, spec, tokenizer)
         return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info)

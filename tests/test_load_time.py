@@ -1,0 +1,41 @@
+"""`load_s` in summary.json is the engine's own load time: also for an engine handed to the
+job already loaded (`+job=bench`), and without the first import of the engine's modules."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+from pipeline.config import load_config
+from pipeline.report import engine_load_s
+from pipeline.run import run
+
+
+def test_a_preloaded_engine_reports_its_own_load_time(
+    compose, tiny_llama_dir: Path, make_shards, tmp_path: Path
+) -> None:
+    from pipeline.engine.engine import LLMEngine
+
+    inputs = make_shards(num_shards=1, rows=3)
+    cfg = compose(
+        [
+            f"model.path={tiny_llama_dir}",
+            f"input.path={inputs[0].parent}",
+            f"output.dir={tmp_path / 'out'}",
+            *("engine=cpu_small", "sampling.max_tokens=2", "cluster.n_workers=1"),
+            *("metrics.progress=false", "metrics.plot=false"),
+        ]
+    )
+    config = load_config(cfg)
+    engine = LLMEngine.from_config(config.model, config.engine)
+    loaded = engine.model_info["load_s"]
+    assert loaded > 1e-3  # weights, KV pool and tokenizer: not free even for a tiny model
+
+    summary = run(cfg, engine=engine)
+    assert summary["load_s"] == loaded
+    assert summary["model"]["load_s"] == loaded
+
+
+def test_an_engine_that_does_not_say_gets_the_time_waited() -> None:
+    assert engine_load_s(SimpleNamespace(), 0.25) == 0.25
+    assert engine_load_s(SimpleNamespace(model_info={"load_s": 0.5}), 3.0) == 0.5
