@@ -34,6 +34,7 @@ class Engine(Protocol):
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: Any) -> None: ...
     def step(self) -> list[RequestOutput]: ...
     def has_unfinished_requests(self) -> bool: ...
+    def num_waiting(self) -> int: ...
     def stats(self) -> dict[str, Any]: ...
 
 
@@ -99,7 +100,7 @@ class Driver:
         self.feeder.add([row for row in todo if row.error is None])
 
     def _feed(self) -> None:
-        num_waiting = self.engine.stats().get("num_waiting", 0)
+        num_waiting = self.engine.num_waiting()  # every turn: not the whole stats() dict
         for row in self.feeder.take(num_waiting):
             request_id = f"{row.shard}:{row.index}"
             params = self.task.request_params(row.id, self.params)

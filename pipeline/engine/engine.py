@@ -223,6 +223,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or self.post.has_output()
 
+    def num_waiting(self) -> int:
+        """Requests queued for their first (or, after a preemption, next) prefill."""
+        return len(self.scheduler.waiting)
+
     def generate(
         self,
         prompts: Seq[str] | Seq[Seq[int]],
