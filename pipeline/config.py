@@ -9,8 +9,9 @@ composed DictConfig into dataclasses; each one's `__post_init__` checks the valu
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -26,10 +27,11 @@ from pipeline.tasks.config import TaskConfig
 log = logging.getLogger(__name__)
 
 # beam.* keys that mean what the sampling.* key of the same name means: unless set, beam search
-# takes sampling's value, so that the one `sampling.max_tokens=24` limits every job's outputs.
-BEAM_INHERITS = ("max_tokens", "min_tokens", "stop_token_ids")
+# takes sampling's value, so that the one `sampling.max_tokens=24` limits every job's outputs
+# and the translate job's `sampling.stop: ["\n"]` ends beams at the line's end too.
+BEAM_INHERITS = ("max_tokens", "min_tokens", "stop_token_ids", "stop")
 # sampling.* keys beam search has no equivalent for (said once, when a config is built).
-BEAM_IGNORES = ("stop", "ignore_eos", "logprobs")
+BEAM_IGNORES = ("ignore_eos", "logprobs")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -110,20 +112,36 @@ class OutputConfig:
 @dataclass
 class ClusterConfig:
     address: Optional[str] = None  # noqa: UP045 (a running Dask scheduler; null: a LocalCluster)
-    n_workers: int = 2  # LocalCluster worker processes (one thread each)
+    # LocalCluster tokenization worker processes (one thread each); auto: see `workers_for`
+    n_workers: Union[int, str] = "auto"  # noqa: UP007 (OmegaConf needs typing.Union)
     max_tasks_in_flight: int = 0  # tokenization tasks submitted ahead; 0: 4 per worker
     # Engine replicas, each in its own worker process (one GPU each on CUDA); shards are
     # dispatched to them longest first. 1: the engine runs in the main process.
     engines: int = 1
 
     def __post_init__(self) -> None:
-        _require(self.n_workers >= 1, f"cluster.n_workers must be >= 1, got {self.n_workers}")
+        _require(
+            self.n_workers == "auto" or (isinstance(self.n_workers, int) and self.n_workers >= 1),
+            f"cluster.n_workers must be auto or >= 1, got {self.n_workers!r}",
+        )
         _require(self.engines >= 1, f"cluster.engines must be >= 1, got {self.engines}")
         _require(
             self.max_tasks_in_flight >= 0,
             f"cluster.max_tasks_in_flight must be >= 0 (0: automatic), got "
             f"{self.max_tasks_in_flight}",
         )
+
+    def workers_for(self, engine_on_gpu: bool) -> int:
+        """Tokenization workers: as given, or for `auto` the cores this process may use less
+        one per engine and one for the main process (up to 8) when the engines run on GPUs;
+        one when the engine runs on the CPU (it wants every core, and one niced worker
+        tokenizes far faster than a CPU engine generates)."""
+        if isinstance(self.n_workers, int):
+            return self.n_workers
+        if not engine_on_gpu:
+            return 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(8, (cores or 1) - self.engines - 1))
 
 
 @dataclass
@@ -194,7 +212,7 @@ class PipelineConfig:
             for key in ignored:
                 log.warning(
                     "beam search (beam.width=%d) does not apply sampling.%s=%r; beams end at "
-                    "EOS, beam.stop_token_ids or beam.max_tokens",
+                    "EOS, beam.stop_token_ids, beam.stop or beam.max_tokens",
                     *(self.beam.width, key, getattr(self.sampling, key)),
                 )
 

@@ -93,6 +93,9 @@ def build_summary(
         "load_s": timings.load_s,
         "tokenize_s": tokenize_end - stream.started,  # wall time; it overlaps generation
         "tokenize_worker_s": stream.worker_s,  # CPU time summed over tasks
+        "tokenize_tokens_per_worker_s": (  # how fast one worker tokenizes (prompt tokens)
+            metrics.prompt_tokens / stream.worker_s if stream.worker_s > 0 else None
+        ),
         "generate_s": driver.generate_s,  # time inside engine.step
         "write_s": writer.write_s,
         "wall_s": wall,

@@ -50,7 +50,7 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     With `cluster.engines` > 1 the shards go to engine replicas on Dask (pipeline/replicas.py).
     """
     timings = Timings(started=time.perf_counter())
-    config = load_config(cfg)
+    config = with_workers(load_config(cfg))
     out_dir = output_dir(config)
     writer = make_writer(config, out_dir, manifest_name(config.input.part, config.input.num_parts))
     shards, skipped, unreadable = pending_shards(config, writer)
@@ -72,6 +72,17 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
         plot_throughput(history, out_dir / "throughput.png")
     _log_summary(summary, out_dir)
     return summary
+
+
+def with_workers(config: PipelineConfig) -> PipelineConfig:
+    """`cluster.n_workers=auto` resolved for where the engine runs (logged)."""
+    from pipeline.engine.resources import resolve_device
+
+    on_gpu = resolve_device(config.engine.device).type == "cuda"
+    workers = config.cluster.workers_for(on_gpu)
+    if config.cluster.n_workers == "auto":
+        log.info("cluster.n_workers=auto: %d tokenization worker(s)", workers)
+    return replace(config, cluster=replace(config.cluster, n_workers=workers))
 
 
 def make_writer(config: PipelineConfig, out_dir: Path, manifest: str) -> ResultWriter:

@@ -43,7 +43,7 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         return
     replicated = cfg.engines > 1
     with LocalCluster(
-        n_workers=cfg.n_workers,
+        n_workers=cfg.workers_for(engine_on_gpu=_has_gpu()),  # as given, once run() resolved it
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
@@ -66,6 +66,12 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
             # On failure here, the cluster's own close below still stops them (slowly).
             with suppress(Exception):
                 cluster.sync(_stop_workers, cluster)
+
+
+def _has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _low_priority_plugin() -> Any:

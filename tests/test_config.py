@@ -135,3 +135,16 @@ def test_cluster_address_comes_from_the_environment(compose, monkeypatch) -> Non
         load_config(compose(["cluster=address"]))
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", "tcp://10.0.0.1:8786")
     assert load_config(compose(["cluster=address"])).cluster.address == "tcp://10.0.0.1:8786"
+
+
+def test_auto_tokenization_workers_follow_the_cores_and_the_engine(monkeypatch) -> None:
+    from pipeline.config import ClusterConfig
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert ClusterConfig().workers_for(engine_on_gpu=False) == 1  # the CPU engine takes the cores
+    assert ClusterConfig().workers_for(engine_on_gpu=True) == 8  # 16 - 1 engine - 1 main, up to 8
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(6)))
+    assert ClusterConfig(engines=2).workers_for(engine_on_gpu=True) == 3
+    assert ClusterConfig(n_workers=5).workers_for(engine_on_gpu=True) == 5
+    with pytest.raises(ConfigError, match=r"cluster\.n_workers must be auto or >= 1"):
+        ClusterConfig(n_workers="many")
