@@ -5,10 +5,20 @@ which picks the next running beams (parent index + token) and files finished hyp
 The engine then forks the parents' KV blocks copy-on-write; nothing is re-prefilled.
 Mirrors transformers' `_beam_search` (top 2W candidates, finished hypotheses scored
 `sum_logprobs / generated_len ** length_penalty`, its early-stopping heuristic).
+
+Stop strings: transformers runs its stopping criteria (StopStringCriteria with EOS and max
+length) on every top candidate, and a candidate that hits one is a finished hypothesis exactly
+like one ending on EOS: filed if it ranks among the top `width` (and may still finish), never
+run on. `step` does the same, asking `ends(parent, token)` only of the candidates whose answer
+matters. The caller answers from decoded text (pipeline/engine/postprocess.py): a stop string
+in the generated text whose end lies in the new token's text, as sampling does. Transformers
+matches token strings over prompt + output instead, so the two differ only for a stop string
+that begins in the prompt, spans a special token, or needs the text a decoder cleans up.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +29,7 @@ from pipeline.engine.params import BeamParams
 @dataclass
 class Hypothesis:
     score: float  # length-normalised
-    token_ids: list[int]  # generated tokens, EOS included when it ended on one
+    token_ids: list[int]  # generated tokens, with the EOS or stop string's last token
 
 
 @dataclass
@@ -46,11 +56,16 @@ class BeamState:
         return max(2, 1 + len(self.eos_ids)) * self.params.width
 
     def step(
-        self, top_scores: list[float], top_index: list[int], vocab: int, outputs: list[list[int]]
+        self,
+        top_scores: list[float],
+        top_index: list[int],
+        vocab: int,
+        outputs: list[list[int]],
+        ends: Callable[[int, int], bool] | None = None,
     ) -> list[NextBeam]:
         """The best candidates (cumulative scores, flat beam * vocab + token indices) of the
         running beams whose generated tokens are `outputs`. Returns the next running beams,
-        best first."""
+        best first. `ends(parent, token)`: whether that candidate completes a stop string."""
         width = self.params.width
         gen_len = len(outputs[0]) + 1
         at_limit = gen_len >= self.max_new_tokens
@@ -58,8 +73,10 @@ class BeamState:
         running: list[NextBeam] = []
         all_stopped = True
         for rank, (score, flat) in enumerate(zip(top_scores, top_index, strict=True)):
+            if rank >= width and len(running) == width:
+                break  # neither a hypothesis nor a running beam: no need to ask `ends`
             parent, token = divmod(flat, vocab)
-            if at_limit or token in self.eos_ids:
+            if at_limit or token in self.eos_ids or (ends is not None and ends(parent, token)):
                 if rank < width and may_finish:
                     self._add(
                         score / gen_len**self.params.length_penalty, outputs[parent] + [token]

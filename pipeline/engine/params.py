@@ -82,6 +82,10 @@ class BeamParams:
     generated length counting the EOS token. `early_stopping`: True stops a request as soon as
     `width` hypotheses are finished; False stops when the best running beam can no longer beat
     the worst finished one at the current length; "never" assumes the best possible length.
+
+    `stop` strings end a beam like EOS does (transformers' `stop_strings`): a candidate whose
+    new token completes one becomes a finished hypothesis, its text cut before the stop string
+    as in sampling. They are searched in the generated text only (see pipeline/engine/beam.py).
     """
 
     width: int = 1
@@ -89,11 +93,12 @@ class BeamParams:
     early_stopping: Any = False  # True, False or "never"
     num_return: int = 1
     no_repeat_ngram_size: int = 0
-    # In a job these three follow sampling.* unless set (pipeline/config.py, BEAM_INHERITS):
-    # one length limit for the job, whichever search runs.
+    # In a job these four follow sampling.* unless set (pipeline/config.py, BEAM_INHERITS):
+    # one length limit and one set of stops for the job, whichever search runs.
     max_tokens: int = 64
     min_tokens: int = 0
     stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check(self.width >= 1, f"beam.width must be >= 1, got {self.width}")
@@ -119,6 +124,7 @@ class BeamParams:
             self.no_repeat_ngram_size >= 0,
             f"beam.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}",
         )
+        _check(all(s for s in self.stop), "beam.stop must not contain empty strings")
 
 
 RequestParams = SamplingParams | BeamParams

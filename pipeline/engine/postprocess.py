@@ -2,15 +2,17 @@
 
 Turns a step's host results (`decide.Decision`) into sequence state and, when a request is
 done, into its `RequestOutput`. Stop strings are checked incrementally: only the newest
-token's text is decoded. Blocks of finished or replaced sequences are released through the
-scheduler, which owns them.
+token's text is decoded (for beams, each candidate's token in its parent's window). Blocks of
+finished or replaced sequences are released through the scheduler, which owns them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, NextBeam
+from pipeline.engine.beam import BeamState, Hypothesis, NextBeam
 from pipeline.engine.decide import Decision, StepPlan
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams
@@ -86,27 +88,32 @@ class Postprocessor:
         it and the few characters before it that a stop string could straddle."""
         out = seq.output_ids
         before = self._text(out[seq.prefix_offset : seq.read_offset])
-        after = self._text(out[seq.prefix_offset :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return False  # no complete new character yet
-        new = after[len(before) :]
+        new = _new_text(before, self._text(out[seq.prefix_offset :]))
+        if not new:
+            return False
+        stopped = _stop_ends_in(seq.text, new, stops)
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(out)
-        reach = len(new) + max(len(s) for s in stops) - 1
         seq.text += new
-        return _find_stop(seq.text[-reach:], stops) is not None
+        return stopped
 
     def _text(self, token_ids: list[int]) -> str:
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
+    def _final_text(self, token_ids: list[int], stops: list[str]) -> tuple[str, bool]:
+        """The output's text, cut before the first stop string (which it does not include,
+        as in vLLM), and whether it had one."""
+        text = self._text(token_ids)
+        cut = _find_stop(text, stops) if stops else None
+        return (text, False) if cut is None else (text[:cut], True)
+
     def _finish_sample(self, request: Request, seq: Sequence, reason: str) -> None:
         params = request.params
         assert isinstance(params, SamplingParams)
-        text = self._text(seq.output_ids)
-        cut = _find_stop(text, params.stop) if params.stop else None
+        text, _ = self._final_text(seq.output_ids, params.stop)
         request.finished.append(
             CompletionOutput(
                 index=seq.child_index,
-                text=text if cut is None else text[:cut],
+                text=text,
                 token_ids=seq.output_ids,
                 cumulative_logprob=seq.cumulative_logprob,
                 finish_reason=reason,
@@ -123,38 +130,106 @@ class Postprocessor:
             state = request.beam
             assert state is not None
             generated = [seq.output_ids for seq in request.seqs]
-            chosen = state.step(scores, index, self.vocab_size, generated)
-            self._fork_beams(request, chosen)
+            stops = state.params.stop
+            texts = CandidateTexts(self._text, request.seqs, stops) if stops else None
+            ends = texts.ends if texts is not None else None
+            chosen = state.step(scores, index, self.vocab_size, generated, ends)
+            self._fork_beams(request, chosen, texts)
             if state.done:
                 self._finish_beams(request, state)
 
-    def _fork_beams(self, request: Request, chosen: list[NextBeam]) -> None:
+    def _fork_beams(
+        self, request: Request, chosen: list[NextBeam], texts: CandidateTexts | None
+    ) -> None:
         """The next beams share their parents' blocks (copy-on-write); parents are released."""
         parents, request.seqs = request.seqs, []
         for i, beam in enumerate(chosen):
             child = self.scheduler.fork(parents[beam.parent], i)
             child.token_ids.append(beam.token)
+            if texts is not None:
+                texts.carry_on(child, beam.parent, beam.token)
             request.seqs.append(child)
         for parent in parents:
             self.scheduler.release(parent)
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
-        request.finished = [
-            CompletionOutput(
-                index=i,
-                text=self._text(h.token_ids),
-                token_ids=h.token_ids,
-                cumulative_logprob=h.score,
-                finish_reason="stop" if h.token_ids[-1] in state.eos_ids else "length",
-            )
-            for i, h in enumerate(state.results())
-        ]
+        request.finished = [self._beam_output(i, h, state) for i, h in enumerate(state.results())]
         self._complete(request)
+
+    def _beam_output(
+        self, index: int, hypothesis: Hypothesis, state: BeamState
+    ) -> CompletionOutput:
+        tokens = hypothesis.token_ids
+        text, stopped = self._final_text(tokens, state.params.stop)
+        return CompletionOutput(
+            index=index,
+            text=text,
+            token_ids=tokens,
+            cumulative_logprob=hypothesis.score,
+            # A hypothesis at the length limit whose last token completed a stop string
+            # stopped, as a sample would.
+            finish_reason="stop" if stopped or tokens[-1] in state.eos_ids else "length",
+        )
 
     def _complete(self, request: Request) -> None:
         self.scheduler.finish(request)
         outputs = sorted(request.finished, key=lambda o: o.index)
         self._done.append(RequestOutput(request.request_id, request.prompt_ids, outputs))
+
+
+class CandidateTexts:
+    """Stop strings for one beam request's step. A candidate (parent beam, token) is decoded
+    incrementally in its parent's window (`Sequence.text`, `prefix_offset`, `read_offset`),
+    each parent's text before the token once, each candidate's new text once: the child beam
+    that carries the candidate on takes that text instead of decoding it again."""
+
+    def __init__(
+        self, decode: Callable[[list[int]], str], parents: list[Sequence], stops: list[str]
+    ) -> None:
+        self.decode = decode
+        self.parents = parents
+        self.stops = stops
+        self._before: dict[int, str] = {}
+        self._new: dict[tuple[int, int], str] = {}
+
+    def ends(self, parent: int, token: int) -> bool:
+        """Whether appending `token` to beam `parent` completes a stop string."""
+        new = self._new_text(parent, token)
+        return bool(new) and _stop_ends_in(self.parents[parent].text, new, self.stops)
+
+    def carry_on(self, child: Sequence, parent: int, token: int) -> None:
+        """Advance the child's text (a copy of its parent's) by the candidate's new text."""
+        new = self._new_text(parent, token)
+        if new:  # else the token ends inside a character: the window stays where it was
+            child.text += new
+            child.prefix_offset, child.read_offset = child.read_offset, child.num_output
+
+    def _new_text(self, parent: int, token: int) -> str:
+        key = (parent, token)
+        if key not in self._new:
+            seq = self.parents[parent]
+            window = seq.token_ids[seq.prompt_len + seq.prefix_offset :]
+            if parent not in self._before:
+                self._before[parent] = self.decode(window[: seq.read_offset - seq.prefix_offset])
+            self._new[key] = _new_text(self._before[parent], self.decode([*window, token]))
+        return self._new[key]
+
+
+def _new_text(before: str, after: str) -> str:
+    """What a window's newest tokens add to the text of its first ones (`before`, `after`:
+    the two decoded): "" while they end inside a character (the decoder shows an incomplete
+    UTF-8 sequence as U+FFFD), so that the next token is decoded together with them."""
+    if len(after) <= len(before) or after.endswith("\ufffd"):
+        return ""
+    return after[len(before) :]
+
+
+def _stop_ends_in(text: str, new: str, stops: list[str]) -> bool:
+    """Whether `text + new` has a stop string that ends in `new` (`text`, a running
+    sequence's, has none: it would have stopped). Searched in `new` and the characters before
+    it that a stop string could straddle, not in the whole text."""
+    reach = max(len(s) for s in stops) - 1
+    return _find_stop(text[max(0, len(text) - reach) :] + new, stops) is not None
 
 
 def _top_entry(decision: Decision, row: int, count: int) -> dict[int, float]:
