@@ -91,6 +91,9 @@ class Driver:
 
     def _accept(self, unit: TokenizedUnit) -> None:
         """Bad rows go straight to the writer; good rows queue for the engine."""
+        if unit.unit.shard.name in self.writer.failed:  # its shard was dropped: no work for it
+            self.rows.dropped_rows += len(unit.rows)
+            return
         todo = [row for row in unit.rows if not self.writer.has_row(row.shard, row.index)]
         self.rows.skipped_committed_rows += len(unit.rows) - len(todo)
         for row in todo:
