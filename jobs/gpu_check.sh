@@ -26,9 +26,9 @@ commit="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 card="$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
 versions="$(python3 -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)')"
 
-PIPELINE_TEST_DEVICE=cuda timeout 150 python3 -m pytest -q -x -p no:cacheprovider \
+PIPELINE_TEST_DEVICE=cuda timeout 180 python3 -m pytest -q -x -p no:cacheprovider \
     tests/test_kernels.py tests/test_attention_backends.py tests/test_engine_parity.py \
-    tests/test_engine_behaviour.py tests/test_quant.py 2>&1 | tail -n 25 | tee "$out/tests.txt"
+    tests/test_engine_behaviour.py tests/test_quant.py tests/test_oom.py 2>&1 | tail -n 25 | tee "$out/tests.txt"
 tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 
 timeout 330 python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B \
