@@ -86,7 +86,7 @@ def build_summary(
         "failed_shards": [{"shard": k, "error": v} for k, v in failed_shards.items()],
         "resumed_rows": writer.resumed_rows,
         "parts_committed": writer.parts_committed,
-        "tokenize_retries": getattr(stream, "retries", 0),
+        "tokenize_retries": stream.retries,
         "oom_events": engine_stats.get("num_oom_events", 0),
         "prompt_tokens": metrics.prompt_tokens,
         "output_tokens": metrics.output_tokens,

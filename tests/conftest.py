@@ -134,6 +134,25 @@ def corrupt_row_group(path: Path, row_group: int) -> None:
     path.write_bytes(data)
 
 
+def job_overrides(
+    model: Path, inputs: Path, out: Path, changes: dict[str, object] | None = None
+) -> list[str]:
+    """Overrides for a small, quiet job on a tiny model; `changes` sets or adds keys (a value
+    of None drops the key)."""
+    keys: dict[str, object] = {
+        "model.path": model,
+        "input.path": inputs,
+        "output.dir": out,
+        "engine": "cpu_small",
+        "sampling.max_tokens": 4,
+        "cluster.n_workers": 1,
+        "metrics.progress": "false",
+        "metrics.plot": "false",
+        **(changes or {}),
+    }
+    return [f"{key}={value}" for key, value in keys.items() if value is not None]
+
+
 def compose_config(overrides: list[str] | None = None) -> object:
     """Compose `conf/config.yaml` with overrides, as `python -m pipeline` would."""
     from hydra import compose as hydra_compose

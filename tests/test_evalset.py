@@ -10,6 +10,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from conftest import job_overrides
 
 from pipeline.io.schema import METADATA_KEY, read_job_metadata
 from pipeline.run import run
@@ -17,18 +18,9 @@ from pipeline.tasks.base import row_seed
 
 
 def _evalset(compose, model: Path, inputs: Path, out: Path) -> list[Path]:
-    cfg = compose(
-        [
-            "+job=evalset",
-            f"model.path={model}",
-            f"input.path={inputs}",
-            f"output.dir={out}",
-            "engine=cpu_small",
-            *("sampling.n=3", "sampling.logprobs=2", "sampling.max_tokens=4"),
-            "output.commit_rows=2",  # several parts per shard: the assembled file is checked
-            *("cluster.n_workers=1", "metrics.progress=false", "metrics.plot=false"),
-        ]
-    )
+    # output.commit_rows=2: several parts per shard, so the assembled file is checked
+    changes = {"sampling.n": 3, "sampling.logprobs": 2, "output.commit_rows": 2}
+    cfg = compose(["+job=evalset", *job_overrides(model, inputs, out, changes)])
     summary = run(cfg)
     assert (summary["rows"], summary["error_rows"]) == (10, 0)
     return sorted((out / "results").glob("*.parquet"))

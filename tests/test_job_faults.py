@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from conftest import corrupt_row_group
+from conftest import corrupt_row_group, job_overrides
 
 from pipeline.config import load_config
 from pipeline.run import load_engine, run
@@ -51,19 +51,6 @@ def _inputs(directory: Path, make_shards) -> Path:
     return directory
 
 
-def _overrides(model: Path, inputs: Path, out: Path) -> list[str]:
-    return [
-        f"model.path={model}",
-        f"input.path={inputs}",
-        f"output.dir={out}",
-        "engine=cpu_small",
-        "sampling.max_tokens=4",
-        "cluster.n_workers=1",
-        "metrics.progress=false",
-        "metrics.plot=false",
-    ]
-
-
 def test_every_bad_row_and_shard_is_accounted_for_and_the_job_exits_1(
     tiny_llama_dir: Path, make_shards, tmp_path: Path
 ) -> None:
@@ -75,7 +62,7 @@ def test_every_bad_row_and_shard_is_accounted_for_and_the_job_exits_1(
             "-m",
             "pipeline",
             "+job=translate",
-            *_overrides(tiny_llama_dir, inputs, out),
+            *job_overrides(tiny_llama_dir, inputs, out),
             f"hydra.run.dir={tmp_path / 'hydra'}",
         ],
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -114,7 +101,7 @@ def test_truncation_is_opt_in_and_counted(
     inputs = _inputs(tmp_path / "input", make_shards)
     for name in ("binary.parquet", "empty.parquet", "no_footer.parquet", "bad_data.parquet"):
         (inputs / name).unlink()
-    overrides = _overrides(tiny_llama_dir, inputs, tmp_path / "out")
+    overrides = job_overrides(tiny_llama_dir, inputs, tmp_path / "out")
     summary = run(compose([*overrides, "input.truncate=left"]))
     assert summary["truncated_rows"] == 2 and "too_long" not in summary["error_kinds"]
     rows = pq.read_table(tmp_path / "out" / "results" / "good.parquet").to_pylist()
@@ -125,7 +112,7 @@ def test_an_out_of_memory_step_is_retried_and_counted(
     compose, tiny_llama_dir: Path, make_shards, tmp_path: Path
 ) -> None:
     inputs = make_shards(num_shards=2, rows=30, row_group_size=8)
-    overrides = _overrides(tiny_llama_dir, inputs[0].parent, tmp_path / "reference")
+    overrides = job_overrides(tiny_llama_dir, inputs[0].parent, tmp_path / "reference")
     run(compose(overrides))
     cfg = compose([*overrides, f"output.dir={tmp_path / 'out'}"])
     engine = load_engine(load_config(cfg))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
+from conftest import job_overrides
+
 from pipeline.config import load_config
 from pipeline.report import engine_load_s
 from pipeline.run import run
@@ -17,15 +19,8 @@ def test_a_preloaded_engine_reports_its_own_load_time(
     from pipeline.engine.engine import LLMEngine
 
     inputs = make_shards(num_shards=1, rows=3)
-    cfg = compose(
-        [
-            f"model.path={tiny_llama_dir}",
-            f"input.path={inputs[0].parent}",
-            f"output.dir={tmp_path / 'out'}",
-            *("engine=cpu_small", "sampling.max_tokens=2", "cluster.n_workers=1"),
-            *("metrics.progress=false", "metrics.plot=false"),
-        ]
-    )
+    changes = {"sampling.max_tokens": 2}
+    cfg = compose(job_overrides(tiny_llama_dir, inputs[0].parent, tmp_path / "out", changes))
     config = load_config(cfg)
     engine = LLMEngine.from_config(config.model, config.engine)
     loaded = engine.model_info["load_s"]

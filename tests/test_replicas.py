@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import compose_config, write_shards
+from conftest import compose_config, job_overrides, write_shards
 from test_faults import assert_same_results
 
 from pipeline.io.faults import ENV, ONCE_ENV
@@ -16,18 +16,8 @@ from pipeline.run import run
 
 
 def _overrides(model: Path, inputs: Path, out: Path) -> list[str]:
-    return [
-        f"model.path={model}",
-        f"input.path={inputs}",
-        f"output.dir={out}",
-        "engine=cpu_small",
-        "engine.num_threads=1",
-        "sampling.max_tokens=8",
-        "output.commit_rows=10",
-        "cluster.n_workers=1",
-        "metrics.progress=false",
-        "metrics.plot=false",
-    ]
+    changes = {"engine.num_threads": 1, "sampling.max_tokens": 8, "output.commit_rows": 10}
+    return job_overrides(model, inputs, out, changes)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import sample_text
+from conftest import job_overrides, sample_text
 
 from pipeline.config import InputConfig
 from pipeline.engine.config import ConfigError
@@ -228,20 +228,7 @@ def test_job_on_jsonl_input_writes_parquet_in_input_order(
         rows = [{"id": f"{name}-{i}", "text": sample_text(i)} for i in range(count)]
         _write_jsonl(inputs / name, rows)
     out = tmp_path / "out"
-    summary = run(
-        compose(
-            [
-                f"model.path={tiny_llama_dir}",
-                f"input.path={inputs}",
-                f"output.dir={out}",
-                "engine=cpu_small",
-                "sampling.max_tokens=4",
-                "cluster.n_workers=1",
-                "metrics.progress=false",
-                "metrics.plot=false",
-            ]
-        )
-    )
+    summary = run(compose(job_overrides(tiny_llama_dir, inputs, out)))
     assert summary["rows"] == 9 and summary["error_rows"] == 0
     for name, count in sizes.items():
         result = pq.read_table(out / "results" / name.replace(".jsonl", ".parquet"))
