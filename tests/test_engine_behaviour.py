@@ -10,9 +10,9 @@ from tiny_models import build_model
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
 from pipeline.engine.random import signed_seed, uniform
-from pipeline.engine.runner import _block_tables
 from pipeline.engine.sampler import RowKinds, plan_sampling, resample_exact, sample
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.step_meta import block_tables
 from pipeline.engine.transfer import HostToDevice
 
 
@@ -93,7 +93,7 @@ def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir):
         inputs = prepare(batch, extra)
         if not batch.is_prefill:
             rows = runner.decode_rows
-            fresh, counts = _block_tables([s.block_table for s in batch.seqs])
+            fresh, counts = block_tables([s.block_table for s in batch.seqs])
             assert rows.lengths.tolist() == [len(s) for s in batch.seqs]
             assert rows.counts.tolist() == counts.tolist()
             assert rows.tables[:, : fresh.shape[1]].tolist() == fresh.tolist()

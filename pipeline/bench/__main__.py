@@ -33,6 +33,7 @@ from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.engine import HOST_PHASES, LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.models.loader import read_spec
+from pipeline.models.spec import ModelSpec
 
 MODES = {
     "greedy": (
@@ -118,6 +119,8 @@ def run_mode(args, mode, engine, hf, prompts, peak, bandwidth) -> dict:
     if fan_out > 1 and args.fanout_prompts:
         prompts = prompts[: args.fanout_prompts]
     spec = read_spec(engine_model_dir(engine))
+    if not isinstance(spec, ModelSpec):
+        raise SystemExit("decoder-only models; encoder-decoder: python -m pipeline.bench.seq2seq")
     work = work_flops(spec, [len(p) for p in prompts], args.new_tokens, fan_out)
     floor_s = work.flops / peak
     before = engine.stats()

@@ -26,6 +26,7 @@ from pipeline.bench.workload import matmul_peak, work_flops_for
 from pipeline.config import PipelineConfig, load_config
 from pipeline.io.shards import discover_shards, plan_units
 from pipeline.models.loader import read_spec
+from pipeline.models.spec import ModelSpec
 from pipeline.run import load_engine, output_dir, request_params, run, tokenize_spec
 from pipeline.tokenize import tokenize_unit
 
@@ -125,6 +126,8 @@ def floor_fraction(config: PipelineConfig, engine: Any, result: dict[str, Any]) 
     if "engine_s" not in result:
         return {}
     spec = read_spec(Path(engine.model_info["path"]))
+    if not isinstance(spec, ModelSpec):  # the floor model below is decoder-only
+        return {}
     work = work_flops_for(spec, result.pop("prompt_lens"), result.pop("output_lens"))
     dtype = getattr(torch, engine.model_info["dtype"])
     peak = matmul_peak(dtype, engine.model_info["device"])

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.engine.params import BeamParams
+from pipeline.engine.sampler import force_token
 
 
 @dataclass
@@ -44,6 +45,7 @@ class BeamState:
     params: BeamParams
     eos_ids: list[int]
     max_new_tokens: int  # max_tokens, lowered when the model's context is shorter
+    forced_eos: int | None = None  # Marian: the last token a beam can take is this one
     running_scores: list[float] = field(default_factory=lambda: [0.0])
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
@@ -112,16 +114,16 @@ class BeamState:
 
 
 def apply_beam_processors(
-    logprobs: torch.Tensor,
-    outputs: list[list[int]],
-    prompt: list[int],
-    params: BeamParams,
-    eos_ids: list[int],
+    logprobs: torch.Tensor, outputs: list[list[int]], prompt: list[int], state: BeamState
 ) -> None:
     """In place on [W, V] log-probs, like HF's processors in beam search:
-    min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram."""
+    min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram,
+    forced_eos_token_id makes the last allowed token EOS (log-prob 0)."""
+    params = state.params
     if len(outputs[0]) < params.min_tokens:
-        logprobs[:, eos_ids] = float("-inf")
+        logprobs[:, state.eos_ids] = float("-inf")
+    if state.forced_eos is not None and len(outputs[0]) + 1 >= state.max_new_tokens:
+        force_token(logprobs, list(range(logprobs.shape[0])), state.forced_eos)
     n = params.no_repeat_ngram_size
     if n <= 0:
         return

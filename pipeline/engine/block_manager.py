@@ -32,16 +32,24 @@ class BlockManager:
         assert not seq.block_table, "sequence already holds blocks"
         seq.block_table = [self._take() for _ in range(self.blocks_for(len(seq)))]
 
+    def take(self, count: int) -> list[int]:
+        """`count` blocks owned by the caller alone (an encoder-decoder request's cross K/V)."""
+        return [self._take() for _ in range(count)]
+
+    def release(self, blocks: list[int]) -> None:
+        """Blocks from `take` lose their owner."""
+        for block in blocks:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+
     def fork(self, seq: Sequence) -> None:
         """`seq` was copied from a parent: its blocks now have one more owner."""
         for block in seq.block_table:
             self.ref_counts[block] += 1
 
     def free(self, seq: Sequence) -> None:
-        for block in seq.block_table:
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_blocks.append(block)
+        self.release(seq.block_table)
         seq.block_table = []
 
     def blocks_needed_to_append(self, seq: Sequence) -> int:

@@ -71,8 +71,15 @@ class _ReusableRows:
 
 
 class Decider:
-    def __init__(self, scheduler: Scheduler, eos_ids: list[int], vocab_size: int) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        eos_ids: list[int],
+        vocab_size: int,
+        forced_eos: tuple[int, int] | None = None,
+    ) -> None:
         self.scheduler = scheduler
+        self.forced_eos = forced_eos  # (token, max_model_len): see `plan_sampling`
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self.workspace = Workspace()  # the sampler's [R, V] temporaries
@@ -95,8 +102,9 @@ class Decider:
                     batch.version, plan.rows, plan.logit_rows, kinds, seeds
                 )
         if plan.rows:
+            seqs = [seq for _, seq in plan.rows]
             plan.sampling = plan_sampling(
-                kinds, [seq for _, seq in plan.rows], seeds, self.eos_ids, self.vocab_size
+                kinds, seqs, seeds, self.eos_ids, self.vocab_size, self.forced_eos
             )
             plan.arrays |= plan.sampling.arrays
             if len(plan.rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i
@@ -211,8 +219,6 @@ class Decider:
         for (request, _), rows in zip(plan.beams, per_request, strict=True):
             assert request.beam is not None and isinstance(request.params, BeamParams)
             outputs = [seq.output_ids for seq in request.seqs]
-            apply_beam_processors(
-                rows, outputs, request.prompt_ids, request.params, request.beam.eos_ids
-            )
+            apply_beam_processors(rows, outputs, request.prompt_ids, request.beam)
         states = [request.beam for request, _ in plan.beams]
         return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from pipeline.engine.sequence import Request, Sequence
 from pipeline.models.attention import TorchBackend, Workspace, make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
-from pipeline.models.spec import ModelSpec
+from pipeline.models.seq2seq_spec import AnySpec, Seq2SeqSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class LLMEngine:
         max_model_len: int,
         seed: int = 0,
         model_info: dict[str, Any] | None = None,
+        seq2seq: Seq2SeqDefaults | None = None,
     ) -> None:
         self.runner = runner
         self.scheduler = scheduler
@@ -54,9 +56,15 @@ class LLMEngine:
         self.max_model_len = max_model_len
         self.seed = seed
         self.model_info = model_info or {}
+        # Encoder-decoder models: the decoder's start token, then any forced tokens (NLLB's
+        # target language) that count as generated, as in `generate`; None: decoder-only.
+        self.decoder_prompt = seq2seq.decoder_prompt if seq2seq else None
+        forced_eos = seq2seq.forced_eos if seq2seq else None
         vocab = runner.model.spec.vocab_size
-        self.decider = Decider(scheduler, eos_ids, vocab)
-        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab)
+        self.decider = Decider(
+            scheduler, eos_ids, vocab, None if forced_eos is None else (forced_eos, max_model_len)
+        )
+        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab, forced_eos)
         self._arrivals = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
         self.step_seconds = 0.0
@@ -83,7 +91,8 @@ class LLMEngine:
         blocks = BlockManager(num_blocks, engine_cfg.block_size)
         backend = make_backend(device, engine_cfg.attention)
         runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device, backend)
-        if device.type == "cuda" and backend.name == "triton" and engine_cfg.cuda_graphs:
+        graphs = engine_cfg.cuda_graphs and not isinstance(spec, Seq2SeqSpec)
+        if device.type == "cuda" and backend.name == "triton" and graphs:
             runner.use_decode_graphs(engine_cfg.max_num_seqs, max_len)
         scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
@@ -96,23 +105,40 @@ class LLMEngine:
         info["load_s"] = time.perf_counter() - started  # summary.json's load_s (pipeline/run.py)
         log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
         eos = _eos_ids(model_dir, spec, tokenizer)
-        return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info)
+        seq2seq = Seq2SeqDefaults.read(model_dir, spec) if isinstance(spec, Seq2SeqSpec) else None
+        return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info, seq2seq)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams | BeamParams
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams | BeamParams,
+        decoder_prompt_ids: Seq[int] | None = None,
     ) -> None:
+        """Queue a prompt (decoder-only) or a source (encoder-decoder). An encoder-decoder
+        request's decoder starts from `decoder_prompt_ids` (default: the model's start
+        token, then its forced BOS if it has one): the first is the start token, the rest
+        are forced output tokens, as `generate`'s forced_bos_token_id makes them."""
         arrival = next(self._arrivals)
         seed = getattr(params, "seed", None)
         prompt = list(prompt_token_ids)
+        decoder = self.decoder_prompt
+        if decoder is not None and decoder_prompt_ids is not None:
+            decoder = list(decoder_prompt_ids)
+        elif decoder is None and decoder_prompt_ids is not None:
+            raise ValueError("decoder_prompt_ids is for encoder-decoder models")
         request = Request(
             request_id=request_id,
-            prompt_ids=prompt,
+            prompt_ids=prompt if decoder is None else decoder[:1],
             params=params,
             seed=seed if seed is not None else derive_seed(self.seed, arrival),
             arrival=arrival,
-            seqs=[Sequence(token_ids=list(prompt), prompt_len=len(prompt))],
+            seqs=[Sequence(token_ids=list(decoder or prompt), prompt_len=len(prompt))],
+            encoder_ids=None if decoder is None else prompt,
         )
-        error = self._check_prompt(prompt)
+        if decoder is not None:
+            request.seqs[0].prompt_len = 1
+        error = self._check_prompt(prompt) or (decoder and self._check_decoder(decoder))
         if error:
             self.post.reject(request, error)
             return
@@ -122,7 +148,9 @@ class LLMEngine:
     def _check_prompt(self, prompt: list[int]) -> str | None:
         if not prompt:
             return "empty prompt"
-        if len(prompt) >= self.max_model_len:
+        if self.decoder_prompt is not None and len(prompt) > self.max_model_len:
+            return f"source has {len(prompt)} tokens; the model reads at most {self.max_model_len}"
+        if self.decoder_prompt is None and len(prompt) >= self.max_model_len:
             return (
                 f"prompt has {len(prompt)} tokens; the model's context is {self.max_model_len} "
                 "tokens and at least one must be left to generate"
@@ -130,6 +158,14 @@ class LLMEngine:
         vocab = self.runner.model.spec.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             return f"prompt holds token ids outside the vocabulary [0, {vocab})"
+        return None
+
+    def _check_decoder(self, decoder: list[int]) -> str | None:
+        if not decoder or len(decoder) >= self.max_model_len:
+            return f"decoder prompt needs 1 to {self.max_model_len - 1} tokens, got {len(decoder)}"
+        vocab = self.runner.model.spec.vocab_size
+        if min(decoder) < 0 or max(decoder) >= vocab:
+            return f"decoder prompt holds token ids outside the vocabulary [0, {vocab})"
         return None
 
     @torch.inference_mode()
@@ -298,7 +334,28 @@ def _quant_spec(
     )
 
 
-def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+@dataclass(frozen=True)
+class Seq2SeqDefaults:
+    """What an encoder-decoder checkpoint sets for `generate`: the decoder's start token
+    and forced BOS (the decoder prompt), and the forced EOS."""
+
+    decoder_prompt: list[int]
+    forced_eos: int | None
+
+    @classmethod
+    def read(cls, model_dir: Path, spec: Seq2SeqSpec) -> Seq2SeqDefaults:
+        """generation_config.json over config.json, as `generate` reads them."""
+        gen_path = model_dir / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
+        start = gen.get("decoder_start_token_id", spec.decoder_start_token_id)
+        forced = gen.get("forced_bos_token_id", spec.forced_bos_token_id)
+        return cls(
+            [start] + ([forced] if forced is not None else []),
+            gen.get("forced_eos_token_id", spec.forced_eos_token_id),
+        )
+
+
+def _eos_ids(model_dir: Path, spec: AnySpec, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """EOS ids as `generate` sees them: generation_config.json first, then config.json."""
     gen_path = model_dir / "generation_config.json"
     eos: Any = None
@@ -311,7 +368,7 @@ def _eos_ids(model_dir: Path, spec: ModelSpec, tokenizer: PreTrainedTokenizerBas
 
 def _model_info(
     model_dir: Path,
-    spec: ModelSpec,
+    spec: AnySpec,
     model: torch.nn.Module,
     dtype: torch.dtype,
     device: torch.device,

@@ -29,19 +29,22 @@ class Postprocessor:
         eos_ids: list[int],
         max_model_len: int,
         vocab_size: int,
+        forced_eos: int | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
+        self.forced_eos = forced_eos  # beams' last token (Marian), see `BeamState`
         self._done: list[RequestOutput] = []
 
     def start(self, request: Request) -> None:
         params = request.params
         if isinstance(params, BeamParams):
             limit = min(params.max_tokens, self.max_model_len - len(request.prompt_ids))
-            request.beam = BeamState(params, self.eos_ids + list(params.stop_token_ids), limit)
+            ends = self.eos_ids + list(params.stop_token_ids)
+            request.beam = BeamState(params, ends, limit, forced_eos=self.forced_eos)
         else:
             eos = frozenset() if params.ignore_eos else frozenset(self.eos_ids)
             request.stop_ids = eos | frozenset(params.stop_token_ids)
@@ -49,7 +52,7 @@ class Postprocessor:
         request.seed_bits = signed_seed(request.seed)
 
     def reject(self, request: Request, reason: str) -> None:
-        self._done.append(RequestOutput(request.request_id, request.prompt_ids, error=reason))
+        self._done.append(RequestOutput(request.request_id, request.input_ids, error=reason))
 
     def has_output(self) -> bool:
         return bool(self._done)
@@ -174,7 +177,7 @@ class Postprocessor:
     def _complete(self, request: Request) -> None:
         self.scheduler.finish(request)
         outputs = sorted(request.finished, key=lambda o: o.index)
-        self._done.append(RequestOutput(request.request_id, request.prompt_ids, outputs))
+        self._done.append(RequestOutput(request.request_id, request.input_ids, outputs))
 
 
 class CandidateTexts:

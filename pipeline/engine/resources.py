@@ -9,7 +9,7 @@ import psutil
 import torch
 
 from pipeline.engine.config import EngineConfig, parse_memory
-from pipeline.models.spec import ModelSpec
+from pipeline.models.seq2seq_spec import AnySpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def kv_pool_blocks(
-    cfg: EngineConfig, spec: ModelSpec, dtype: torch.dtype, device: torch.device, max_model_len: int
+    cfg: EngineConfig, spec: AnySpec, dtype: torch.dtype, device: torch.device, max_model_len: int
 ) -> tuple[int, int]:
     """Number of KV blocks: the configured budget (measured after the weights are in
     place), capped at what max_num_seqs can ever use; and the budget's blocks uncapped."""
@@ -65,6 +65,8 @@ def kv_pool_blocks(
             raise ValueError("engine.kv_cache_memory as a fraction is for GPUs; give bytes on CPU")
         budget_bytes = int(available * 0.25) if budget is None else int(budget)
     ceiling = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
+    if getattr(spec, "is_encoder_decoder", False):
+        ceiling *= 2  # each request's source holds cross-attention blocks too
     blocks = min(budget_bytes // per_block, ceiling)
     if blocks < 1:
         raise ValueError(

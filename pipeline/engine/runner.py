@@ -10,18 +10,21 @@ device in one copy (`HostToDevice`). Sequences stay in batch order throughout.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.engine.cross import CrossInputs
 from pipeline.engine.cuda_graphs import DecodeGraphs
 from pipeline.engine.scheduler import ScheduledBatch
+from pipeline.engine.step_meta import block_tables, metadata
 from pipeline.engine.transfer import HostToDevice
 from pipeline.models.attention import AttentionBackend, AttentionMetadata, HostStep, make_backend
 from pipeline.models.llama import KVCache, LlamaForCausalLM
+from pipeline.models.seq2seq import Seq2SeqForGeneration
 
 
 @dataclass
@@ -36,12 +39,13 @@ class StepInputs:
     tensors: dict[str, torch.Tensor]
     num_seqs: int
     graphed: bool  # decode replayed through `DecodeGraphs` (which prepares its own metadata)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # encoder-decoder: `cross`
 
 
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: LlamaForCausalLM | Seq2SeqForGeneration,
         num_blocks: int,
         block_size: int,
         device: torch.device,
@@ -69,12 +73,17 @@ class ModelRunner:
         self.decode_context_tokens = 0  # cached tokens attended by decode steps (KV read)
         self.graphs: DecodeGraphs | None = None
         self.decode_rows = DecodeRows()
+        # Encoder-decoder models: encoder and cross-attention arrays ride along each step.
+        encoder_decoder = getattr(model, "is_encoder_decoder", False)
+        self.cross = CrossInputs(self.backend, block_size) if encoder_decoder else None
 
     def use_decode_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> None:
         """Decode through static buffers at batch-size buckets: CUDA graphs when `capture`.
         Needs a backend without host-side planning (Triton)."""
         if self.backend.name != "triton":
             raise ValueError("decode graphs need the Triton attention backend")
+        if not isinstance(self.model, LlamaForCausalLM):
+            raise ValueError("decode graphs are for decoder-only models")
         self.graphs = DecodeGraphs(
             self.model,
             self.kv_caches,
@@ -96,19 +105,13 @@ class ModelRunner:
         backend_arrays, backend_plan = self.backend.host_arrays(step)
         if batch.copies:
             arrays["copies"] = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
-        names = {f"backend.{k}": v for k, v in backend_arrays.items()}
-        t = self.transfer.to_device(arrays | names | extra)
-        meta = AttentionMetadata(
-            is_prefill=batch.is_prefill,
-            slot_mapping=t["slots"],
-            context_lens=t["lengths"],
-            block_tables=t.get("block_tables"),
-            cu_seqlens=t.get("cu_seqlens"),
-            max_len=int(step.lengths.max()),
-            block_size=self.block_size,
-            backend=self.backend,
-            extra={k.removeprefix("backend."): v for k, v in t.items() if k in names},
-        )
+        arrays |= {f"backend.{k}": v for k, v in backend_arrays.items()}
+        cross_plan = None
+        if self.cross is not None:
+            cross_arrays, cross_plan = self.cross.host(batch)
+            arrays |= cross_arrays
+        t = self.transfer.to_device(arrays | extra)
+        meta = metadata(t, "", step, self.backend, self.block_size)
         graphed = (
             not batch.is_prefill
             and self.graphs is not None
@@ -119,9 +122,12 @@ class ModelRunner:
         if not batch.is_prefill:
             self.decode_context_tokens += int(step.lengths.sum())
             self._count_padding(backend_plan, step)
-        return StepInputs(
+        inputs = StepInputs(
             t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs), graphed
         )
+        if self.cross is not None and cross_plan is not None:
+            inputs.model_kwargs["cross"] = self.cross.device(t, cross_plan)
+        return inputs
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
@@ -131,7 +137,9 @@ class ModelRunner:
         if inputs.graphed:
             assert self.graphs is not None
             return self.graphs.run(inputs)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches)
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, inputs.meta, self.kv_caches, **inputs.model_kwargs
+        )
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)
         return self.model.compute_logits(hidden)
@@ -153,15 +161,6 @@ class ModelRunner:
         self.attended_slots += span
 
 
-def _block_tables(tables: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Block tables padded with 0 to the longest: [B, W] int64, and each row's count [B]."""
-    counts = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
-    flat = np.fromiter(chain.from_iterable(tables), dtype=np.int64, count=int(counts.sum()))
-    out = np.zeros((len(tables), max(1, int(counts.max()))), dtype=np.int64)
-    out[np.arange(out.shape[1])[None, :] < counts[:, None]] = flat  # row-major fill
-    return out, counts
-
-
 def _slots(tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, bs: int) -> np.ndarray:
     return tables[rows, positions // bs] * bs + positions % bs
 
@@ -174,7 +173,7 @@ def _prefill_arrays(
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
     total = int(lengths.sum())
     tokens = np.fromiter(chain.from_iterable(s.token_ids for s in seqs), np.int64, total)
-    tables, counts = _block_tables([s.block_table for s in seqs])
+    tables, counts = block_tables([s.block_table for s in seqs])
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     rows = np.repeat(np.arange(len(seqs)), lengths)
     positions = np.arange(total, dtype=np.int64) - cu[:-1][rows]
@@ -204,7 +203,7 @@ class DecodeRows:
         seqs = batch.seqs
         if batch.version < 0 or batch.version != self.version or batch.copies:
             self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
-            self.tables, self.counts = _block_tables([s.block_table for s in seqs])
+            self.tables, self.counts = block_tables([s.block_table for s in seqs])
             self.version = batch.version
             return
         self.lengths = self.lengths + 1

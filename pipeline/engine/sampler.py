@@ -42,6 +42,9 @@ class SamplingPlan:
     prefilter: int  # candidates for filtered rows
     max_logprobs: int | None
     ban_ids: list[list[int]] = field(default_factory=list)  # per row; [] bans nothing
+    # Rows whose next token is their last: they must be `forced[0]` (Marian's forced EOS).
+    forced_rows: list[int] = field(default_factory=list)
+    forced_token: int = 0
     penalty_rows: list[int] = field(default_factory=list)
 
 
@@ -95,10 +98,16 @@ class RowKinds:
 
 
 def plan_sampling(
-    kinds: RowKinds, seqs: list[Sequence], seeds: list[int], eos_ids: list[int], vocab: int
+    kinds: RowKinds,
+    seqs: list[Sequence],
+    seeds: list[int],
+    eos_ids: list[int],
+    vocab: int,
+    forced_eos: tuple[int, int] | None = None,
 ) -> SamplingPlan:
     """Host side. Row i samples `seqs[i]` with `kinds.params[i]` and seed `seeds[i]` (int64
-    bits, see `signed_seed`)."""
+    bits, see `signed_seed`). `forced_eos` (token, max_model_len): a row's last token (by its
+    max_tokens or the context) is that token, like HF's `forced_eos_token_id`."""
     params, uniq, table, random_rows = kinds.params, kinds.uniq, kinds.table, kinds.random_rows
     arrays: dict[str, np.ndarray] = {"params": table[kinds.which]}
     any_random = bool(random_rows.any())
@@ -121,6 +130,13 @@ def plan_sampling(
         plan.ban_ids = [
             eos_ids + list(p.stop_token_ids) if s.num_output < p.min_tokens else []
             for p, s in zip(params, seqs, strict=True)
+        ]
+    if forced_eos is not None:
+        plan.forced_token, max_len = forced_eos
+        plan.forced_rows = [
+            i
+            for i, (p, s) in enumerate(zip(params, seqs, strict=True))
+            if s.num_output + 1 >= p.max_tokens or len(s) + 1 >= max_len
         ]
     if any(p.needs_penalties for p in uniq):
         plan.penalty_rows = [i for i, p in enumerate(params) if p.needs_penalties]
@@ -166,6 +182,8 @@ def sample(
         _apply_penalties(logits, tensors)
     if any(plan.ban_ids):
         _ban(logits, plan.ban_ids)
+    if plan.forced_rows:
+        force_token(logits, plan.forced_rows, plan.forced_token)
     top, tokens = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
     norm = log_norm(logits, top, workspace)
     tokens = tokens.squeeze(1)
@@ -215,6 +233,13 @@ def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
     counts = counts[:, :vocab]
     sub -= strength[:, 2:3] * counts + strength[:, 1:2] * (counts > 0)
     logits.index_copy_(0, rows, sub)
+
+
+def force_token(scores: torch.Tensor, rows: list[int], token: int) -> None:
+    """Rows of [R, V] scores that must choose `token`: it scores 0, every other -inf."""
+    index = torch.tensor(rows, device=scores.device)
+    scores.index_fill_(0, index, float("-inf"))
+    scores[index, token] = 0.0
 
 
 def _ban(logits: torch.Tensor, ban_ids: list[list[int]]) -> None:

@@ -26,10 +26,13 @@ class ScheduledBatch:
     requests: list[Request]  # the owner of each sequence, parallel to `seqs`
     copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
     version: int = -1  # the scheduler's `version` for a decode batch: same sequences, same order
+    source_tokens: int = 0  # prefill of an encoder-decoder model: source tokens to encode
 
     @property
     def num_tokens(self) -> int:
-        return sum(len(s) for s in self.seqs) if self.is_prefill else len(self.seqs)
+        if self.is_prefill:
+            return sum(len(s) for s in self.seqs) + self.source_tokens
+        return len(self.seqs)
 
 
 class Scheduler:
@@ -80,10 +83,15 @@ class Scheduler:
         self.version += 1
 
     def finish(self, request: Request) -> None:
-        for seq in request.seqs:
-            self.blocks.free(seq)
+        self._free(request)
         self.running.remove(request)
         self.version += 1
+
+    def _free(self, request: Request) -> None:
+        for seq in request.seqs:
+            self.blocks.free(seq)
+        self.blocks.release(request.cross_blocks)
+        request.cross_blocks = []
 
     def _schedule_prefill(self) -> ScheduledBatch | None:
         if not self.waiting:
@@ -94,8 +102,10 @@ class Scheduler:
         watermark = max(1, self.blocks.num_blocks // 100)
         while self.waiting:
             request = self.waiting[0]
-            tokens = sum(len(s) for s in request.seqs)
+            source = request.num_source_tokens
+            tokens = sum(len(s) for s in request.seqs) + source
             blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
+            blocks += self.blocks.blocks_for(source)
             if batch.seqs and num_tokens + tokens > self.token_cap:
                 break
             if num_seqs + _seq_budget(request) > self.seq_cap and num_seqs > 0:
@@ -114,6 +124,9 @@ class Scheduler:
                 self.blocks.allocate(seq)
                 batch.seqs.append(seq)
                 batch.requests.append(request)
+            if source:  # the encoder fills these in this step
+                request.cross_blocks = self.blocks.take(self.blocks.blocks_for(source))
+                batch.source_tokens += source
             self.running.append(request)
             self.version += 1
             num_seqs += _seq_budget(request)
@@ -126,8 +139,7 @@ class Scheduler:
             if len(self.running) == 1:
                 self.running.pop()
                 self.version += 1
-                for seq in victim.seqs:
-                    self.blocks.free(seq)
+                self._free(victim)
                 self.failed.append((victim, _too_big(victim, self.blocks)))
                 break
             self._preempt(victim)
@@ -161,8 +173,7 @@ class Scheduler:
     def _requeue(self, request: Request) -> None:
         self.running.remove(request)
         self.version += 1
-        for seq in request.seqs:
-            self.blocks.free(seq)
+        self._free(request)
         self.waiting.appendleft(request)
 
     @property
@@ -226,8 +237,9 @@ def _seq_budget(request: Request) -> int:
 
 def _too_big(request: Request, blocks: BlockManager) -> str:
     tokens = max(len(s) for s in request.seqs)
+    source = f" and a source of {request.num_source_tokens}" if request.encoder_ids else ""
     return (
         f"the KV cache ({blocks.num_blocks} blocks of {blocks.block_size} tokens) cannot hold "
-        f"this request ({len(request.seqs)} sequence(s) of up to {tokens} tokens); raise "
-        "engine.kv_cache_memory"
+        f"this request ({len(request.seqs)} sequence(s) of up to {tokens} tokens{source}); "
+        "raise engine.kv_cache_memory"
     )

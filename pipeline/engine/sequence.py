@@ -70,6 +70,11 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # sampling: tokens that finish a sequence
     pending_forks: bool = False  # n > 1 sampling before its first token: fork then
     seed_bits: int = 0  # `seed` as the int64 with the same bits (for the device's uniforms)
+    # Encoder-decoder models: the source tokens, and the blocks holding every decoder layer's
+    # cross-attention K/V of them (one set per request, read by all its sequences).
+    # `prompt_ids` is then the decoder's start token.
+    encoder_ids: list[int] | None = None
+    cross_blocks: list[int] = field(default_factory=list)
 
     @property
     def fan_out(self) -> int:
@@ -77,5 +82,10 @@ class Request:
         return self.params.width if isinstance(self.params, BeamParams) else self.params.n
 
     @property
-    def has_forked(self) -> bool:
-        return self.seqs[0].num_output > 0 if self.seqs else True
+    def input_ids(self) -> list[int]:
+        """What the request was given: the source (encoder-decoder) or the prompt."""
+        return self.encoder_ids if self.encoder_ids is not None else self.prompt_ids
+
+    @property
+    def num_source_tokens(self) -> int:
+        return len(self.encoder_ids) if self.encoder_ids is not None else 0

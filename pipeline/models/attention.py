@@ -68,6 +68,7 @@ class AttentionMetadata:
     cu_seqlens: torch.Tensor | None = None  # [B + 1] int64 (prefill): prompt starts
     max_len: int = 0  # longest prompt (prefill) or context (decode), an upper bound
     block_size: int = 16
+    causal: bool = True  # prefill: False for an encoder (each token sees its whole source)
     backend: AttentionBackend | None = None
     plan: Any = None  # what the backend's `prepare` derived for this step
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the backend's host arrays
@@ -147,6 +148,7 @@ class PrefillGroup:
     slots: torch.Tensor  # [n] the padded slots that hold real tokens
     targets: torch.Tensor  # [n] their packed indices
     mask: torch.Tensor | None  # [batch, 1, length, length] causal and in-prompt; None: 1 prompt
+    causal: bool = True
 
 
 @dataclass
@@ -252,8 +254,10 @@ def _prefill_groups(
         if b - a > 1:
             j = torch.arange(longest, device=lengths.device)
             valid = j[None, :] < lengths[a:b, None]  # [b, L]
-            causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
-            mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
+            mask = valid[:, None, None, :]  # [b, 1, 1, L]: keys inside the prompt
+            if meta.causal:
+                causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
+                mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
         groups.append(
             PrefillGroup(
                 b - a,
@@ -262,6 +266,7 @@ def _prefill_groups(
                 extra[f"g{g}_slots"],
                 extra[f"g{g}_targets"],
                 mask,
+                meta.causal,
             )
         )
     return groups
@@ -300,7 +305,8 @@ def prefill_attention(
     scale: float,
     workspace: Workspace,
 ) -> torch.Tensor:
-    """Causal attention within each packed prompt. q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D].
+    """Attention within each packed prompt, causal unless the groups say otherwise (an
+    encoder's). q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D].
 
     Prompts start with an empty cache (preempted sequences are recomputed from scratch), so
     the fresh k/v are all a prompt attends to and the cache is not read. One attention call
@@ -312,8 +318,9 @@ def prefill_attention(
             _padded(x, g, workspace.get(n, len(g.gather), x))
             for n, x in zip("qkv", (q, k, v), strict=True)
         )
+        causal = g.mask is None and g.causal
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, is_causal=g.mask is None, scale=scale, enable_gqa=True
+            qg, kg, vg, attn_mask=g.mask, is_causal=causal, scale=scale, enable_gqa=True
         )
         o = o.transpose(1, 2).reshape(g.batch * g.length, *q.shape[1:])
         out.index_copy_(0, g.targets, o.index_select(0, g.slots))

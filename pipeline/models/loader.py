@@ -21,6 +21,8 @@ from pipeline.models.llama import LlamaForCausalLM
 from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, load_state, quantize_modules
 from pipeline.models.rope import RotaryEmbedding
 from pipeline.models.safetensors_io import SafetensorsFile, read_header
+from pipeline.models.seq2seq import Seq2SeqForGeneration, SinusoidalPositions
+from pipeline.models.seq2seq_spec import AnySpec, Seq2SeqSpec
 from pipeline.models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,17 @@ _FUSED = {
     "self_attn.v_proj": ("self_attn.qkv_proj", 2),
     "mlp.gate_proj": ("mlp.gate_up_proj", 0),
     "mlp.up_proj": ("mlp.gate_up_proj", 1),
+    "encoder_attn.k_proj": ("encoder_attn.kv_proj", 0),  # encoder-decoder cross-attention
+    "encoder_attn.v_proj": ("encoder_attn.kv_proj", 1),
 }
+# Encoder-decoder checkpoints save the shared embedding under up to three names.
+_ALIASES = {
+    "model.encoder.embed_tokens.weight": "model.shared.weight",
+    "model.decoder.embed_tokens.weight": "model.shared.weight",
+}
+
+Spec = AnySpec
+Model = LlamaForCausalLM | Seq2SeqForGeneration
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -63,25 +75,32 @@ def resolve_model_dir(path: str, revision: str | None = None) -> Path:
         ) from err
 
 
-def read_spec(model_dir: Path) -> ModelSpec:
+def read_spec(model_dir: Path) -> Spec:
     with open(model_dir / "config.json") as f:
-        return ModelSpec.from_hf_config(json.load(f))
+        config = json.load(f)
+    if config.get("is_encoder_decoder"):
+        return Seq2SeqSpec.from_hf_config(config)
+    return ModelSpec.from_hf_config(config)
 
 
 def load_model(
     model_dir: Path,
-    spec: ModelSpec,
+    spec: Spec,
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
     quant: QuantSpec | None = None,
-) -> LlamaForCausalLM:
+) -> Model:
     """Our model with the checkpoint's weights. With `quant`, linear layers (all but the
     skipped ones; for a pre-quantized checkpoint, those it stores quantized) hold quantized
     weights, and no full-precision copy of them ever exists beyond one layer at a time."""
     files = _weight_files(model_dir)
     with torch.device("meta"):
-        model = LlamaForCausalLM(spec, max_positions).to(dtype)
+        model: Model = (
+            Seq2SeqForGeneration(spec, max_positions)
+            if isinstance(spec, Seq2SeqSpec)
+            else LlamaForCausalLM(spec, max_positions)
+        ).to(dtype)
     if quant is not None:
         stored = _prequantized_modules(files, spec)
         keep = quant if not stored else _only(quant, stored, model)
@@ -89,8 +108,8 @@ def load_model(
     model = model.to_empty(device=device)
     model.tie_weights()
     for module in model.modules():
-        if isinstance(module, RotaryEmbedding):
-            module.build_tables(device)
+        if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
+            module.build_tables(device)  # computed tables, not checkpoint weights
     filled = _load_weights(model, files, spec, device)
     missing = {name for name, _ in model.named_parameters()} - filled
     missing |= {f"{n}.weight" for n, m in model.named_modules() if _empty_quant(m)}
@@ -117,9 +136,7 @@ def _weight_files(model_dir: Path) -> list[Path]:
     return found
 
 
-def _load_weights(
-    model: LlamaForCausalLM, files: list[Path], spec: ModelSpec, device: torch.device
-) -> set[str]:
+def _load_weights(model: Model, files: list[Path], spec: Spec, device: torch.device) -> set[str]:
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     pending = _PendingQuant(quantized, device)
@@ -127,7 +144,7 @@ def _load_weights(
     for path in files:
         with SafetensorsFile(path) as file, torch.no_grad():
             for name in file.names():
-                if "rotary_emb" in name or (name == "lm_head.weight" and spec.tie_word_embeddings):
+                if _computed(name) or (name == "lm_head.weight" and spec.tie_word_embeddings):
                     continue
                 module, part, key = _quant_part(name, spec)
                 if module in quantized:
@@ -228,7 +245,7 @@ def _state_dict(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 _Part = tuple[int, tuple[int, int] | None]  # index in a fused weight, and its rows there
 
 
-def _quant_part(name: str, spec: ModelSpec) -> tuple[str, _Part, str]:
+def _quant_part(name: str, spec: Spec) -> tuple[str, _Part, str]:
     """For a checkpoint tensor: our module, (part index, rows) within a fused weight, and
     its key in a quantized layer ("weight", "SCB", "weight.absmax", ...)."""
     for suffix in (".weight", ".SCB", ".weight_format"):
@@ -246,7 +263,7 @@ def _quant_part(name: str, spec: ModelSpec) -> tuple[str, _Part, str]:
     return module, (_FUSED[fragment][1], rows), key
 
 
-def _prequantized_modules(files: list[Path], spec: ModelSpec) -> set[str]:
+def _prequantized_modules(files: list[Path], spec: Spec) -> set[str]:
     """Our modules that the checkpoint stores quantized (int8/uint8 weights), from the
     safetensors headers alone."""
     found = set()
@@ -257,7 +274,12 @@ def _prequantized_modules(files: list[Path], spec: ModelSpec) -> set[str]:
     return found
 
 
-def _only(quant: QuantSpec, stored: set[str], model: LlamaForCausalLM) -> QuantSpec:
+def _computed(name: str) -> bool:
+    """Position tables we compute (RoPE, sinusoidal) instead of loading."""
+    return "rotary_emb" in name or "embed_positions" in name
+
+
+def _only(quant: QuantSpec, stored: set[str], model: Model) -> QuantSpec:
     """For a pre-quantized checkpoint: skip exactly the linear layers it stores unquantized."""
     linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     return replace(quant, skip_modules=tuple(sorted(linear - stored)))
@@ -267,8 +289,9 @@ def _empty_quant(module: torch.nn.Module) -> bool:
     return isinstance(module, QuantLinear) and module.qweight is None
 
 
-def _target(name: str, spec: ModelSpec) -> tuple[str, tuple[int, int] | None]:
+def _target(name: str, spec: Spec) -> tuple[str, tuple[int, int] | None]:
     """Our parameter name for an HF weight, and the row range it fills in a fused weight."""
+    name = _ALIASES.get(name, name)
     for fragment, (fused, part) in _FUSED.items():
         if f".{fragment}." in name:
             sizes = _fused_sizes(fused, spec)
@@ -277,8 +300,11 @@ def _target(name: str, spec: ModelSpec) -> tuple[str, tuple[int, int] | None]:
     return name, None
 
 
-def _fused_sizes(fused: str, spec: ModelSpec) -> list[int]:
+def _fused_sizes(fused: str, spec: Spec) -> list[int]:
     if fused == "self_attn.qkv_proj":
         kv = spec.num_kv_heads * spec.head_dim
         return [spec.num_heads * spec.head_dim, kv, kv]
+    if fused == "encoder_attn.kv_proj":
+        return [spec.hidden_size, spec.hidden_size]
+    assert isinstance(spec, ModelSpec)
     return [spec.intermediate_size, spec.intermediate_size]
