@@ -222,8 +222,15 @@ def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
 
 def load_engine(config: PipelineConfig) -> Engine:
     from pipeline.engine.engine import LLMEngine
+    from pipeline.tasks.languages import has_language_codes, language_code, target_token
 
-    return LLMEngine.from_config(config.model, config.engine, quant=config.quant)
+    engine = LLMEngine.from_config(config.model, config.engine, quant=config.quant)
+    if engine.decoder_prompt is not None and has_language_codes(engine.tokenizer):
+        # NLLB / M2M100: the target language is the decoder's forced first token (the
+        # source language is a tokenizer setting, checked here so a typo fails before work).
+        language_code(config.task.source_lang, engine.tokenizer)
+        engine.set_target_language(target_token(config.task.target_lang, engine.tokenizer))
+    return engine
 
 
 def request_params(config: PipelineConfig) -> RequestParams:

@@ -22,6 +22,7 @@ from pipeline.engine.config import ConfigError
 from pipeline.io.shards import WorkUnit, read_unit
 from pipeline.tasks import get_task
 from pipeline.tasks.base import prompt_format
+from pipeline.tasks.languages import has_language_codes, language_code
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -222,6 +223,8 @@ class _Prompter:
 
 def _encode(usable: list[tuple[PromptRow, str]], spec: TokenizeSpec) -> None:
     tokenizer = _tokenizer(spec.model_path)
+    if spec.is_encoder_decoder and has_language_codes(tokenizer):  # NLLB, M2M100
+        tokenizer.src_lang = language_code(spec.task.source_lang, tokenizer)
     fmt = prompt_format(spec.task, tokenizer, spec.is_encoder_decoder)
     task = get_task(spec.task.name)(spec.task)
     prompter = _Prompter(task, tokenizer, fmt, spec.parse_special_tokens)
@@ -251,7 +254,16 @@ def _fit(row: PromptRow, text: str, prompter: _Prompter, spec: TokenizeSpec) -> 
         return
     if spec.truncate != "none" and len(row.token_ids) > fit_target(spec):
         _truncate(row, text, prompter, spec)
-    elif len(row.token_ids) >= spec.max_model_len:
+    elif spec.is_encoder_decoder and len(row.token_ids) > spec.max_model_len:
+        row.fail(
+            RowError(
+                "too_long",
+                f"source has {len(row.token_ids)} tokens, more than the model's maximum "
+                f"source length {spec.max_model_len}; set input.truncate=left or right to cut "
+                "the text to fit",
+            )
+        )
+    elif not spec.is_encoder_decoder and len(row.token_ids) >= spec.max_model_len:
         row.fail(
             RowError(
                 "too_long",
@@ -264,8 +276,11 @@ def _fit(row: PromptRow, text: str, prompter: _Prompter, spec: TokenizeSpec) -> 
 
 def fit_target(spec: TokenizeSpec) -> int:
     """Most prompt tokens a truncated prompt keeps: room for max_new_tokens when the context
-    allows it, else room for one token."""
+    allows it, else room for one token. An encoder-decoder model's source has the whole
+    context to itself (the output goes to the decoder)."""
     assert spec.max_model_len is not None
+    if spec.is_encoder_decoder:
+        return spec.max_model_len
     one_token = spec.max_model_len - 1
     if spec.max_new_tokens is None or spec.max_model_len - spec.max_new_tokens <= 0:
         return one_token

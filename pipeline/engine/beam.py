@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pipeline.engine.params import BeamParams
+from pipeline.engine.params import BeamParams, TokenRules
 from pipeline.engine.sampler import force_token
 
 
@@ -45,7 +45,7 @@ class BeamState:
     params: BeamParams
     eos_ids: list[int]
     max_new_tokens: int  # max_tokens, lowered when the model's context is shorter
-    forced_eos: int | None = None  # Marian: the last token a beam can take is this one
+    rules: TokenRules = field(default_factory=TokenRules)  # the checkpoint's (see params)
     running_scores: list[float] = field(default_factory=lambda: [0.0])
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
@@ -118,12 +118,14 @@ def apply_beam_processors(
 ) -> None:
     """In place on [W, V] log-probs, like HF's processors in beam search:
     min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram,
-    forced_eos_token_id makes the last allowed token EOS (log-prob 0)."""
-    params = state.params
+    the checkpoint's rules ban tokens and force EOS as the last token (log-prob 0)."""
+    params, rules = state.params, state.rules
     if len(outputs[0]) < params.min_tokens:
         logprobs[:, state.eos_ids] = float("-inf")
-    if state.forced_eos is not None and len(outputs[0]) + 1 >= state.max_new_tokens:
-        force_token(logprobs, list(range(logprobs.shape[0])), state.forced_eos)
+    if rules.banned:
+        logprobs[:, list(rules.banned)] = float("-inf")
+    if rules.forced_eos is not None and len(outputs[0]) + 1 >= state.max_new_tokens:
+        force_token(logprobs, list(range(logprobs.shape[0])), rules.forced_eos)
     n = params.no_repeat_ngram_size
     if n <= 0:
         return

@@ -21,7 +21,7 @@ from pipeline.engine.beam import (
     candidates_by_request,
     rank_candidates,
 )
-from pipeline.engine.params import BeamParams
+from pipeline.engine.params import BeamParams, TokenRules
 from pipeline.engine.sampler import (
     RowKinds,
     SampleOutput,
@@ -76,10 +76,10 @@ class Decider:
         scheduler: Scheduler,
         eos_ids: list[int],
         vocab_size: int,
-        forced_eos: tuple[int, int] | None = None,
+        rules: TokenRules | None = None,
     ) -> None:
         self.scheduler = scheduler
-        self.forced_eos = forced_eos  # (token, max_model_len): see `plan_sampling`
+        self.rules = rules  # the checkpoint's banned and forced tokens, see `plan_sampling`
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self.workspace = Workspace()  # the sampler's [R, V] temporaries
@@ -104,7 +104,7 @@ class Decider:
         if plan.rows:
             seqs = [seq for _, seq in plan.rows]
             plan.sampling = plan_sampling(
-                kinds, seqs, seeds, self.eos_ids, self.vocab_size, self.forced_eos
+                kinds, seqs, seeds, self.eos_ids, self.vocab_size, self.rules
             )
             plan.arrays |= plan.sampling.arrays
             if len(plan.rows) != len(batch.seqs) or plan.beams:  # else row i is logits row i

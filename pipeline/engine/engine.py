@@ -19,7 +19,7 @@ from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
 from pipeline.engine.decide import Decider, Decision, StepPlan
 from pipeline.engine.outputs import RequestOutput
-from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
 from pipeline.engine.postprocess import Postprocessor
 from pipeline.engine.random import derive_seed
 from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dtype
@@ -30,6 +30,7 @@ from pipeline.models.attention import TorchBackend, Workspace, make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
 from pipeline.models.seq2seq_spec import AnySpec, Seq2SeqSpec
+from pipeline.models.spec import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,10 @@ class LLMEngine:
         # Encoder-decoder models: the decoder's start token, then any forced tokens (NLLB's
         # target language) that count as generated, as in `generate`; None: decoder-only.
         self.decoder_prompt = seq2seq.decoder_prompt if seq2seq else None
-        forced_eos = seq2seq.forced_eos if seq2seq else None
+        rules = seq2seq.rules(max_model_len) if seq2seq else None
         vocab = runner.model.spec.vocab_size
-        self.decider = Decider(
-            scheduler, eos_ids, vocab, None if forced_eos is None else (forced_eos, max_model_len)
-        )
-        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab, forced_eos)
+        self.decider = Decider(scheduler, eos_ids, vocab, rules or None)
+        self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab, rules)
         self._arrivals = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
         self.step_seconds = 0.0
@@ -144,6 +143,13 @@ class LLMEngine:
             return
         self.post.start(request)
         self.scheduler.add(request)
+
+    def set_target_language(self, token: int) -> None:
+        """Multilingual encoder-decoder models (NLLB, M2M100): every request's decoder
+        starts with `token`, the target language's code, as generate's forced BOS."""
+        if self.decoder_prompt is None:
+            raise ValueError("a target language token is for encoder-decoder models")
+        self.decoder_prompt = [*self.decoder_prompt[:1], token]
 
     def _check_prompt(self, prompt: list[int]) -> str | None:
         if not prompt:
@@ -337,10 +343,14 @@ def _quant_spec(
 @dataclass(frozen=True)
 class Seq2SeqDefaults:
     """What an encoder-decoder checkpoint sets for `generate`: the decoder's start token
-    and forced BOS (the decoder prompt), and the forced EOS."""
+    and forced BOS (the decoder prompt), the forced EOS and banned tokens."""
 
     decoder_prompt: list[int]
     forced_eos: int | None
+    banned: tuple[int, ...] = ()
+
+    def rules(self, max_model_len: int) -> TokenRules:
+        return TokenRules(self.banned, self.forced_eos, max_model_len)
 
     @classmethod
     def read(cls, model_dir: Path, spec: Seq2SeqSpec) -> Seq2SeqDefaults:
@@ -349,9 +359,13 @@ class Seq2SeqDefaults:
         gen = json.loads(gen_path.read_text()) if gen_path.exists() else {}
         start = gen.get("decoder_start_token_id", spec.decoder_start_token_id)
         forced = gen.get("forced_bos_token_id", spec.forced_bos_token_id)
+        bad = gen.get("bad_words_ids") or []
+        if any(len(words) != 1 for words in bad):
+            raise UnsupportedModelError("bad_words_ids of more than one token are not supported")
         return cls(
             [start] + ([forced] if forced is not None else []),
             gen.get("forced_eos_token_id", spec.forced_eos_token_id),
+            tuple(words[0] for words in bad),
         )
 
 

@@ -74,6 +74,20 @@ class SamplingParams:
         )
 
 
+@dataclass(frozen=True)
+class TokenRules:
+    """Rules a checkpoint's generation config sets for every request, applied as
+    `generate`'s processors do: tokens never chosen (single-token `bad_words_ids`: OPUS-MT
+    bans <pad>) and a forced EOS as the last token a row can take (`forced_eos_token_id`)."""
+
+    banned: tuple[int, ...] = ()
+    forced_eos: int | None = None
+    max_model_len: int = 0  # a row whose next token reaches it takes `forced_eos`
+
+    def __bool__(self) -> bool:
+        return bool(self.banned) or self.forced_eos is not None
+
+
 @dataclass
 class BeamParams:
     """Beam search, with Hugging Face semantics so that results match `generate(num_beams=...)`.

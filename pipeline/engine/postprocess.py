@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from pipeline.engine.beam import BeamState, Hypothesis, NextBeam
 from pipeline.engine.decide import Decision, StepPlan
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
-from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
 from pipeline.engine.random import signed_seed
 from pipeline.engine.scheduler import Scheduler
 from pipeline.engine.sequence import Request, Sequence
@@ -29,14 +29,14 @@ class Postprocessor:
         eos_ids: list[int],
         max_model_len: int,
         vocab_size: int,
-        forced_eos: int | None = None,
+        rules: TokenRules | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
         self.max_model_len = max_model_len
         self.vocab_size = vocab_size
-        self.forced_eos = forced_eos  # beams' last token (Marian), see `BeamState`
+        self.rules = rules or TokenRules()  # the checkpoint's, see `BeamState`
         self._done: list[RequestOutput] = []
 
     def start(self, request: Request) -> None:
@@ -44,7 +44,7 @@ class Postprocessor:
         if isinstance(params, BeamParams):
             limit = min(params.max_tokens, self.max_model_len - len(request.prompt_ids))
             ends = self.eos_ids + list(params.stop_token_ids)
-            request.beam = BeamState(params, ends, limit, forced_eos=self.forced_eos)
+            request.beam = BeamState(params, ends, limit, rules=self.rules)
         else:
             eos = frozenset() if params.ignore_eos else frozenset(self.eos_ids)
             request.stop_ids = eos | frozenset(params.stop_token_ids)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.engine.params import SamplingParams
+from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.models.attention import Workspace
@@ -42,7 +42,8 @@ class SamplingPlan:
     prefilter: int  # candidates for filtered rows
     max_logprobs: int | None
     ban_ids: list[list[int]] = field(default_factory=list)  # per row; [] bans nothing
-    # Rows whose next token is their last: they must be `forced[0]` (Marian's forced EOS).
+    banned: list[int] = field(default_factory=list)  # never chosen, in any row
+    # Rows whose next token is their last: they must be `forced_token` (a forced EOS).
     forced_rows: list[int] = field(default_factory=list)
     forced_token: int = 0
     penalty_rows: list[int] = field(default_factory=list)
@@ -103,11 +104,11 @@ def plan_sampling(
     seeds: list[int],
     eos_ids: list[int],
     vocab: int,
-    forced_eos: tuple[int, int] | None = None,
+    rules: TokenRules | None = None,
 ) -> SamplingPlan:
     """Host side. Row i samples `seqs[i]` with `kinds.params[i]` and seed `seeds[i]` (int64
-    bits, see `signed_seed`). `forced_eos` (token, max_model_len): a row's last token (by its
-    max_tokens or the context) is that token, like HF's `forced_eos_token_id`."""
+    bits, see `signed_seed`). `rules`: the checkpoint's banned tokens and forced EOS (a row's
+    last token, by its max_tokens or the context), as in `generate`."""
     params, uniq, table, random_rows = kinds.params, kinds.uniq, kinds.table, kinds.random_rows
     arrays: dict[str, np.ndarray] = {"params": table[kinds.which]}
     any_random = bool(random_rows.any())
@@ -131,13 +132,15 @@ def plan_sampling(
             eos_ids + list(p.stop_token_ids) if s.num_output < p.min_tokens else []
             for p, s in zip(params, seqs, strict=True)
         ]
-    if forced_eos is not None:
-        plan.forced_token, max_len = forced_eos
+    if rules is not None and rules.forced_eos is not None:
+        plan.forced_token, max_len = rules.forced_eos, rules.max_model_len
         plan.forced_rows = [
             i
             for i, (p, s) in enumerate(zip(params, seqs, strict=True))
             if s.num_output + 1 >= p.max_tokens or len(s) + 1 >= max_len
         ]
+    if rules is not None:
+        plan.banned = list(rules.banned)
     if any(p.needs_penalties for p in uniq):
         plan.penalty_rows = [i for i, p in enumerate(params) if p.needs_penalties]
         _plan_penalties(plan, params, seqs, vocab)
@@ -182,6 +185,8 @@ def sample(
         _apply_penalties(logits, tensors)
     if any(plan.ban_ids):
         _ban(logits, plan.ban_ids)
+    if plan.banned:
+        logits[:, plan.banned] = float("-inf")
     if plan.forced_rows:
         force_token(logits, plan.forced_rows, plan.forced_token)
     top, tokens = logits.max(dim=-1, keepdim=True)  # [R, 1]: max() is faster than argmax()
