@@ -196,3 +196,38 @@ def test_submitit_launcher_config_composes() -> None:
     )
     assert (launcher.gpus_per_node, launcher.cpus_per_task, launcher.mem_gb) == (1, 8, 64)
     assert launcher.timeout_min == 240
+
+
+def test_submitit_launcher_runs_a_multirun_point_as_a_slurm_job(
+    slurm: SlurmCluster, tiny_llama_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install .[cluster]")
+    shards = write_shards(tmp_path / "input", num_shards=2, rows=8, row_group_size=4)
+    sweep = tmp_path / "sweep"
+    # The launcher's resources (a GPU, 8 cores, 64 GB) made to fit this node; output.dir unset:
+    # each point writes into its own sweep subdir.
+    launcher = ["gpus_per_node=0", "cpus_per_task=1", "mem_gb=1", "timeout_min=10"]
+    proc = subprocess.run(
+        [
+            "bash",
+            str(REPO / "jobs" / "submitit.sh"),
+            str(tmp_path / "input"),
+            *(f"hydra.launcher.{setting}" for setting in launcher),
+            f"hydra.sweep.dir={sweep}",
+            *_overrides(tiny_llama_dir, {"input.path": None}),
+        ],
+        env=_job_env(slurm),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    logs = sorted((sweep / ".submitit").glob("*/*_log.*"))
+    assert proc.returncode == 0, proc.stderr[-6000:] + _files_text(logs) + slurm.logs()
+    # submitit submitted the point as one SLURM job, which ran here and left its result.
+    # (submitit also asks sacct, which needs accounting: it warns and goes by its files.)
+    [submitted] = (sweep / ".submitit").glob("*/*_submitted.pkl")
+    job = submitted.name.removesuffix("_submitted.pkl")
+    assert slurm.wait(job, timeout_s=60) == {job: "COMPLETED 0:0"}  # result written: exiting
+    assert (submitted.parent / f"{job}_0_result.pkl").exists()
+    assert_every_row_once(shards, sweep / "0")
