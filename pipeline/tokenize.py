@@ -338,5 +338,5 @@ def _token_spans(text: str, prompter: _Prompter) -> list[tuple[int, int]] | None
     """Each text token's (start, end) in characters; None when the tokenizer cannot tell."""
     try:
         return prompter.text_ids(text, return_offsets_mapping=True)["offset_mapping"]
-    except NotImplementedError:  # tokenizers without a Rust backend
+    except (NotImplementedError, KeyError):  # tokenizers without a Rust backend (Marian's)
         return None

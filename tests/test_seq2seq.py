@@ -244,3 +244,40 @@ def test_translate_job_with_nllb_matches_transformers(nllb, tmp_path) -> None:
         ref = hf.generate(ids, max_new_tokens=NEW_TOKENS, forced_bos_token_id=forced)
         assert row["error"] is None
         assert row["output_text"] == tokenizer.decode(ref[0], skip_special_tokens=True).strip()
+
+
+def test_triton_backend_matches_transformers(nllb) -> None:
+    """Decoder self-attention and cross-attention through the Triton kernels (the
+    interpreter on the CPU; a GPU runs them compiled): the same tokens as transformers."""
+    pytest.importorskip("triton")
+    sources, forced = _sources(nllb)
+    engine = _engine(nllb, attention="triton")
+    assert engine.runner.backend.name == "triton" and engine.runner.graphs is None
+    params = SamplingParams(temperature=0.0, max_tokens=5)
+    ours = _generate(engine, sources[:3], params, forced)
+    hf = _hf(nllb)
+    for source, out in zip(sources[:3], ours, strict=True):
+        ref = hf.generate(torch.tensor([source]), max_new_tokens=5, do_sample=False, **forced)
+        assert out.outputs[0].token_ids == ref[0, 1:].tolist()
+
+
+@pytest.mark.parametrize("truncate", ["none", "right"])
+def test_translate_job_sources_longer_than_the_model(tmp_path, truncate) -> None:
+    """A source over the model's maximum is an error row by default (counted by kind), and
+    cut to fit with input.truncate (counted as truncated): never silent."""
+    model_dir = build_marian(tmp_path / "m", max_position_embeddings=12)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    texts = [TEXTS[1], TEXTS[2], TEXTS[3]]  # the last two are longer than 12 tokens
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": texts}), inputs / "s.parquet")
+    out = tmp_path / "out"
+    changes = {"input.truncate": truncate, "sampling.max_tokens": 3, "sampling.stop": "[]"}
+    summary = run(compose_config(job_overrides(model_dir, inputs, out, changes)))
+    rows = pq.read_table(out / "results" / "s.parquet").to_pylist()
+    if truncate == "none":
+        assert [r["error"] is None for r in rows] == [True, False, False]
+        assert "source has" in rows[1]["error"]
+        assert summary["error_kinds"] == {"too_long": 2}
+    else:
+        assert all(r["error"] is None and r["output_text"] is not None for r in rows)
+        assert summary["truncated_rows"] == 2 and summary["error_kinds"] == {}
