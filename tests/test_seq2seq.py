@@ -34,7 +34,7 @@ NEW_TOKENS = 20
 
 @pytest.fixture(scope="module")
 def marian(tmp_path_factory: pytest.TempPathFactory):
-    return build_marian(tmp_path_factory.mktemp("marian"), eos_boost=4.0)  # some stop early
+    return build_marian(tmp_path_factory.mktemp("marian"), eos_boost=6.0)  # one stops early
 
 
 @pytest.fixture(scope="module")
@@ -104,8 +104,7 @@ def test_greedy_tokens_and_logprobs_match_transformers(which, request) -> None:
             expected = torch.log_softmax(logits[0].float(), dim=-1)
             for token, logprob in completion.logprobs[step].items():
                 assert logprob == pytest.approx(expected[token].item(), abs=2e-4)
-    if which == "marian":  # its fixture is built so that greedy search stops on EOS too
-        assert any(len(o.outputs[0].token_ids) < NEW_TOKENS for o in ours), "no EOS"
+    assert any(len(o.outputs[0].token_ids) < NEW_TOKENS for o in ours), "no EOS"
 
 
 @pytest.mark.parametrize("which", ["marian", "nllb"])
@@ -179,7 +178,7 @@ def test_cross_attention_blocks_are_shared_not_copied(nllb, params) -> None:
     engine.step()  # a decode step with every beam / sample
     (request,) = engine.scheduler.running
     blocks = engine.scheduler.blocks
-    assert len(request.seqs) == 4
+    assert 2 <= len(request.seqs) <= 4  # a sample may have ended on EOS already
     assert len(request.cross_blocks) == blocks.blocks_for(len(source))
     assert all(blocks.ref_counts[b] == 1 for b in request.cross_blocks)
     decoder_blocks = {b for seq in request.seqs for b in seq.block_table}

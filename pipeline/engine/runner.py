@@ -75,7 +75,12 @@ class ModelRunner:
         self.decode_rows = DecodeRows()
         # Encoder-decoder models: encoder and cross-attention arrays ride along each step.
         encoder_decoder = getattr(model, "is_encoder_decoder", False)
-        self.cross = CrossInputs(self.backend, block_size) if encoder_decoder else None
+        elem = torch.finfo(dtype).bits // 8
+        self.cross = (
+            CrossInputs(self.backend, block_size, spec.kv_bytes_per_token * elem)
+            if encoder_decoder
+            else None
+        )
 
     def use_decode_graphs(self, max_num_seqs: int, max_len: int, capture: bool = True) -> None:
         """Decode through static buffers at batch-size buckets: CUDA graphs when `capture`.

@@ -71,6 +71,9 @@ class AttentionMetadata:
     causal: bool = True  # prefill: False for an encoder (each token sees its whole source)
     backend: AttentionBackend | None = None
     plan: Any = None  # what the backend's `prepare` derived for this step
+    # Decode over a context that does not change between steps (cross-attention): the torch
+    # backend keeps each layer's gathered blocks here and reads them again next step.
+    reuse: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # the backend's host arrays
 
 
@@ -208,7 +211,7 @@ class TorchBackend:
     def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float, meta: AttentionMetadata
     ) -> Tensor:
-        return decode_attention(q, k_cache, v_cache, meta.plan, scale, self.workspace)
+        return decode_attention(q, k_cache, v_cache, meta.plan, scale, self.workspace, meta.reuse)
 
 
 def group_by_length(
@@ -340,23 +343,34 @@ def decode_attention(
     groups: list[DecodeGroup],
     scale: float,
     workspace: Workspace,
+    reuse: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """One query token per sequence against its cached context. q: [B, H, D] -> [B, H, D].
 
     Query heads that share a KV head are folded into the query-length axis
-    ([b, KVH, group, D]) so the cache is never repeated per query head.
+    ([b, KVH, group, D]) so the cache is never repeated per query head. With `reuse`, the
+    gathered blocks of each group (and layer: keyed by the cache tensor) are kept there and
+    read again while the caller passes the same dict (a context that does not change).
     """
     batch, heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
     qg = q.view(batch, kv_heads, heads // kv_heads, head_dim)
     out = torch.empty_like(qg)
-    for g in groups:
-        keys = _gather_blocks(
-            k_cache, g.block_tables, workspace.get("k", g.block_tables.numel(), k_cache)
-        )
-        values = _gather_blocks(
-            v_cache, g.block_tables, workspace.get("v", g.block_tables.numel(), v_cache)
-        )
+    for i, g in enumerate(groups):
+        kept = None if reuse is None else reuse.get((i, k_cache.data_ptr()))
+        if kept is not None:
+            keys, values = kept
+        else:
+            n = g.block_tables.numel()
+            if reuse is None:
+                k_buf, v_buf = workspace.get("k", n, k_cache), workspace.get("v", n, v_cache)
+            else:  # kept across steps: buffers of its own, not the shared workspace
+                k_buf = k_cache.new_empty(n, k_cache[0].numel())
+                v_buf = v_cache.new_empty(n, v_cache[0].numel())
+            keys = _gather_blocks(k_cache, g.block_tables, k_buf)
+            values = _gather_blocks(v_cache, g.block_tables, v_buf)
+            if reuse is not None:
+                reuse[(i, k_cache.data_ptr())] = (keys, values)
         out.index_copy_(
             0,
             g.members,

@@ -36,11 +36,21 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+class CrossRead:
+    """One decode-style read of cross blocks: `meta` has a query row per decoder token or,
+    with `rows`, per request, whose `width` decoder rows (its beams or samples, in `rows`
+    order: [requests * width]) are folded into that row's query heads, so a request's
+    source K/V is read once for all of them."""
+
+    def __init__(self, meta: AttentionMetadata, rows: torch.Tensor | None, width: int) -> None:
+        self.meta, self.rows, self.width = meta, rows, width
+
+
 class CrossStep:
     """What the decoder's cross-attention needs in one step (built by the runner)."""
 
-    def __init__(self, attend: AttentionMetadata, encode: EncoderStep | None) -> None:
-        self.attend = attend  # decode-style metadata: one row per decoder token, cross blocks
+    def __init__(self, reads: list[CrossRead], encode: EncoderStep | None) -> None:
+        self.reads = reads  # together they cover every decoder token of the step once
         self.encode = encode  # prefill steps: the sources to encode first
 
 
@@ -141,10 +151,24 @@ class CrossAttention(nn.Module):
         assert meta.backend is not None
         meta.backend.write_kv(cache[0], cache[1], k, v, meta)
 
-    def forward(self, x: torch.Tensor, attend: AttentionMetadata, cache: KVCache) -> torch.Tensor:
-        q = self.q_proj(x).reshape(x.shape[0], self.heads, self.head_dim)
-        assert attend.backend is not None
-        out = attend.backend.decode(q, cache[0], cache[1], self.scale, attend)
+    def forward(self, x: torch.Tensor, reads: list[CrossRead], cache: KVCache) -> torch.Tensor:
+        heads, head_dim = self.heads, self.head_dim
+        q = self.q_proj(x).reshape(x.shape[0], heads, head_dim)
+        out = q if len(reads) == 1 and reads[0].rows is None else torch.empty_like(q)
+        for read in reads:
+            backend, w = read.meta.backend, read.width
+            assert backend is not None
+            rows = q if read.rows is None else q.index_select(0, read.rows)
+            # [R * w, H, D] -> [R, H * w, D]: query head h * w + b reads KV head h (GQA)
+            folded = (
+                rows.view(-1, w, heads, head_dim).transpose(1, 2).reshape(-1, heads * w, head_dim)
+            )
+            o = backend.decode(folded, cache[0], cache[1], self.scale, read.meta)
+            o = o.view(-1, heads, w, head_dim).transpose(1, 2).reshape(-1, heads, head_dim)
+            if read.rows is None:
+                out = o
+            else:
+                out.index_copy_(0, read.rows, o)
         return self.out_proj(out.reshape(x.shape[0], self.dim))
 
 
@@ -179,7 +203,7 @@ class Layer(nn.Module):
         x: torch.Tensor,
         ctx: AttentionMetadata,
         cache: KVCache | None = None,
-        attend: AttentionMetadata | None = None,
+        attend: list[CrossRead] | None = None,
     ) -> torch.Tensor:
         """Encoder: `cache` and `attend` None. Decoder: `cache` holds this layer's
         self-attention blocks and cross blocks alike; `attend` reads the cross blocks."""
@@ -260,7 +284,7 @@ class Seq2SeqForGeneration(nn.Module):
         decoder = self.model.decoder
         x = self._embed(decoder, input_ids, positions)
         for layer, cache in zip(decoder.layers, kv_caches, strict=True):
-            x = layer(x, ctx, cache, cross.attend)
+            x = layer(x, ctx, cache, cross.reads)
         return x if decoder.layer_norm is None else decoder.layer_norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
