@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 # takes sampling's value, so that the one `sampling.max_tokens=24` limits every job's outputs
 # and the translate job's `sampling.stop: ["\n"]` ends beams at the line's end too.
 BEAM_INHERITS = ("max_tokens", "min_tokens", "stop_token_ids", "stop")
+OUTPUT_FORMATS = ("parquet", "openai_batch")  # output.format
 # sampling.* keys beam search has no equivalent for (said once, when a config is built).
 BEAM_IGNORES = ("ignore_eos", "logprobs")
 
@@ -99,8 +100,16 @@ class OutputConfig:
     # commit_s; then they are committed as a part file (a rerun never recomputes them).
     commit_rows: int = 4096
     commit_s: float = 60.0
+    # parquet | openai_batch: results/<shard>.parquet, and with openai_batch (an
+    # input.format=openai_batch job) also results/<shard>.jsonl in the OpenAI Batch API's
+    # output format, derived from each committed Parquet shard (pipeline/io/openai_output.py)
+    format: str = "parquet"
 
     def __post_init__(self) -> None:
+        _require(
+            self.format in OUTPUT_FORMATS,
+            f"output.format must be one of {', '.join(OUTPUT_FORMATS)}, got {self.format!r}",
+        )
         _require(
             self.compression in ("zstd", "snappy", "gzip", "lz4", "none"),
             f"output.compression must be zstd, snappy, gzip, lz4 or none, got {self.compression!r}",
@@ -206,6 +215,12 @@ class PipelineConfig:
     profile: bool = False  # write a torch profiler trace of a few engine steps
 
     def __post_init__(self) -> None:
+        _require(
+            self.output.format != "openai_batch" or self.input.format == "openai_batch",
+            "output.format=openai_batch answers OpenAI batch requests: it needs "
+            f"input.format=openai_batch (got input.format={self.input.format!r}); the Parquet "
+            "output is written either way",
+        )
         if self.beam.width > 1:
             default = SamplingParams()
             ignored = [k for k in BEAM_IGNORES if getattr(self.sampling, k) != getattr(default, k)]
@@ -215,6 +230,15 @@ class PipelineConfig:
                     "EOS, beam.stop_token_ids, beam.stop or beam.max_tokens",
                     *(self.beam.width, key, getattr(self.sampling, key)),
                 )
+
+    @property
+    def output_columns(self) -> list[str]:
+        """Input columns copied to the output: `input.columns`, and the request's `url` when
+        the OpenAI batch output needs it (chat or text completion, per request)."""
+        columns = list(self.input.columns)
+        if self.output.format == "openai_batch" and "url" not in columns:
+            columns.append("url")
+        return columns
 
     @property
     def request_params(self) -> RequestParams:

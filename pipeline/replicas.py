@@ -86,7 +86,7 @@ def replica_shard(config: PipelineConfig, out_dir: str, shard: Shard) -> dict[st
     config = replace(config, metrics=quiet)
     writer = make_writer(config, Path(out_dir), f"_manifest.engine-{os.getpid()}.jsonl")
     if writer.manifest.is_committed(shard.name):  # a rerun after the shard was finished
-        writer.remove_leftovers(shard.name)
+        writer.finish_committed(shard.name)
         return {"shards_skipped": [shard.name]}
 
     def engine() -> Engine:

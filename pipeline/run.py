@@ -24,6 +24,7 @@ from pipeline.config import PipelineConfig, load_config
 from pipeline.driver import Driver, Engine
 from pipeline.engine.params import RequestParams, SamplingParams
 from pipeline.io.manifest import manifest_name
+from pipeline.io.openai_output import OpenAIBatchOutput
 from pipeline.io.schema import job_metadata, output_schema
 from pipeline.io.shards import (
     Shard,
@@ -87,7 +88,12 @@ def with_workers(config: PipelineConfig) -> PipelineConfig:
 
 def make_writer(config: PipelineConfig, out_dir: Path, manifest: str) -> ResultWriter:
     o = config.output
-    return ResultWriter(out_dir / "results", o.compression, manifest, o.commit_rows, o.commit_s)
+    derived = None
+    if o.format == "openai_batch":
+        derived = OpenAIBatchOutput(config.input.id_column, config.model.path)
+    return ResultWriter(
+        out_dir / "results", o.compression, manifest, o.commit_rows, o.commit_s, derived
+    )
 
 
 def process_shards(
@@ -182,7 +188,7 @@ def pending_shards(
     files whose footer cannot be read (the job goes on without them, and fails at the end)."""
     unreadable: list[UnreadableShard] = []
     shards = discover_shards(config.input.source(), unreadable)
-    check_columns(shards, config.input.text_column, config.input.columns)
+    check_columns(shards, config.input.text_column, config.output_columns)
     for shard in shards:
         check_text_type(shard.schema, config.input.text_column, shard.url)
     if config.input.limit is not None:  # the limit counts from the input's first row
@@ -197,7 +203,7 @@ def pending_shards(
         log.error("%s", bad.error)
     skipped = [s.name for s in shards if writer.manifest.is_committed(s.name)]
     for name in skipped:
-        writer.remove_leftovers(name)
+        writer.finish_committed(name)  # and its JSONL, when a crash came before it
     return [s for s in shards if s.name not in skipped], skipped, unreadable
 
 
@@ -210,7 +216,7 @@ def tokenize_spec(config: PipelineConfig, model_dir: Path) -> TokenizeSpec:
         task=config.task,
         text_column=config.input.text_column,
         id_column=config.input.id_column,
-        extra_columns=tuple(config.input.columns),
+        extra_columns=tuple(config.output_columns),
         reference_column=config.input.reference_column,
         max_model_len=max_len,
         is_encoder_decoder=is_encoder_decoder,
@@ -281,7 +287,8 @@ def _model_dir(config: PipelineConfig) -> Path:
 
 def _schema(config: PipelineConfig, shard: Shard, task_fields: Any, job: dict[str, Any]) -> Any:
     i = config.input
-    return output_schema(shard, i.id_column, i.text_column, i.columns, list(task_fields), job)
+    columns = config.output_columns
+    return output_schema(shard, i.id_column, i.text_column, columns, list(task_fields), job)
 
 
 def _num_workers(client: Any) -> int:

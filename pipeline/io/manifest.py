@@ -4,6 +4,7 @@ One JSON line per event, appended and fsynced after the file it names was rename
 
     {"shard": "a.parquet", "part": "part-00003.parquet", "rows": 4096, "first": 0, "last": 4200}
     {"shard": "a.parquet", "rows": 100000, "error_rows": 12}          (the shard is complete)
+    {"shard": "a.parquet", "jsonl": "a.jsonl", "rows": 100000}       (output.format=openai_batch)
 
 A part or shard counts as committed only when both its line and its file exist, so a crash
 between a rename and its append makes the rerun redo that work (once: a rename replaces a file
@@ -60,6 +61,7 @@ class Manifest:
         self.path = results_dir / name
         self.records: dict[str, dict[str, Any]] = {}  # complete shards
         self.parts: dict[str, list[PartRecord]] = {}  # committed parts of unfinished shards
+        self.derived: dict[str, dict[str, Any]] = {}  # shard -> its JSONL's record
         for path in sorted(results_dir.glob("_manifest*.jsonl")):
             self._read(path)
 
@@ -79,8 +81,15 @@ class Manifest:
 
     def _add(self, record: dict[str, Any]) -> None:
         shard = check_shard_name(record["shard"])
+        if "jsonl" in record:  # the shard's results, also in the OpenAI batch format
+            name = check_shard_name(record["jsonl"])
+            if not name.endswith(".jsonl"):
+                raise ConfigError(f"derived file name {name!r} does not end in .jsonl")
+            self.derived[shard] = record
+            return
         if "part" not in record:
             self.records[shard] = record
+            self.derived.pop(shard, None)  # a shard written again: its JSONL is older
             return
         if not _PART_NAME.fullmatch(record["part"]):
             raise ConfigError(f"part name {record['part']!r} is not part-NNNNN.parquet")
@@ -90,6 +99,11 @@ class Manifest:
 
     def is_committed(self, shard_name: str) -> bool:
         return shard_name in self.records and (self.results_dir / shard_name).exists()
+
+    def has_derived(self, shard_name: str, name: str) -> bool:
+        """The shard's derived file `name` has both its line and its file."""
+        record = self.derived.get(shard_name)
+        return record is not None and record["jsonl"] == name and (self.results_dir / name).exists()
 
     def parts_dir(self, shard_name: str) -> Path:
         return self.results_dir / PARTS_DIR / check_shard_name(shard_name)
@@ -109,6 +123,12 @@ class Manifest:
         self._append(json.dumps(record) + "\n")
         self.records[shard_name] = record
         self.parts.pop(shard_name, None)
+        self.derived.pop(shard_name, None)
+
+    def mark_derived(self, shard_name: str, name: str, rows: int) -> None:
+        record = {"shard": shard_name, "jsonl": name, "rows": rows}
+        self._append(json.dumps(record) + "\n")
+        self.derived[shard_name] = record
 
     def _append(self, text: str) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

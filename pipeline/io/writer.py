@@ -9,6 +9,11 @@ final Parquet (input order, the output schema) is assembled from the parts windo
 renamed into place and recorded; only then are its parts removed. Memory stays bounded by
 `commit_rows` and the assembly window, however large a shard is. A crash leaves at most temp
 files and parts without a manifest line; `expect` removes both when the shard is resumed.
+
+With `derived` (`output.format=openai_batch`), each assembled shard is then streamed into a
+JSONL beside it (`results/<shard>.jsonl`): temp name, fsync, rename, manifest line. The
+Parquet shard stays the record of what is done; a committed shard whose JSONL has no line or
+no file (a crash in between) gets it from `finish_committed` when a rerun skips the shard.
 """
 
 from __future__ import annotations
@@ -19,18 +24,25 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.faults import crash_point
-from pipeline.io.manifest import MANIFEST_NAME, Manifest, PartRecord
+from pipeline.io.manifest import MANIFEST_NAME, Manifest, PartRecord, check_shard_name
 
 TEMP_MARK = ".tmp-"
 ROW_INDEX = "__row"  # in part files only: the row's index in its shard
 ASSEMBLY_ROWS = 16384  # rows per window (and row group) while assembling a shard
+
+
+class DerivedOutput(Protocol):
+    """A file derived from each assembled shard (`pipeline.io.openai_output`)."""
+
+    def name(self, shard_name: str) -> str: ...
+    def write(self, parquet_path: Path, shard_name: str, f: BinaryIO) -> int: ...
 
 
 @dataclass
@@ -54,12 +66,14 @@ class ResultWriter:
         manifest: str = MANIFEST_NAME,
         commit_rows: int = 4096,
         commit_s: float = 60.0,
+        derived: DerivedOutput | None = None,
     ) -> None:
         results_dir.mkdir(parents=True, exist_ok=True)
         self.dir = results_dir
         self.compression = None if compression == "none" else compression
         self.manifest = Manifest(results_dir, manifest)
         self.commit_rows, self.commit_s = commit_rows, commit_s
+        self.derived = derived
         self._open: dict[str, tuple[int, pa.Schema]] = {}  # expected, nothing committed yet
         self._shards: dict[str, _Shard] = {}
         self._num_pending = 0
@@ -98,8 +112,10 @@ class ResultWriter:
         """Temp files of a run that died writing this shard, parts it never recorded, and the
         parts of a shard that is complete (a run that died right after recording it). Only
         this shard's: other jobs may be writing their own shards into the same directory."""
-        for stale in self.dir.glob(f".{shard_name}{TEMP_MARK}*"):
-            stale.unlink()
+        names = [shard_name] + ([self.derived.name(shard_name)] if self.derived else [])
+        for name in names:
+            for stale in self.dir.glob(f".{name}{TEMP_MARK}*"):
+                stale.unlink()
         directory = self.manifest.parts_dir(shard_name)
         if not directory.exists():
             return
@@ -110,6 +126,17 @@ class ResultWriter:
         for path in directory.iterdir():
             if path.name not in recorded:
                 path.unlink()
+
+    def finish_committed(self, shard_name: str) -> None:
+        """A shard an earlier run completed: its leftovers go, and its derived file is
+        written when the run that completed it died before recording that file."""
+        self.remove_leftovers(shard_name)
+        if self.derived and not self.manifest.has_derived(
+            shard_name, self.derived.name(shard_name)
+        ):
+            start = time.perf_counter()
+            self._write_derived(shard_name)
+            self.write_s += time.perf_counter() - start
 
     # -- rows in ----------------------------------------------------------------------------
     def put(self, shard_name: str, index: int, row: dict[str, Any]) -> None:
@@ -213,9 +240,25 @@ class ResultWriter:
         self.manifest.mark_done(shard_name, rows=shard.num_rows, error_rows=shard.error_rows)
         crash_point("shard_recorded")
         self._remove_parts(shard_name)
+        if self.derived:
+            self._write_derived(shard_name)
         del self._shards[shard_name]
         self.committed.append(shard_name)
         self.write_s += time.perf_counter() - start
+
+    def _write_derived(self, shard_name: str) -> None:
+        """The shard's derived file from its assembled Parquet, atomically, then recorded."""
+        assert self.derived is not None
+        derived, name, rows = self.derived, self.derived.name(shard_name), 0
+
+        def write(f: Any) -> None:
+            nonlocal rows
+            rows = derived.write(self.dir / shard_name, shard_name, f)
+
+        crash_point("jsonl_pending")  # the shard is committed, its JSONL not yet written
+        self._write_atomic(self.dir / check_shard_name(name), write)
+        crash_point("jsonl_renamed")
+        self.manifest.mark_derived(shard_name, name, rows)
 
     def _window(self, shard: str, parts: list[PartRecord], first: int, last: int) -> pa.Table:
         """Rows [first, last) of the shard, gathered from the parts that hold them; checks
