@@ -23,7 +23,7 @@ from pipeline.batching import LengthSortedFeeder
 from pipeline.config import PipelineConfig, load_config
 from pipeline.driver import Driver, Engine
 from pipeline.engine.params import RequestParams, SamplingParams
-from pipeline.io.manifest import manifest_name
+from pipeline.io.manifest import manifest_name, part_file_name
 from pipeline.io.openai_output import OpenAIBatchOutput
 from pipeline.io.schema import job_metadata, output_schema
 from pipeline.io.shards import (
@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[str, Any]:
-    """Run the job; returns the summary (also written to `<output.dir>/summary.json`).
+    """Run the job; returns the summary (also written to `<output.dir>/summary.json`, or
+    `summary.part-0000P-of-0000N.json` for part P of a split input: see `run_file`).
 
     `engine` lets a caller that already holds a loaded engine reuse it (benchmarks, tests).
     With `cluster.engines` > 1 the shards go to engine replicas on Dask (pipeline/replicas.py).
@@ -57,7 +58,7 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     shards, skipped, unreadable = pending_shards(config, writer)
     if not shards and not unreadable:
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
-        return _write_empty_summary(out_dir, skipped)
+        return _write_empty_summary(out_dir / run_file(config, "summary.json"), skipped)
     if config.cluster.engines > 1:
         from pipeline.replicas import run_replicas
 
@@ -65,14 +66,31 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     else:
         with dask_client(config.cluster) as client:
             get_engine = lambda: engine or load_engine(config)  # noqa: E731
+            metrics_name = run_file(config, "metrics.jsonl")
             summary, history = process_shards(
-                config, out_dir, writer, shards, client, get_engine, timings, skipped, unreadable
+                config,
+                out_dir,
+                writer,
+                shards,
+                client,
+                get_engine,
+                timings,
+                skipped,
+                unreadable,
+                metrics_name,
             )
-    write_summary(out_dir / "summary.json", summary)
+    write_summary(out_dir / run_file(config, "summary.json"), summary)
     if config.metrics.plot and history:
-        plot_throughput(history, out_dir / "throughput.png")
+        plot_throughput(history, out_dir / run_file(config, "throughput.png"))
     _log_summary(summary, out_dir)
     return summary
+
+
+def run_file(config: PipelineConfig, name: str) -> str:
+    """The name of a file the run writes beside `results/` (`summary.json`, `metrics.jsonl`,
+    `throughput.png`, `profile_trace.json`): per part when the input is split
+    (`input.num_parts` > 1), since the tasks of an array job share one output dir."""
+    return part_file_name(name, config.input.part, config.input.num_parts)
 
 
 def with_workers(config: PipelineConfig) -> PipelineConfig:
@@ -272,7 +290,9 @@ def _driver(
         writer=writer,
         metrics=MetricsRecorder(metrics_path, m.interval_s, total_rows, m.progress),
         profiler=StepProfiler(
-            config.profile, m.profile_steps, metrics_path.parent / "profile_trace.json"
+            config.profile,
+            m.profile_steps,
+            metrics_path.parent / run_file(config, "profile_trace.json"),
         ),
         id_column=config.input.id_column,
         text_column=config.input.text_column,
@@ -295,14 +315,14 @@ def _num_workers(client: Any) -> int:
     return max(1, len(client.scheduler_info().get("workers", {})))
 
 
-def _write_empty_summary(out_dir: Path, skipped: list[str]) -> dict[str, Any]:
+def _write_empty_summary(path: Path, skipped: list[str]) -> dict[str, Any]:
     keys = [
         *("rows", "error_rows", "prompt_tokens", "output_tokens", "load_s", "tokenize_s"),
         *("generate_s", "write_s", "wall_s", "output_tokens_per_s", "engine_idle_s"),
     ]
     summary: dict[str, Any] = dict.fromkeys(keys, 0)  # same stable names, nothing done
     summary.update(shards_written=[], shards_skipped=skipped)
-    write_summary(out_dir / "summary.json", summary)
+    write_summary(path, summary)
     return summary
 
 

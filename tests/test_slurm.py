@@ -125,6 +125,13 @@ def test_array_job_commits_every_row_once(
         "_manifest.part-00000.jsonl",
         "_manifest.part-00001.jsonl",
     ]
+    # Each task kept its own summary in the shared output dir, with its own shards in it.
+    for part, written in enumerate(
+        [["part-000.parquet", "part-002.parquet"], ["part-001.parquet", "part-003.parquet"]]
+    ):
+        summary = json.loads((out / f"summary.part-0000{part}-of-00002.json").read_text())
+        assert sorted(summary["shards_written"]) == written and summary["rows"] == 24
+    assert not (out / "summary.json").exists()
 
 
 def test_dask_jobqueue_workers_start_through_slurm(

@@ -34,6 +34,17 @@ def manifest_name(part: int, num_parts: int) -> str:
     return MANIFEST_NAME if num_parts == 1 else f"_manifest.part-{part:05d}.jsonl"
 
 
+def part_file_name(name: str, part: int, num_parts: int) -> str:
+    """A run file that each job of a split input writes for itself (`summary.json`,
+    `metrics.jsonl`, `throughput.png`): `summary.part-00001-of-00002.json` for part 1 of 2,
+    so that array tasks sharing one output dir keep each other's; the plain name when the
+    input is not split."""
+    if num_parts == 1:
+        return name
+    path = Path(name)
+    return f"{path.stem}.part-{part:05d}-of-{num_parts:05d}{path.suffix}"
+
+
 def check_shard_name(name: str) -> str:
     """A shard's output is `results/<name>`: a plain file name, never a path."""
     reserved = name == PARTS_DIR or name.startswith(("_manifest", "."))  # our own files
