@@ -265,3 +265,18 @@ def test_openai_batch_output_needs_openai_batch_input(compose, tmp_path: Path) -
         load_config(compose(overrides))
     with pytest.raises(ConfigError, match=r"output\.format must be one of parquet, openai_batch"):
         load_config(compose(job_overrides(DEMO, tmp_path, tmp_path, {"output.format": "csv"})))
+
+
+def test_a_shard_committed_without_the_url_column_is_named(tmp_path: Path) -> None:
+    """Switching an output.dir written with output.format=parquet to openai_batch: the
+    committed shard cannot be answered, and the error says what to do."""
+    schema = SCHEMA.remove(SCHEMA.get_field_index("url"))
+    writer = ResultWriter(tmp_path)
+    writer.expect("s.parquet", 1, schema)
+    row = _row("a", CHAT, "x")
+    del row["url"]
+    writer.put("s.parquet", 0, row)
+    rerun = ResultWriter(tmp_path, derived=OpenAIBatchOutput("custom_id", "m"))
+    with pytest.raises(ConfigError, match=r"s\.parquet has no 'url' column.*Delete it"):
+        rerun.finish_committed("s.parquet")
+    assert not (tmp_path / "s.jsonl").exists()

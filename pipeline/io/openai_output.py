@@ -30,6 +30,8 @@ from typing import Any, BinaryIO
 
 import pyarrow.parquet as pq
 
+from pipeline.engine.config import ConfigError
+
 CHAT_URL = "/v1/chat/completions"
 SUFFIX = ".jsonl"
 BATCH_ROWS = 1024  # rows read from the Parquet shard at a time
@@ -55,6 +57,12 @@ class OpenAIBatchOutput:
     def write(self, parquet_path: Path, shard_name: str, f: BinaryIO) -> int:
         """Write the shard's lines to `f`, a batch of rows at a time; returns the row count."""
         source = pq.ParquetFile(parquet_path)
+        if self.url_column not in source.schema_arrow.names:
+            raise ConfigError(
+                f"{parquet_path} has no {self.url_column!r} column, which the OpenAI batch output "
+                "needs to tell chat from text completions: a job with output.format=parquet wrote "
+                "it. Delete it to have this job compute the shard again, or use a new output.dir"
+            )
         created = int(parquet_path.stat().st_mtime)
         columns = [self.id_column, self.url_column, "outputs", "num_prompt_tokens"]
         columns += ["num_output_tokens", "error"]
