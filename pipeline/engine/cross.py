@@ -59,31 +59,38 @@ class CrossInputs:
         self.block_size = block_size
         # Torch backend: the beams (samples) of a request read its cross blocks as one row
         # (their queries folded like GQA heads), and the gathered blocks are kept across
-        # decode steps while the batch holds the same sequences, up to this many bytes.
+        # decode steps while the batch holds the same requests (REUSE_LIMIT bytes at most).
         self.fold = isinstance(backend, TorchBackend)
         self.reuse_bytes = reuse_bytes  # K and V of one token in all layers
-        self._decode: tuple[int, dict[str, np.ndarray], list[ReadGroup], bool] | None = None
+        self._decode: tuple[object, dict[str, np.ndarray], list[ReadGroup], bool] | None = None
         self._kept: list[dict] = []  # per read group: gathered blocks of the last decode
 
     def host(self, batch: ScheduledBatch) -> tuple[dict[str, np.ndarray], CrossPlan]:
-        cached = self._decode
-        if not batch.is_prefill and cached is not None and cached[0] == batch.version >= 0:
-            return dict(cached[1]), CrossPlan(cached[2], None, reuse=cached[3])
-        if batch.is_prefill or not self.fold:
-            arrays, reads = self._unfolded(batch)
-        else:
-            arrays, reads = self._folded(batch)
-        plan = CrossPlan(reads, None)
         if batch.is_prefill:
+            self._decode = None  # the encoder may rewrite blocks whose gathers were kept
+            arrays, reads = self._unfolded(batch)
+            plan = CrossPlan(reads, None)
             encode_arrays, plan.encode = _encoder_arrays(batch, self.block_size)
             backend_arrays, plan.encode_plan = self.encoder_backend.host_arrays(plan.encode)
-            arrays |= encode_arrays | _prefixed("enc.backend.", backend_arrays)
-        else:
-            self._kept = [{} for _ in reads]  # new sequences: gather afresh
-            fits = self.fold and self._fits(reads)
-            self._decode = (batch.version, arrays, reads, fits)
-            plan.reuse = fits
-        return dict(arrays), plan
+            return arrays | encode_arrays | _prefixed("enc.backend.", backend_arrays), plan
+        key = self._decode_key(batch)
+        cached = self._decode
+        if cached is not None and key is not None and cached[0] == key:
+            return dict(cached[1]), CrossPlan(cached[2], None, reuse=cached[3])
+        arrays, reads = self._folded(batch) if self.fold else self._unfolded(batch)
+        self._kept = [{} for _ in reads]  # other requests: gather afresh
+        fits = self.fold and self._fits(reads)
+        self._decode = (key, arrays, reads, fits)
+        return dict(arrays), CrossPlan(reads, None, reuse=fits)
+
+    def _decode_key(self, batch: ScheduledBatch) -> object:
+        """What a decode step's cross arrays depend on. Folded: the requests in order and
+        their row counts (beams fork and replace sequences every step, the requests and
+        their cross blocks stay); unfolded: the exact sequences (`batch.version`)."""
+        if self.fold:
+            requests = dict.fromkeys(batch.requests)
+            return tuple((r.arrival, len(r.seqs)) for r in requests)
+        return batch.version if batch.version >= 0 else None
 
     def device(self, t: dict[str, torch.Tensor], plan: CrossPlan) -> CrossStep:
         reads = []
