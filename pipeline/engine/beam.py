@@ -175,8 +175,15 @@ def rank_candidates(
             scores = whole.view(len(members), beams, -1)  # [G, beams, V], in place
         else:
             scores = torch.stack([logprobs[i] for i in members])
-        scores += torch.stack([running[i] for i in members])[:, :, None].to(scores.dtype)
-        values, index = torch.topk(scores.flatten(1), keep)
+        # The best `keep` of running + log-prob over [beams, V] are among each beam's own
+        # best `keep` (the running score is one number per beam): rank those, not the
+        # whole [beams, V] (one pass over it instead of an add and a topk).
+        vocab = scores.shape[-1]
+        row_values, row_tokens = torch.topk(scores, min(keep, vocab), dim=-1)  # [G, beams, k]
+        row_values += torch.stack([running[i] for i in members])[:, :, None].to(scores.dtype)
+        values, pick = torch.topk(row_values.flatten(1), keep)  # [G, keep]
+        beam = torch.div(pick, row_tokens.shape[-1], rounding_mode="floor")
+        index = beam * vocab + row_tokens.flatten(1).gather(1, pick)
         groups.append(CandidateGroup(members, values, index))
     return groups
 
