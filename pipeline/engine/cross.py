@@ -47,7 +47,7 @@ class CrossPlan:
     reads: list[ReadGroup]
     encode: HostStep | None  # prefill only
     encode_plan: object = None
-    reuse: bool = False  # decode with the same sequences as the last step: keep the gathers
+    reuse: bool = False  # decode of the same requests as the last step: keep the gathers
 
 
 class CrossInputs:
