@@ -121,22 +121,21 @@ class LLMEngine:
         arrival = next(self._arrivals)
         seed = getattr(params, "seed", None)
         prompt = list(prompt_token_ids)
-        decoder = self.decoder_prompt
-        if decoder is not None and decoder_prompt_ids is not None:
-            decoder = list(decoder_prompt_ids)
-        elif decoder is None and decoder_prompt_ids is not None:
+        if decoder_prompt_ids is not None and self.decoder_prompt is None:
             raise ValueError("decoder_prompt_ids is for encoder-decoder models")
+        decoder = self.decoder_prompt if decoder_prompt_ids is None else list(decoder_prompt_ids)
+        # Decoder-only: the prompt is the sequence. Encoder-decoder: the prompt is the
+        # source, the sequence starts at the decoder prompt, and only its start token is
+        # prompt (forced tokens count as generated, as in `generate`).
         request = Request(
             request_id=request_id,
             prompt_ids=prompt if decoder is None else decoder[:1],
             params=params,
             seed=seed if seed is not None else derive_seed(self.seed, arrival),
             arrival=arrival,
-            seqs=[Sequence(token_ids=list(decoder or prompt), prompt_len=len(prompt))],
+            seqs=[Sequence(list(decoder or prompt), len(prompt) if decoder is None else 1)],
             encoder_ids=None if decoder is None else prompt,
         )
-        if decoder is not None:
-            request.seqs[0].prompt_len = 1
         error = self._check_prompt(prompt) or (decoder and self._check_decoder(decoder))
         if error:
             self.post.reject(request, error)
