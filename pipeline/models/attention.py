@@ -164,6 +164,13 @@ class DecodeGroup:
     mask: torch.Tensor  # [b, 1, 1, max_blocks * block_size] bool: valid cache positions
 
 
+# Decode sequences per gather + SDPA call. A group's gathered K/V is read back by SDPA right
+# away; at 32 sequences (~1 MB of K and V per layer at 150 tokens of GQA 8/2) it is still in
+# cache then, at 256 it comes back from memory: 256 sequences x 160 tokens, one layer, took
+# 12.2 ms in one call and 6.1 ms in groups of 32 on a 2-core EPYC (32 MiB L3).
+DECODE_GROUP_ROWS = 32
+
+
 class TorchBackend:
     """Plain torch. Prefill pads prompts of similar length into one SDPA call per group;
     decode gathers each group's blocks into reused buffers and runs one SDPA per group."""
@@ -179,7 +186,10 @@ class TorchBackend:
         keys = step.lengths if step.is_prefill else step.num_blocks
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order].tolist()
-        plan = [(a, b, sorted_keys[b - 1]) for a, b in group_by_length(sorted_keys)]
+        runs = group_by_length(sorted_keys)
+        if not step.is_prefill:
+            runs = split_runs(runs, DECODE_GROUP_ROWS)
+        plan = [(a, b, sorted_keys[b - 1]) for a, b in runs]
         arrays = {"order": order.astype(np.int64)}
         if step.is_prefill:
             lengths = step.lengths[order]
@@ -231,6 +241,11 @@ def group_by_length(
             start = i
     groups.append((start, len(num_blocks)))
     return groups
+
+
+def split_runs(runs: list[tuple[int, int]], most: int) -> list[tuple[int, int]]:
+    """Cut [start, end) runs longer than `most` into consecutive pieces of at most `most`."""
+    return [(a, min(a + most, end)) for start, end in runs for a in range(start, end, most)]
 
 
 def _prefill_indices(lengths: np.ndarray, starts: np.ndarray) -> list[tuple[str, np.ndarray]]:
