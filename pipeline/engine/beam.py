@@ -165,13 +165,9 @@ def rank_candidates(
     whole: the [sum of beams, V] tensor they split (when all share one shape it is viewed
     as [requests, beams, V] instead of stacked: no copy).
     """
-    shapes: dict[tuple[int, int], list[int]] = {}
-    for i, (state, rows) in enumerate(zip(states, logprobs, strict=True)):
-        keep = min(state.num_candidates, rows.numel())
-        shapes.setdefault((rows.shape[0], keep), []).append(i)
     groups = []
-    for (beams, keep), members in shapes.items():
-        if whole is not None and len(shapes) == 1:
+    for (beams, keep), members in _shapes(states, [rows.shape for rows in logprobs]).items():
+        if whole is not None and len(members) == len(states):
             scores = whole.view(len(members), beams, -1)  # [G, beams, V], in place
         else:
             scores = torch.stack([logprobs[i] for i in members])
@@ -179,13 +175,50 @@ def rank_candidates(
         # best `keep` (the running score is one number per beam): rank those, not the
         # whole [beams, V] (one pass over it instead of an add and a topk).
         vocab = scores.shape[-1]
-        row_values, row_tokens = torch.topk(scores, min(keep, vocab), dim=-1)  # [G, beams, k]
-        row_values += torch.stack([running[i] for i in members])[:, :, None].to(scores.dtype)
-        values, pick = torch.topk(row_values.flatten(1), keep)  # [G, keep]
-        beam = torch.div(pick, row_tokens.shape[-1], rounding_mode="floor")
-        index = beam * vocab + row_tokens.flatten(1).gather(1, pick)
-        groups.append(CandidateGroup(members, values, index))
+        best, tokens = torch.topk(scores, min(keep, vocab), dim=-1)  # [G, beams, k]
+        groups.append(_merge(members, best, tokens, running, keep, vocab))
     return groups
+
+
+def rank_top(
+    states: list[BeamState],
+    values: list[torch.Tensor],
+    ids: list[torch.Tensor],
+    running: list[torch.Tensor],
+    vocab: int,
+) -> list[CandidateGroup]:
+    """`rank_candidates` from each beam's best log-probs already taken (`top_logprobs`):
+    per request [beams, k] values (best first) and token ids, k >= its num_candidates."""
+    groups = []
+    for (_, keep), members in _shapes(states, [(v.shape[0], vocab) for v in values]).items():
+        best = torch.stack([values[i][:, :keep] for i in members])  # [G, beams, keep]
+        tokens = torch.stack([ids[i][:, :keep] for i in members])
+        groups.append(_merge(members, best, tokens, running, keep, vocab))
+    return groups
+
+
+def _shapes(states: list[BeamState], shapes: list) -> dict[tuple[int, int], list[int]]:
+    """Requests by (beam count, candidates kept): each such group is ranked in one topk."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (state, (beams, vocab)) in enumerate(zip(states, shapes, strict=True)):
+        groups.setdefault((beams, min(state.num_candidates, beams * vocab)), []).append(i)
+    return groups
+
+
+def _merge(
+    members: list[int],
+    best: torch.Tensor,
+    tokens: torch.Tensor,
+    running: list[torch.Tensor],
+    keep: int,
+    vocab: int,
+) -> CandidateGroup:
+    """Each beam's best log-probs and tokens [G, beams, k] plus its running score -> the
+    group's best `keep` candidates, as flat beam * vocab + token indices."""
+    best = best + torch.stack([running[i] for i in members])[:, :, None].to(best.dtype)
+    values, pick = torch.topk(best.flatten(1), keep)  # [G, keep]
+    beam = torch.div(pick, tokens.shape[-1], rounding_mode="floor")
+    return CandidateGroup(members, values, beam * vocab + tokens.flatten(1).gather(1, pick))
 
 
 def candidates_by_request(

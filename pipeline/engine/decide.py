@@ -20,12 +20,14 @@ from pipeline.engine.beam import (
     apply_beam_processors,
     candidates_by_request,
     rank_candidates,
+    rank_top,
 )
 from pipeline.engine.params import BeamParams, TokenRules
 from pipeline.engine.sampler import (
     RowKinds,
     SampleOutput,
     SamplingPlan,
+    greedy_from_top,
     log_norm,
     plan_sampling,
     resample_exact,
@@ -35,6 +37,7 @@ from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
 from pipeline.engine.transfer import to_host
 from pipeline.models.attention import Workspace
+from pipeline.models.head import HeadQuery, TopLogprobs
 
 
 @dataclass
@@ -46,6 +49,7 @@ class StepPlan:
     sampling: SamplingPlan | None = None
     beams: list[tuple[Request, list[int]]] = field(default_factory=list)  # logits rows
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # travel to the device
+    head: HeadQuery | None = None  # the forward returns only each row's best log-probs
 
 
 @dataclass
@@ -77,8 +81,10 @@ class Decider:
         eos_ids: list[int],
         vocab_size: int,
         rules: TokenRules | None = None,
+        reduce_head: bool = False,
     ) -> None:
         self.scheduler = scheduler
+        self.reduce_head = reduce_head  # the runner can answer a `HeadQuery`
         self.rules = rules  # the checkpoint's banned and forced tokens, see `plan_sampling`
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
@@ -117,7 +123,50 @@ class Decider:
                 [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
                 dtype=np.float64,
             )
+        if self.reduce_head:
+            plan.head = self._head_query(plan)
         return plan
+
+    def _head_query(self, plan: StepPlan) -> HeadQuery | None:
+        """Steps that need only each row's best log-probs - greedy rows without penalties,
+        or beams without n-gram bans - ask the LM head for those (`top_logprobs`), not for
+        the [rows, V] logits. Bans and forced tokens are given in logits rows."""
+        if plan.rows and plan.beams:
+            return None
+        if plan.beams:
+            return self._beam_query(plan.beams)
+        s = plan.sampling
+        if s is None or s.any_random or s.penalty_rows:
+            return None
+        rows = plan.logit_rows
+        return HeadQuery(
+            k=min(max(1, s.max_logprobs or 0), self.vocab_size),
+            before_norm=True,
+            banned=s.banned,
+            row_bans=[(rows[i], token) for i, ids in enumerate(s.ban_ids) for token in ids],
+            forced_rows=[rows[i] for i in s.forced_rows],
+            forced_token=s.forced_token,
+        )
+
+    def _beam_query(self, beams: list[tuple[Request, list[int]]]) -> HeadQuery | None:
+        """`apply_beam_processors` as a query (n-gram bans need the whole rows)."""
+        query = HeadQuery(k=1, before_norm=False)
+        banned: set[int] = set()
+        for request, rows in beams:
+            state, params = request.beam, request.params
+            assert state is not None and isinstance(params, BeamParams)
+            if params.no_repeat_ngram_size > 0:
+                return None
+            generated = len(request.seqs[0].output_ids)
+            if generated < params.min_tokens:
+                query.row_bans += [(row, eos) for row in rows for eos in state.eos_ids]
+            if state.rules.forced_eos is not None and generated + 1 >= state.max_new_tokens:
+                query.forced_rows += rows
+                query.forced_token = state.rules.forced_eos
+            banned.update(state.rules.banned)
+            query.k = max(query.k, min(state.num_candidates, self.vocab_size))
+        query.banned = sorted(banned)
+        return query
 
     def _plan_rows(self, batch: ScheduledBatch) -> StepPlan:
         """Sampled rows (forking n > 1 requests at their first token) and beam groups."""
@@ -146,15 +195,22 @@ class Decider:
         return list(request.seqs)
 
     def decide(
-        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+        self,
+        plan: StepPlan,
+        logits: torch.Tensor | TopLogprobs,
+        tensors: dict[str, torch.Tensor],
     ) -> Decision:
-        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence (modified)."""
+        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence (modified), or
+        their best log-probs when the plan had a head query."""
         results: list[torch.Tensor] = []
         sampled = None
         if plan.sampling is not None:
             rows = tensors.get("sample_rows")
-            selected = logits if rows is None else logits.index_select(0, rows)
-            sampled = sample(selected, plan.sampling, tensors, self.workspace)
+            if isinstance(logits, TopLogprobs):
+                sampled = greedy_from_top(logits, rows, plan.sampling.max_logprobs)
+            else:
+                selected = logits if rows is None else logits.index_select(0, rows)
+                sampled = sample(selected, plan.sampling, tensors, self.workspace)
             results += [sampled.tokens, sampled.logprobs]
             if sampled.needs_exact is not None:
                 results.append(sampled.needs_exact)
@@ -206,19 +262,27 @@ class Decider:
         tokens[redo], logprobs[redo] = resample_exact(sampled, redo.tolist(), tensors)
 
     def _rank_beams(
-        self, plan: StepPlan, logits: torch.Tensor, tensors: dict[str, torch.Tensor]
+        self,
+        plan: StepPlan,
+        logits: torch.Tensor | TopLogprobs,
+        tensors: dict[str, torch.Tensor],
     ) -> list[CandidateGroup]:
         sizes = [len(rows) for _, rows in plan.beams]
         rows = tensors.get("beam_rows")  # absent: the beams are all rows, in order
+        running = list(tensors["beam_running"].split(sizes))
+        states = [request.beam for request, _ in plan.beams]
+        if isinstance(logits, TopLogprobs):  # processors applied by the head query
+            values, ids = logits.values, logits.ids
+            if rows is not None:
+                values, ids = values.index_select(0, rows), ids.index_select(0, rows)
+            return rank_top(states, values.split(sizes), ids.split(sizes), running, self.vocab_size)  # type: ignore[arg-type]
         logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         top = logprobs.max(dim=-1, keepdim=True).values
         logprobs.sub_(log_norm(logprobs, top, self.workspace))
         per_request = list(logprobs.split(sizes))
-        running = list(tensors["beam_running"].split(sizes))
-        for (request, _), rows in zip(plan.beams, per_request, strict=True):
+        for (request, _), request_rows in zip(plan.beams, per_request, strict=True):
             assert request.beam is not None and isinstance(request.params, BeamParams)
             outputs = [seq.output_ids for seq in request.seqs]
-            apply_beam_processors(rows, outputs, request.prompt_ids, request.beam)
-        states = [request.beam for request, _ in plan.beams]
+            apply_beam_processors(request_rows, outputs, request.prompt_ids, request.beam)
         return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]

@@ -62,7 +62,7 @@ class LLMEngine:
         self.decoder_prompt = seq2seq.decoder_prompt if seq2seq else None
         rules = seq2seq.rules(max_model_len) if seq2seq else None
         vocab = runner.model.spec.vocab_size
-        self.decider = Decider(scheduler, eos_ids, vocab, rules or None)
+        self.decider = Decider(scheduler, eos_ids, vocab, rules or None, runner.can_reduce_head)
         self.post = Postprocessor(scheduler, tokenizer, eos_ids, max_model_len, vocab, rules)
         self._arrivals = itertools.count()
         self.num_steps = self.num_prefill_tokens = self.num_decode_tokens = 0
@@ -218,7 +218,7 @@ class LLMEngine:
         clock = _lap(phases, "plan", clock)
         inputs = self.runner.prepare(batch, plan.arrays)
         clock = _lap(phases, "prepare", clock)
-        logits = self.runner.forward(inputs)
+        logits = self.runner.forward(inputs, plan.head)
         clock = _lap(phases, "forward", clock)
         decision = self.decider.decide(plan, logits, inputs.tensors)
         return plan, decision, _lap(phases, "sample", clock)

@@ -23,6 +23,7 @@ from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.step_meta import block_tables, metadata
 from pipeline.engine.transfer import HostToDevice
 from pipeline.models.attention import AttentionBackend, AttentionMetadata, HostStep, make_backend
+from pipeline.models.head import HeadQuery, TopLogprobs, top_logprobs
 from pipeline.models.llama import KVCache, LlamaForCausalLM
 from pipeline.models.seq2seq import Seq2SeqForGeneration
 
@@ -134,9 +135,18 @@ class ModelRunner:
             inputs.model_kwargs["cross"] = self.cross.device(t, cross_plan)
         return inputs
 
+    @property
+    def can_reduce_head(self) -> bool:
+        """Whether `forward` can answer a `HeadQuery` (see `top_logprobs`): on the CPU, where
+        it pays, with a plain (not quantized) LM head."""
+        return self.device.type == "cpu" and self.model.head_parts() is not None
+
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [num_seqs, vocab] fp32 for each sequence's last token, batch order."""
+    def forward(
+        self, inputs: StepInputs, query: HeadQuery | None = None
+    ) -> torch.Tensor | TopLogprobs:
+        """Logits [num_seqs, vocab] fp32 for each sequence's last token, batch order; with a
+        `query`, only each one's best log-probs (`can_reduce_head` must hold)."""
         if "copies" in inputs.tensors:  # copy-on-write before anything reads those blocks
             self._copy_blocks(inputs.tensors["copies"])
         if inputs.graphed:
@@ -147,6 +157,10 @@ class ModelRunner:
         )
         if inputs.logit_rows is not None:
             hidden = hidden.index_select(0, inputs.logit_rows)
+        if query is not None:
+            parts = self.model.head_parts()
+            assert parts is not None
+            return top_logprobs(hidden, *parts, query)
         return self.model.compute_logits(hidden)
 
     def _copy_blocks(self, copies: torch.Tensor) -> None:

@@ -25,6 +25,7 @@ from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.models.attention import Workspace
+from pipeline.models.head import TopLogprobs
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
@@ -59,8 +60,8 @@ class SampleOutput:
     top_ids: torch.Tensor | None  # [R, k] int64 when logprobs were asked for
     top_logprobs: torch.Tensor | None  # [R, k] fp32
     scaled: torch.Tensor | None  # [R, V] tempered logits, kept for `resample_exact`
-    logits: torch.Tensor  # [R, V] penalised logits and their normaliser [R, 1], for the
-    log_norm: torch.Tensor  # log-probs of redrawn tokens
+    logits: torch.Tensor | None  # [R, V] penalised logits and their normaliser [R, 1], for
+    log_norm: torch.Tensor | None  # the log-probs of redrawn tokens
 
 
 @dataclass
@@ -208,6 +209,21 @@ def sample(
     return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, logits, norm)
 
 
+def greedy_from_top(
+    top: TopLogprobs, rows: torch.Tensor | None, max_logprobs: int | None
+) -> SampleOutput:
+    """`sample` for greedy rows whose head query (bans and forced tokens applied, see
+    `Decider._head_query`) already gave their best log-probs: the first is the choice.
+    rows: the sampled rows' logits rows (None: all, in order)."""
+    values, ids = top.values, top.ids
+    if rows is not None:
+        values, ids = values.index_select(0, rows), ids.index_select(0, rows)
+    top_ids = top_lp = None
+    if max_logprobs is not None:
+        top_ids, top_lp = ids[:, : max(max_logprobs, 1)], values[:, : max(max_logprobs, 1)]
+    return SampleOutput(ids[:, 0], values[:, 0], None, top_ids, top_lp, None, None, None)
+
+
 def log_norm(logits: torch.Tensor, top: torch.Tensor, workspace: Workspace | None) -> torch.Tensor:
     """logsumexp over the vocabulary, [R, 1], given the row max `top`. With a workspace the
     [R, V] temporary is a reused buffer (see `Workspace`: page faults cost more than the exp)."""
@@ -350,7 +366,7 @@ def resample_exact(
 ) -> tuple[list[int], list[float]]:
     """Redraw `rows` whose nucleus reached past the prefilter, over the fully sorted
     vocabulary. Returns their token ids and log-probs (host values)."""
-    assert out.scaled is not None
+    assert out.scaled is not None and out.logits is not None and out.log_norm is not None
     index = torch.tensor(rows, device=out.scaled.device)
     params = tensors["params"].index_select(0, index)
     sis = tensors["seed_index_step"].index_select(0, index)

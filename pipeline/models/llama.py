@@ -12,10 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.attention import AttentionMetadata
+from pipeline.models.head import lm_logits, plain_weight
 from pipeline.models.rope import RopeRows, RotaryEmbedding, apply_rotary
 from pipeline.models.spec import ModelSpec
-
-LOGITS_CHUNK = 512  # vocabulary columns per LM-head product on the CPU
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: [num_blocks, block_size, KVH, D] x 2
 
@@ -142,17 +141,7 @@ class LlamaForCausalLM(nn.Module):
         """[N, hidden] -> [N, vocab] in fp32 (sampling and beam scores need the precision)."""
         return lm_logits(hidden, self.lm_head)
 
-
-def lm_logits(hidden: torch.Tensor, lm_head: nn.Linear) -> torch.Tensor:
-    """[N, hidden] -> [N, vocab] in fp32 through `lm_head` (an nn.Linear without bias)."""
-    weight = lm_head.weight
-    if hidden.device.type != "cpu" or weight.shape[0] <= 4 * LOGITS_CHUNK:
-        return lm_head(hidden).float()
-    # On the CPU one [N, hidden] x [hidden, vocab] product runs far below the matmul
-    # peak (the weight does not stay in cache); column chunks of the vocabulary run
-    # ~1.5x faster, copy included (58M shape, 256 rows: 70 -> 112 GFLOP/s).
-    out = torch.empty(hidden.shape[0], weight.shape[0], device=hidden.device)
-    for start in range(0, weight.shape[0], LOGITS_CHUNK):
-        chunk = weight[start : start + LOGITS_CHUNK]
-        out[:, start : start + LOGITS_CHUNK] = torch.mm(hidden, chunk.t())
-    return out
+    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The LM head's weight [V, hidden] and bias, for `top_logprobs`; None if quantized."""
+        weight = plain_weight(self.lm_head)
+        return None if weight is None else (weight, None)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.attention import AttentionMetadata
-from pipeline.models.llama import KVCache, lm_logits
+from pipeline.models.head import lm_logits, plain_weight
+from pipeline.models.llama import KVCache
 from pipeline.models.seq2seq_spec import Seq2SeqSpec
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -293,3 +294,9 @@ class Seq2SeqForGeneration(nn.Module):
         if self.spec.final_logits_bias:
             logits += self.final_logits_bias.float()
         return logits
+
+    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The LM head's weight [V, d_model] and bias, for `top_logprobs`; None if quantized."""
+        weight = plain_weight(self.lm_head)
+        bias = self.final_logits_bias[0] if self.spec.final_logits_bias else None  # [V]
+        return None if weight is None else (weight, bias)

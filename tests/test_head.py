@@ -1,0 +1,42 @@
+"""`top_logprobs` (the LM head reduced stage by stage) against log-softmax over full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.models.head import STAGE, HeadQuery, top_logprobs
+
+
+@pytest.mark.parametrize("vocab", [300, STAGE, 2 * STAGE + 809])  # one, exact, partial last
+@pytest.mark.parametrize("before_norm", [True, False], ids=["sampling", "beams"])
+def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool) -> None:
+    gen = torch.Generator().manual_seed(vocab)
+    hidden = torch.randn(7, 32, generator=gen)
+    weight = torch.randn(vocab, 32, generator=gen)
+    bias = torch.randn(vocab, generator=gen)
+    row_bans = [(1, 5), (2, vocab - 2), (2, (STAGE + 4) % vocab), (6, 0)]
+    query = HeadQuery(6, before_norm, [3, vocab - 1], row_bans, forced_rows=[4], forced_token=7)
+
+    logits = hidden @ weight.t() + bias
+    ban_rows, ban_cols = zip(*row_bans, strict=True)
+
+    def ban(x: torch.Tensor) -> None:
+        x[:, query.banned] = float("-inf")
+        x[list(ban_rows), list(ban_cols)] = float("-inf")
+
+    if before_norm:  # banned tokens leave the normaliser
+        ban(logits)
+    logprobs = logits.log_softmax(dim=-1)
+    if not before_norm:  # banned after the log-softmax, as transformers' processors
+        ban(logprobs)
+    logprobs[4] = float("-inf")
+    logprobs[4, 7] = 0.0
+    expected, expected_ids = logprobs.topk(6, dim=-1)
+
+    top = top_logprobs(hidden, weight, bias, query)
+
+    torch.testing.assert_close(top.values, expected, atol=1e-5, rtol=1e-5)
+    free = [0, 1, 2, 3, 5, 6]  # row 4's ids past its forced token are arbitrary (-inf)
+    assert torch.equal(top.ids[free], expected_ids[free])
+    assert top.ids[4, 0] == 7
