@@ -40,3 +40,13 @@ def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool) -> N
     free = [0, 1, 2, 3, 5, 6]  # row 4's ids past its forced token are arbitrary (-inf)
     assert torch.equal(top.ids[free], expected_ids[free])
     assert top.ids[4, 0] == 7
+
+
+def test_a_stage_banned_whole_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every token of the first stage banned before the norm: the rest is the distribution."""
+    monkeypatch.setattr("pipeline.models.head.STAGE", 300)
+    hidden, weight = torch.randn(3, 8), torch.randn(600, 8)
+    top = top_logprobs(hidden, weight, None, HeadQuery(2, True, banned=list(range(300))))
+    expected = (hidden @ weight.t())[:, 300:].log_softmax(dim=-1).topk(2, dim=-1)
+    torch.testing.assert_close(top.values, expected.values)
+    assert torch.equal(top.ids, expected.indices + 300)

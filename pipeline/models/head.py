@@ -75,24 +75,29 @@ def top_logprobs(
     width = min(STAGE, vocab)
     stages = -(-vocab // width)
     stage = torch.empty(rows, width, device=hidden.device)
+    scratch = torch.empty_like(stage)  # the stage's log-softmax
     lse = torch.empty(stages, rows, device=hidden.device)  # each stage's log-sum-exp
     best = torch.empty(stages, rows, k, device=hidden.device)
     best_ids = torch.empty(stages, rows, k, dtype=torch.int64, device=hidden.device)
     bans = _bans_by_stage(rules, width, stages)
     for s in range(stages):
         start, end = s * width, min(vocab, (s + 1) * width)
-        for a in range(start, end, LOGITS_CHUNK):
-            b = min(end, a + LOGITS_CHUNK)
-            stage[:, a - start : b - start] = torch.mm(hidden, weight[a:b].t())
+        logits = stage[:, : end - start]  # [N, n] (a view with row stride `width`)
+        if bias is None:
+            torch.mm(hidden, weight[start:end].t(), out=logits)
+        else:
+            torch.addmm(bias[start:end], hidden, weight[start:end].t(), out=logits)
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
-        if bias is not None:
-            stage[:, : end - start] += bias[start:end]
         if rules.before_norm:
             _ban(stage, bans[s])
-        torch.logsumexp(stage, dim=1, out=lse[s])
+        torch.log_softmax(stage, dim=1, out=scratch)  # one fused pass (logsumexp takes four)
         if not rules.before_norm:
             _ban(stage, bans[s])
         torch.topk(stage, k, dim=1, out=(best[s], best_ids[s]))
+        # log-sum-exp = logit - log-prob, at the stage's best token; a stage with every
+        # token banned in a row (-inf - -inf) adds nothing to that row's sum
+        lse[s] = best[s, :, 0] - scratch.gather(1, best_ids[s, :, :1]).squeeze(1)
+    lse.nan_to_num_(nan=float("-inf"))
     best_ids += torch.arange(0, stages * width, width, device=hidden.device)[:, None, None]
     values, pick = best.permute(1, 0, 2).reshape(rows, -1).topk(k, dim=1)  # [N, k]
     ids = best_ids.permute(1, 0, 2).reshape(rows, -1).gather(1, pick)
