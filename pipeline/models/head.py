@@ -82,11 +82,15 @@ def top_logprobs(
     bans = _bans_by_stage(rules, width, stages)
     for s in range(stages):
         start, end = s * width, min(vocab, (s + 1) * width)
-        logits = stage[:, : end - start]  # [N, n] (a view with row stride `width`)
-        if bias is None:
-            torch.mm(hidden, weight[start:end].t(), out=logits)
-        else:
-            torch.addmm(bias[start:end], hidden, weight[start:end].t(), out=logits)
+        # In LOGITS_CHUNK-column products (one [N, 4096] product runs ~20% slower here),
+        # each written in place: a column block of the stage is a BLAS matrix with its stride.
+        for a in range(start, end, LOGITS_CHUNK):
+            b = min(end, a + LOGITS_CHUNK)
+            chunk = stage[:, a - start : b - start]
+            if bias is None:
+                torch.mm(hidden, weight[a:b].t(), out=chunk)
+            else:
+                torch.addmm(bias[a:b], hidden, weight[a:b].t(), out=chunk)
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
         if rules.before_norm:
             _ban(stage, bans[s])
