@@ -42,6 +42,19 @@ def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool) -> N
     assert top.ids[4, 0] == 7
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_head_reduces_in_float32(bias: bool) -> None:
+    """A bf16 model's head: products in bf16, the reduction over fp32 logits."""
+    hidden, weight = torch.randn(5, 16).bfloat16(), torch.randn(700, 16).bfloat16()
+    offset = torch.randn(700).bfloat16() if bias else None
+    logits = (hidden @ weight.t()).float() + (0 if offset is None else offset.float())
+    expected = logits.log_softmax(dim=-1).topk(3, dim=-1)
+    top = top_logprobs(hidden, weight, offset, HeadQuery(3, True))
+    assert top.values.dtype == torch.float32
+    torch.testing.assert_close(top.values, expected.values)
+    assert torch.equal(top.ids, expected.indices)
+
+
 def test_a_stage_banned_whole_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every token of the first stage banned before the norm: the rest is the distribution."""
     monkeypatch.setattr("pipeline.models.head.STAGE", 300)

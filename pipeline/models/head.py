@@ -86,11 +86,8 @@ def top_logprobs(
         # each written in place: a column block of the stage is a BLAS matrix with its stride.
         for a in range(start, end, LOGITS_CHUNK):
             b = min(end, a + LOGITS_CHUNK)
-            chunk = stage[:, a - start : b - start]
-            if bias is None:
-                torch.mm(hidden, weight[a:b].t(), out=chunk)
-            else:
-                torch.addmm(bias[a:b], hidden, weight[a:b].t(), out=chunk)
+            part = None if bias is None else bias[a:b]
+            _project(hidden, weight[a:b], part, stage[:, a - start : b - start])
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
         if rules.before_norm:
             _ban(stage, bans[s])
@@ -112,6 +109,22 @@ def top_logprobs(
         values[forced, 0] = 0.0
         ids[forced, 0] = rules.forced_token
     return TopLogprobs(values, ids)
+
+
+def _project(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+) -> None:
+    """out [N, n] fp32 = hidden [N, d] @ weight [n, d].T (+ bias [n]): in place for an fp32
+    model, through a product in the model's dtype otherwise."""
+    if hidden.dtype == weight.dtype == out.dtype and (bias is None or bias.dtype == out.dtype):
+        if bias is None:
+            torch.mm(hidden, weight.t(), out=out)
+        else:
+            torch.addmm(bias, hidden, weight.t(), out=out)
+        return
+    out.copy_(torch.mm(hidden, weight.t()))
+    if bias is not None:
+        out += bias
 
 
 def _bans_by_stage(
