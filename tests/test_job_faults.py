@@ -118,11 +118,11 @@ def test_an_out_of_memory_step_is_retried_and_counted(
     engine = load_engine(load_config(cfg))
     forward, calls = engine.runner.forward, []
 
-    def forward_out_of_memory_now_and_then(inputs):
+    def forward_out_of_memory_now_and_then(inputs, query=None):
         calls.append(1)
         if len(calls) in (2, 5, 6):
             raise torch.OutOfMemoryError("injected: CUDA out of memory")
-        return forward(inputs)
+        return forward(inputs, query)
 
     engine.runner.forward = forward_out_of_memory_now_and_then
     summary = run(cfg, engine)
