@@ -91,6 +91,14 @@ class BeamState:
         self._update_done(running, gen_len, all_stopped)
         return [] if self.done else running
 
+    def eos_banned(self, generated: int) -> bool:
+        """min_new_tokens: before `min_tokens` generated tokens no beam may end on EOS."""
+        return generated < self.params.min_tokens
+
+    def eos_forced(self, generated: int) -> bool:
+        """The checkpoint's forced EOS: the last token a beam may generate is EOS."""
+        return self.rules.forced_eos is not None and generated + 1 >= self.max_new_tokens
+
     @property
     def _full(self) -> bool:
         return len(self.finished) >= self.params.width
@@ -119,12 +127,13 @@ def apply_beam_processors(
     """In place on [W, V] log-probs, like HF's processors in beam search:
     min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram,
     the checkpoint's rules ban tokens and force EOS as the last token (log-prob 0)."""
-    params, rules = state.params, state.rules
-    if len(outputs[0]) < params.min_tokens:
+    params, rules, length = state.params, state.rules, len(outputs[0])
+    if state.eos_banned(length):
         logprobs[:, state.eos_ids] = float("-inf")
     if rules.banned:
         logprobs[:, list(rules.banned)] = float("-inf")
-    if rules.forced_eos is not None and len(outputs[0]) + 1 >= state.max_new_tokens:
+    if state.eos_forced(length):
+        assert rules.forced_eos is not None
         force_token(logprobs, list(range(logprobs.shape[0])), rules.forced_eos)
     n = params.no_repeat_ngram_size
     if n <= 0:

@@ -158,11 +158,11 @@ class Decider:
             if params.no_repeat_ngram_size > 0:
                 return None
             generated = len(request.seqs[0].output_ids)
-            if generated < params.min_tokens:
+            if state.eos_banned(generated):
                 query.row_bans += [(row, eos) for row in rows for eos in state.eos_ids]
-            if state.rules.forced_eos is not None and generated + 1 >= state.max_new_tokens:
+            if state.eos_forced(generated):
                 query.forced_rows += rows
-                query.forced_token = state.rules.forced_eos
+                query.forced_token = state.rules.forced_eos  # type: ignore[assignment]
             banned.update(state.rules.banned)
             query.k = max(query.k, min(state.num_candidates, self.vocab_size))
         query.banned = sorted(banned)
