@@ -13,7 +13,8 @@ from torch import nn
 
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import lm_logits, plain_weight
-from pipeline.models.rope import RopeRows, RotaryEmbedding, apply_rotary
+from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_
+from pipeline.models.rows import by_row_chunks
 from pipeline.models.spec import ModelSpec
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # per layer: [num_blocks, block_size, KVH, D] x 2
@@ -53,14 +54,17 @@ class Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, rope: RopeRows, ctx: AttentionMetadata, cache: KVCache
     ) -> torch.Tensor:
-        tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(tokens, self.num_heads, self.head_dim)
-        k = k.view(tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        tokens, heads, kv_heads, dim = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # [T, (H + 2 KVH) D]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)
+        v = v.view(tokens, kv_heads, dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            rotate_(q, rope)
+            rotate_(k, rope)
+        else:  # q and k side by side in the projection: one rotation for both
+            rotate_(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, dim), rope)
         k_cache, v_cache = cache
         backend = ctx.backend
         assert backend is not None
@@ -80,6 +84,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return by_row_chunks(self._rows, x, 2 * self.intermediate)
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
         return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no temporaries
 

@@ -47,13 +47,12 @@ class RotaryEmbedding(torch.nn.Module):
     def build_tables(self, device: torch.device | str = "cpu") -> None:
         """Compute the tables; the loader calls this once the model is on its device."""
         positions = torch.arange(self.max_positions, dtype=torch.float)
-        freqs = torch.outer(positions, inverse_frequencies(self.spec))
-        table = torch.cat([freqs, freqs], dim=-1)  # [P, head_dim]
-        self.cos = table.cos().to(device)
-        self.sin = table.sin().to(device)
+        freqs = torch.outer(positions, inverse_frequencies(self.spec))  # [P, head_dim // 2]
+        self.cos = freqs.cos().to(device)
+        self.sin = freqs.sin().to(device)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeRows:
-        """cos and sin [T, 1, D] for the step's positions [T], in the activations' dtype."""
+        """cos and sin [T, 1, D // 2] for the step's positions [T], in the activations' dtype."""
         cos = self.cos[positions].unsqueeze(1).to(dtype)
         sin = self.sin[positions].unsqueeze(1).to(dtype)
         return cos, sin
@@ -62,12 +61,14 @@ class RotaryEmbedding(torch.nn.Module):
 RopeRows = tuple[torch.Tensor, torch.Tensor]
 
 
-def apply_rotary(x: torch.Tensor, rows: RopeRows) -> torch.Tensor:
-    """Rotate x [T, heads, D] by its positions' angles."""
+def rotate_(x: torch.Tensor, rows: RopeRows) -> None:
+    """Rotate x [T, heads, D] in place by its positions' angles (a view works: q and k of
+    one fused projection are rotated together). With halves x1, x2 (neox style):
+    x1 * cos - x2 * sin and x2 * cos + x1 * sin, rounded op by op as transformers'
+    `x * cos + rotate_half(x) * sin` rounds them, so bf16 results match it bit for bit."""
     cos, sin = rows
-    return x * cos + _rotate_half(x) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    x1_sin, x2_sin = x1 * sin, x2 * sin
+    x1.mul_(cos).sub_(x2_sin)
+    x2.mul_(cos).add_(x1_sin)
