@@ -68,6 +68,29 @@ def test_seeded_sampling_is_reproducible_and_batch_invariant(model_dir):
     assert tokens(other_seed) != tokens(together)
 
 
+def test_greedy_and_sampled_rows_in_one_batch_match_their_own_runs(model_dir):
+    """A step with greedy and random rows (argmax and draw in one pass) gives each row what
+    a batch of its own kind gives it (an all-random step skips the argmax)."""
+    engine = make_engine(model_dir)
+    prompts = random_prompts(6, seed=21)
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sampled = SamplingParams(temperature=0.9, max_tokens=12, ignore_eos=True, seed=5)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, greedy if i % 2 else sampled)
+    mixed: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():  # finished requests only
+            mixed[out.request_id] = out.outputs[0].token_ids
+    alone_greedy = engine.generate(prompts[1::2], greedy)
+    alone_sampled = engine.generate(prompts[0::2], sampled)
+    assert [mixed[f"r{i}"] for i in range(1, 6, 2)] == [
+        o.outputs[0].token_ids for o in alone_greedy
+    ]
+    assert [mixed[f"r{i}"] for i in range(0, 6, 2)] == [
+        o.outputs[0].token_ids for o in alone_sampled
+    ]
+
+
 def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_dir):
     engine = make_engine(model_dir)
     prompts = random_prompts(4, seed=13, low=12, high=20)

@@ -10,13 +10,14 @@ from pipeline.models.head import STAGE, HeadQuery, top_logprobs
 
 @pytest.mark.parametrize("vocab", [300, STAGE, 2 * STAGE + 809])  # one, exact, partial last
 @pytest.mark.parametrize("before_norm", [True, False], ids=["sampling", "beams"])
-def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool) -> None:
+@pytest.mark.parametrize("k", [6, 1])  # k=1 on whole blocks: the two-level row max
+def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool, k: int) -> None:
     gen = torch.Generator().manual_seed(vocab)
     hidden = torch.randn(7, 32, generator=gen)
     weight = torch.randn(vocab, 32, generator=gen)
     bias = torch.randn(vocab, generator=gen)
     row_bans = [(1, 5), (2, vocab - 2), (2, (STAGE + 4) % vocab), (6, 0)]
-    query = HeadQuery(6, before_norm, [3, vocab - 1], row_bans, forced_rows=[4], forced_token=7)
+    query = HeadQuery(k, before_norm, [3, vocab - 1], row_bans, forced_rows=[4], forced_token=7)
 
     logits = hidden @ weight.t() + bias
     ban_rows, ban_cols = zip(*row_bans, strict=True)
@@ -32,7 +33,7 @@ def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool) -> N
         ban(logprobs)
     logprobs[4] = float("-inf")
     logprobs[4, 7] = 0.0
-    expected, expected_ids = logprobs.topk(6, dim=-1)
+    expected, expected_ids = logprobs.topk(k, dim=-1)
 
     top = top_logprobs(hidden, weight, bias, query)
 
@@ -55,11 +56,12 @@ def test_bfloat16_head_reduces_in_float32(bias: bool) -> None:
     assert torch.equal(top.ids, expected.indices)
 
 
-def test_a_stage_banned_whole_adds_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("stage, k", [(300, 2), (1024, 1)])
+def test_a_stage_banned_whole_adds_nothing(monkeypatch: pytest.MonkeyPatch, stage, k) -> None:
     """Every token of the first stage banned before the norm: the rest is the distribution."""
-    monkeypatch.setattr("pipeline.models.head.STAGE", 300)
-    hidden, weight = torch.randn(3, 8), torch.randn(600, 8)
-    top = top_logprobs(hidden, weight, None, HeadQuery(2, True, banned=list(range(300))))
-    expected = (hidden @ weight.t())[:, 300:].log_softmax(dim=-1).topk(2, dim=-1)
+    monkeypatch.setattr("pipeline.models.head.STAGE", stage)
+    hidden, weight = torch.randn(3, 8), torch.randn(2 * stage, 8)
+    top = top_logprobs(hidden, weight, None, HeadQuery(k, True, banned=list(range(stage))))
+    expected = (hidden @ weight.t())[:, stage:].log_softmax(dim=-1).topk(k, dim=-1)
     torch.testing.assert_close(top.values, expected.values)
-    assert torch.equal(top.ids, expected.indices + 300)
+    assert torch.equal(top.ids, expected.indices + stage)
