@@ -10,7 +10,7 @@ from pipeline.models.head import STAGE, HeadQuery, top_logprobs
 
 @pytest.mark.parametrize("vocab", [300, STAGE, 2 * STAGE + 809])  # one, exact, partial last
 @pytest.mark.parametrize("before_norm", [True, False], ids=["sampling", "beams"])
-@pytest.mark.parametrize("k", [6, 1])  # k=1 on whole blocks: the two-level row max
+@pytest.mark.parametrize("k", [6, 1])  # k=1: the two-level row max
 def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool, k: int) -> None:
     gen = torch.Generator().manual_seed(vocab)
     hidden = torch.randn(7, 32, generator=gen)

@@ -27,6 +27,7 @@ from torch import nn
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import lm_logits, plain_weight
 from pipeline.models.llama import KVCache
+from pipeline.models.rows import by_row_chunks
 from pipeline.models.seq2seq_spec import Seq2SeqSpec
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -215,7 +216,11 @@ class Layer(nn.Module):
             norm = self.encoder_attn_layer_norm
             x = self._residual(x, norm, self.encoder_attn(self._input(x, norm), attend, cache))
         norm = self.final_layer_norm
-        return self._residual(x, norm, self.fc2(self.act(self.fc1(self._input(x, norm)))))
+        ffn = by_row_chunks(self._feed_forward, self._input(x, norm), self.fc1.out_features)
+        return self._residual(x, norm, ffn)
+
+    def _feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
 
 
 class Stack(nn.Module):
