@@ -28,7 +28,6 @@ from pipeline.engine.sampler import (
     SampleOutput,
     SamplingPlan,
     greedy_from_top,
-    log_norm,
     plan_sampling,
     resample_exact,
     sample,
@@ -278,8 +277,7 @@ class Decider:
             return rank_top(states, values.split(sizes), ids.split(sizes), running, self.vocab_size)  # type: ignore[arg-type]
         logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
-        top = logprobs.max(dim=-1, keepdim=True).values
-        logprobs.sub_(log_norm(logprobs, top, self.workspace))
+        torch.log_softmax(logprobs, dim=-1, out=logprobs)
         per_request = list(logprobs.split(sizes))
         for (request, _), request_rows in zip(plan.beams, per_request, strict=True):
             assert request.beam is not None and isinstance(request.params, BeamParams)
