@@ -2,7 +2,8 @@
 
 Order of operations (per row): penalties -> min_tokens ban -> log-probs (reported) ->
 temperature -> top-k -> top-p -> min-p -> inverse-CDF draw with the row's own uniform number.
-Reported log-probs are those of the penalised distribution before temperature.
+Reported log-probs are those of the penalised distribution before temperature. That one and
+the tempered one drawn from are one fused log_softmax pass over [R, V] each.
 
 Two halves: `plan_sampling` (host) turns the rows' parameters into small numpy arrays that
 travel with the step's one host-to-device copy; `sample` (device) runs without a host sync.
@@ -37,7 +38,7 @@ class SamplingPlan:
 
     arrays: dict[str, np.ndarray]  # travel to the device (see `sample` for the names)
     any_random: bool
-    all_random: bool  # no greedy row: the rows' argmax is not needed, only their max
+    all_random: bool  # no greedy row: no argmax pass over the logits
     any_filtered: bool  # some random row has top_k or top_p
     any_unfiltered: bool  # some random row has neither
     any_min_p: bool
