@@ -95,9 +95,10 @@ class BeamState:
         """min_new_tokens: before `min_tokens` generated tokens no beam may end on EOS."""
         return generated < self.params.min_tokens
 
-    def eos_forced(self, generated: int) -> bool:
-        """The checkpoint's forced EOS: the last token a beam may generate is EOS."""
-        return self.rules.forced_eos is not None and generated + 1 >= self.max_new_tokens
+    def forced_token(self, generated: int) -> int | None:
+        """The token every beam must take next: the checkpoint's forced EOS at the last
+        position a beam may generate; None otherwise."""
+        return self.rules.forced_eos if generated + 1 >= self.max_new_tokens else None
 
     @property
     def _full(self) -> bool:
@@ -132,9 +133,9 @@ def apply_beam_processors(
         logprobs[:, state.eos_ids] = float("-inf")
     if rules.banned:
         logprobs[:, list(rules.banned)] = float("-inf")
-    if state.eos_forced(length):
-        assert rules.forced_eos is not None
-        force_token(logprobs, list(range(logprobs.shape[0])), rules.forced_eos)
+    forced = state.forced_token(length)
+    if forced is not None:
+        force_token(logprobs, list(range(logprobs.shape[0])), forced)
     n = params.no_repeat_ngram_size
     if n <= 0:
         return

@@ -159,9 +159,10 @@ class Decider:
             generated = len(request.seqs[0].output_ids)
             if state.eos_banned(generated):
                 query.row_bans += [(row, eos) for row in rows for eos in state.eos_ids]
-            if state.eos_forced(generated):
+            forced = state.forced_token(generated)
+            if forced is not None:
                 query.forced_rows += rows
-                query.forced_token = state.rules.forced_eos  # type: ignore[assignment]
+                query.forced_token = forced
             banned.update(state.rules.banned)
             query.k = max(query.k, min(state.num_candidates, self.vocab_size))
         query.banned = sorted(banned)

@@ -229,10 +229,16 @@ def greedy_from_top(
     return SampleOutput(ids[:, 0], values[:, 0], None, top_ids, top_lp, None, None)
 
 
-def _buffer(workspace: Workspace | None, name: str, like: torch.Tensor) -> torch.Tensor:
-    """An [R, V] temporary like `like`: a reused buffer with a workspace (see `Workspace`:
-    page faults on a fresh one cost more than the pass that fills it)."""
-    return workspace.get(name, like.shape[0], like) if workspace else torch.empty_like(like)
+def _buffer(
+    workspace: Workspace | None, name: str, like: torch.Tensor, width: int | None = None
+) -> torch.Tensor:
+    """An [R, width] (default: like's width) temporary of like's dtype: a reused buffer with
+    a workspace (see `Workspace`: page faults on a fresh one cost more than the pass that
+    fills it)."""
+    rows, width = like.shape[0], like.shape[1] if width is None else width
+    if workspace is not None:
+        return workspace.get(name, rows, like, width)
+    return torch.empty(rows, width, dtype=like.dtype, device=like.device)
 
 
 def _log_softmax(x: torch.Tensor, workspace: Workspace | None, name: str) -> torch.Tensor:
@@ -318,10 +324,7 @@ def _draw_full(
     rows, vocab = scaled.shape
     blocks = -(-vocab // DRAW_BLOCK)
     width = blocks * DRAW_BLOCK
-    if workspace is not None:
-        weights = workspace.get("weights", rows, scaled, width)
-    else:
-        weights = torch.empty(rows, width, device=scaled.device)
+    weights = _buffer(workspace, "weights", scaled, width)
     weights[:, vocab:].zero_()
     torch.exp(scaled, out=weights[:, :vocab])  # probabilities
     if min_p:  # probability >= min_p x the largest
