@@ -11,6 +11,7 @@ peak for the dtype.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import torch
 
 from pipeline.bench.hf_baseline import hf_generate_seconds, load_hf
+from pipeline.bench.profile import profile_decode
 from pipeline.bench.workload import (
     SHAPES,
     build_random_model,
@@ -81,6 +83,20 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument(
+        "--kv-cache-memory",
+        default="auto",
+        help="engine.kv_cache_memory: bytes, or a fraction of free GPU memory (leave the "
+        "baseline room on a GPU: 0.5)",
+    )
+    p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the timed modes, profile this many greedy decode steps at full batch",
+    )
+    p.add_argument(
         "--separate-n4", action="store_true", help="also time n=4 as 4 separate requests"
     )
     p.add_argument("--model-dir", type=Path, default=None)
@@ -100,6 +116,13 @@ def timed_generate(engine: LLMEngine, prompts: list[list[int]], params) -> tuple
     outs = engine.generate(prompts, params)
     seconds = time.perf_counter() - started
     return seconds, sum(len(c.token_ids) for o in outs for c in o.outputs)
+
+
+def warm_up(engine: LLMEngine, prompts: list[list[int]], modes: list[str]) -> None:
+    """A few tokens of every mode before timing: Triton compiles its kernels on first use,
+    and cuBLAS and the allocator settle, none of which belongs to the throughput."""
+    for mode in modes:
+        engine.generate(prompts[:8], MODES[mode][1](4))
 
 
 def engine_model_dir(engine: LLMEngine) -> Path:
@@ -243,7 +266,14 @@ def main() -> None:
     build_random_model(model_dir, args.size, device=args.device)
     vocab = SHAPES[args.size]["vocab_size"]
     prompts = log_uniform_prompts(args.num_prompts, args.min_len, args.max_len, vocab)
-    engine_cfg = EngineConfig(device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs)
+    engine_cfg = EngineConfig(
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.max_num_seqs,
+        kv_cache_memory=args.kv_cache_memory,
+        attention=args.attention,
+        cuda_graphs=args.cuda_graphs,
+    )
     peak = matmul_peak(dtype, args.device)
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else 0.0
     hf = load_hf(model_dir, dtype, args.device) if args.baseline else None
@@ -267,15 +297,22 @@ def main() -> None:
                 f"# quant {method}: weights {info['weight_bytes'] / 2**20:.0f} MiB, KV blocks "
                 f"{info['kv_blocks']} (room for {info['kv_budget_blocks']})"
             )
-        for mode in args.modes.split(","):
+        modes = args.modes.split(",")
+        warm_up(engine, prompts, modes)
+        for mode in modes:
             row = run_mode(args, mode, engine, hf, prompts, peak, bandwidth) | {"quant": method}
             print(format_row(row), flush=True)
             print(format_costs(row), flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
+        if args.profile_steps:
+            print(profile_decode(engine, prompts[: args.max_num_seqs], args.profile_steps))
         hf = None  # the baseline once, beside the first method
         del engine
+        gc.collect()  # the next engine sizes its KV pool from the memory left free
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
