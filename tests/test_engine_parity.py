@@ -132,9 +132,13 @@ def test_beam_search_matches_transformers(tmp_path, family, early_stopping, leng
     assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks
 
 
-def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path):
+@pytest.mark.parametrize("head_query", [True, False], ids=["head-query", "logits"])
+def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path, head_query):
+    """Bans through both paths: the CPU's head query and the [beams, V] log-probs (GPUs,
+    quantized heads) masked on the device from the step's arrays."""
     hf = build_model(tmp_path, "llama")
     engine = make_engine(tmp_path)
+    engine.decider.reduce_head = engine.decider.reduce_head and head_query
     prompts = random_prompts(4, seed=5)
     params = BeamParams(width=3, num_return=3, max_tokens=12, no_repeat_ngram_size=2, min_tokens=4)
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):

@@ -16,6 +16,7 @@ import json
 import logging
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.models.loader import read_spec
 from pipeline.models.spec import ModelSpec
 
-MODES = {
+MODES: dict[str, tuple[int, Callable[[int], SamplingParams | BeamParams], dict]] = {
     "greedy": (
         1,
         lambda t: SamplingParams(temperature=0, max_tokens=t, ignore_eos=True),
@@ -172,7 +173,7 @@ def run_mode(args, mode, engine, hf, prompts, peak, bandwidth) -> dict:
         row |= memory_floor(before, after, engine, spec, bandwidth)
     if hf is not None:
         batch = hf_batch_size(args.hf_batch, mode)
-        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, batch, **hf_kwargs)  # type: ignore[arg-type]
+        hf_s = hf_generate_seconds(hf, prompts, args.new_tokens, batch, **hf_kwargs)
         row |= {
             "hf_batch": batch,
             "hf_s": hf_s,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pipeline.engine.params import BeamParams, TokenRules
-from pipeline.engine.sampler import force_token
+from pipeline.engine.token_mask import TokenMask
 
 
 @dataclass
@@ -122,35 +122,37 @@ class BeamState:
         return self.finished[: self.params.num_return]
 
 
-def apply_beam_processors(
-    logprobs: torch.Tensor, outputs: list[list[int]], prompt: list[int], state: BeamState
+def add_beam_bans(
+    mask: TokenMask, first: int, outputs: list[list[int]], prompt: list[int], state: BeamState
 ) -> None:
-    """In place on [W, V] log-probs, like HF's processors in beam search:
-    min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram,
-    the checkpoint's rules ban tokens and force EOS as the last token (log-prob 0)."""
-    params, rules, length = state.params, state.rules, len(outputs[0])
+    """Into `mask`: the bans and forced token of a request whose beams (generated tokens
+    `outputs`) are rows first, first + 1, ... of the step's beam log-probs, like HF's
+    processors in beam search: min_new_tokens bans EOS, no_repeat_ngram_size bans tokens
+    that would repeat an n-gram, the checkpoint's rules ban tokens and force EOS as the
+    last token (log-prob 0)."""
+    length = len(outputs[0])
+    rows = range(first, first + len(outputs))
     if state.eos_banned(length):
-        logprobs[:, state.eos_ids] = float("-inf")
-    if rules.banned:
-        logprobs[:, list(rules.banned)] = float("-inf")
+        mask.bans += [(row, eos) for row in rows for eos in state.eos_ids]
+    if state.rules.banned:
+        mask.banned = sorted(set(mask.banned) | set(state.rules.banned))
     forced = state.forced_token(length)
     if forced is not None:
-        force_token(logprobs, list(range(logprobs.shape[0])), forced)
-    n = params.no_repeat_ngram_size
+        mask.forced_rows += rows
+        mask.forced_token = forced
+    n = state.params.no_repeat_ngram_size
     if n <= 0:
         return
-    for row, generated in enumerate(outputs):
+    for row, generated in zip(rows, outputs, strict=True):
         tokens = prompt + generated
         if len(tokens) + 1 < n:
             continue
         prefix = tuple(tokens[len(tokens) - n + 1 :])
-        banned = [
-            tokens[i + n - 1]
+        mask.bans += [
+            (row, tokens[i + n - 1])
             for i in range(len(tokens) - n + 1)
             if tuple(tokens[i : i + n - 1]) == prefix
         ]
-        if banned:
-            logprobs[row, banned] = float("-inf")
 
 
 @dataclass

@@ -17,12 +17,12 @@ import torch
 
 from pipeline.engine.beam import (
     CandidateGroup,
-    apply_beam_processors,
+    add_beam_bans,
     candidates_by_request,
     rank_candidates,
     rank_top,
 )
-from pipeline.engine.params import BeamParams, TokenRules
+from pipeline.engine.params import TokenRules
 from pipeline.engine.sampler import (
     RowKinds,
     SampleOutput,
@@ -34,6 +34,7 @@ from pipeline.engine.sampler import (
 )
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
+from pipeline.engine.token_mask import TokenMask
 from pipeline.engine.transfer import to_host
 from pipeline.models.attention import Workspace
 from pipeline.models.head import HeadQuery, TopLogprobs
@@ -47,6 +48,7 @@ class StepPlan:
     logit_rows: list[int] = field(default_factory=list)  # the logits row of each
     sampling: SamplingPlan | None = None
     beams: list[tuple[Request, list[int]]] = field(default_factory=list)  # logits rows
+    beam_mask: TokenMask = field(default_factory=TokenMask)  # rows: beams in `beams` order
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # travel to the device
     head: HeadQuery | None = None  # the forward returns only each row's best log-probs
 
@@ -122,51 +124,45 @@ class Decider:
                 [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
                 dtype=np.float64,
             )
+            plan.beam_mask = self._beam_mask(plan.beams)
+            plan.arrays |= plan.beam_mask.arrays("beam_mask.")
         if self.reduce_head:
             plan.head = self._head_query(plan)
         return plan
 
     def _head_query(self, plan: StepPlan) -> HeadQuery | None:
         """Steps that need only each row's best log-probs - greedy rows without penalties,
-        or beams without n-gram bans - ask the LM head for those (`top_logprobs`), not for
+        or beams - ask the LM head for those (`top_logprobs`), not for
         the [rows, V] logits. Bans and forced tokens are given in logits rows."""
         if plan.rows and plan.beams:
             return None
         if plan.beams:
-            return self._beam_query(plan.beams)
+            return self._beam_query(plan)
         s = plan.sampling
         if s is None or s.any_random or s.penalty_rows:
             return None
-        rows = plan.logit_rows
-        return HeadQuery(
-            k=min(max(1, s.max_logprobs or 0), self.vocab_size),
-            before_norm=True,
-            banned=s.banned,
-            row_bans=[(rows[i], token) for i, ids in enumerate(s.ban_ids) for token in ids],
-            forced_rows=[rows[i] for i in s.forced_rows],
-            forced_token=s.forced_token,
-        )
+        mask = s.mask.on_rows(plan.logit_rows)
+        k = min(max(1, s.max_logprobs or 0), self.vocab_size)
+        return HeadQuery(k, True, mask.banned, mask.bans, mask.forced_rows, mask.forced_token)
 
-    def _beam_query(self, beams: list[tuple[Request, list[int]]]) -> HeadQuery | None:
-        """`apply_beam_processors` as a query (n-gram bans need the whole rows)."""
-        query = HeadQuery(k=1, before_norm=False)
-        banned: set[int] = set()
+    @staticmethod
+    def _beam_mask(beams: list[tuple[Request, list[int]]]) -> TokenMask:
+        """Every beam request's bans and forced token; row i is the i-th beam row."""
+        mask = TokenMask()
+        first = 0
         for request, rows in beams:
-            state, params = request.beam, request.params
-            assert state is not None and isinstance(params, BeamParams)
-            if params.no_repeat_ngram_size > 0:
-                return None
-            generated = len(request.seqs[0].output_ids)
-            if state.eos_banned(generated):
-                query.row_bans += [(row, eos) for row in rows for eos in state.eos_ids]
-            forced = state.forced_token(generated)
-            if forced is not None:
-                query.forced_rows += rows
-                query.forced_token = forced
-            banned.update(state.rules.banned)
-            query.k = max(query.k, min(state.num_candidates, self.vocab_size))
-        query.banned = sorted(banned)
-        return query
+            assert request.beam is not None
+            outputs = [seq.output_ids for seq in request.seqs]
+            add_beam_bans(mask, first, outputs, request.prompt_ids, request.beam)
+            first += len(rows)
+        return mask
+
+    def _beam_query(self, plan: StepPlan) -> HeadQuery:
+        """The beam mask as a head query, in logits rows."""
+        beam_rows = [r for _, rows in plan.beams for r in rows]
+        mask = plan.beam_mask.on_rows(beam_rows)
+        k = max(min(r.beam.num_candidates, self.vocab_size) for r, _ in plan.beams)  # type: ignore[union-attr]
+        return HeadQuery(k, False, mask.banned, mask.bans, mask.forced_rows, mask.forced_token)
 
     def _plan_rows(self, batch: ScheduledBatch) -> StepPlan:
         """Sampled rows (forking n > 1 requests at their first token) and beam groups."""
@@ -279,9 +275,6 @@ class Decider:
         logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         torch.log_softmax(logprobs, dim=-1, out=logprobs)
+        plan.beam_mask.apply(logprobs, tensors, "beam_mask.")  # processors act on log-probs
         per_request = list(logprobs.split(sizes))
-        for (request, _), request_rows in zip(plan.beams, per_request, strict=True):
-            assert request.beam is not None and isinstance(request.params, BeamParams)
-            outputs = [seq.output_ids for seq in request.seqs]
-            apply_beam_processors(request_rows, outputs, request.prompt_ids, request.beam)
         return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]

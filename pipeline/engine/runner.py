@@ -55,15 +55,12 @@ class ModelRunner:
         spec = model.spec
         dtype = model.lm_head.weight.dtype
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        # One pool [layers, 2 (K, V), num_blocks, block_size, KVH, D]; each layer's K and V
+        # are contiguous views of it, and copy-on-write moves a block in every layer at once.
         # zeros, not empty: masked-out cache positions still enter attention as values x 0,
         # and uninitialised memory could hold NaN.
-        self.kv_caches: list[KVCache] = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(spec.num_layers)
-        ]
+        self.kv_pool = torch.zeros((spec.num_layers, 2, *shape), dtype=dtype, device=device)
+        self.kv_caches: list[KVCache] = [(layer[0], layer[1]) for layer in self.kv_pool]
         self.model = model
         self.backend = backend or make_backend(device)
         self.block_size = block_size
@@ -164,11 +161,10 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _copy_blocks(self, copies: torch.Tensor) -> None:
-        """Copy-on-write: [n, 2] (src, dst) block pairs, in every layer."""
+        """Copy-on-write: [n, 2] (src, dst) block pairs, in every layer: one gather and one
+        scatter over the pool (two launches where a loop over layers made 4 per layer)."""
         src, dst = copies[:, 0], copies[:, 1]
-        for k_cache, v_cache in self.kv_caches:
-            k_cache.index_copy_(0, dst, k_cache.index_select(0, src))
-            v_cache.index_copy_(0, dst, v_cache.index_select(0, src))
+        self.kv_pool.index_copy_(2, dst, self.kv_pool.index_select(2, src))
 
     def _count_padding(self, plan: Any, step: HostStep) -> None:
         """Decode attention positions padded for the torch backend's length groups."""

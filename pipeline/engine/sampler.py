@@ -25,6 +25,7 @@ import torch
 from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
+from pipeline.engine.token_mask import TokenMask
 from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 
@@ -44,11 +45,9 @@ class SamplingPlan:
     any_min_p: bool
     prefilter: int  # candidates for filtered rows
     max_logprobs: int | None
-    ban_ids: list[list[int]] = field(default_factory=list)  # per row; [] bans nothing
-    banned: list[int] = field(default_factory=list)  # never chosen, in any row
-    # Rows whose next token is their last: they must be `forced_token` (a forced EOS).
-    forced_rows: list[int] = field(default_factory=list)
-    forced_token: int = 0
+    # min_tokens bans (EOS and stop tokens), the checkpoint's banned tokens, and rows whose
+    # next token is their last (a forced EOS); travels as the arrays "mask.*"
+    mask: TokenMask = field(default_factory=TokenMask)
     penalty_rows: list[int] = field(default_factory=list)
 
 
@@ -132,20 +131,24 @@ def plan_sampling(
         prefilter=min(vocab, max(PREFILTER, int(table[:, 1].max()))),
         max_logprobs=max((p.logprobs for p in uniq if p.logprobs is not None), default=None),
     )
+    mask = plan.mask
     if any(p.min_tokens > 0 for p in uniq):
-        plan.ban_ids = [
-            eos_ids + list(p.stop_token_ids) if s.num_output < p.min_tokens else []
-            for p, s in zip(params, seqs, strict=True)
+        mask.bans = [
+            (i, token)
+            for i, (p, s) in enumerate(zip(params, seqs, strict=True))
+            if s.num_output < p.min_tokens
+            for token in [*eos_ids, *p.stop_token_ids]
         ]
     if rules is not None and rules.forced_eos is not None:
-        plan.forced_token, max_len = rules.forced_eos, rules.max_model_len
-        plan.forced_rows = [
+        mask.forced_token, max_len = rules.forced_eos, rules.max_model_len
+        mask.forced_rows = [
             i
             for i, (p, s) in enumerate(zip(params, seqs, strict=True))
             if s.num_output + 1 >= p.max_tokens or len(s) + 1 >= max_len
         ]
     if rules is not None:
-        plan.banned = list(rules.banned)
+        mask.banned = list(rules.banned)
+    arrays |= mask.arrays("mask.")
     if any(p.needs_penalties for p in uniq):
         plan.penalty_rows = [i for i, p in enumerate(params) if p.needs_penalties]
         _plan_penalties(plan, params, seqs, vocab)
@@ -188,12 +191,7 @@ def sample(
     """logits: [R, V] fp32 (modified in place); `tensors`: the plan's arrays on the device."""
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
-    if any(plan.ban_ids):
-        _ban(logits, plan.ban_ids)
-    if plan.banned:
-        logits[:, plan.banned] = float("-inf")
-    if plan.forced_rows:
-        force_token(logits, plan.forced_rows, plan.forced_token)
+    plan.mask.apply(logits, tensors, "mask.")
     tokens = None
     if not plan.all_random:  # greedy rows: the argmax (max() is faster than argmax())
         tokens = logits.max(dim=-1).indices
@@ -268,24 +266,6 @@ def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
     counts = counts[:, :vocab]
     sub -= strength[:, 2:3] * counts + strength[:, 1:2] * (counts > 0)
     logits.index_copy_(0, rows, sub)
-
-
-def force_token(scores: torch.Tensor, rows: list[int], token: int) -> None:
-    """Rows of [R, V] scores that must choose `token`: it scores 0, every other -inf."""
-    index = torch.tensor(rows, device=scores.device)
-    scores.index_fill_(0, index, float("-inf"))
-    scores[index, token] = 0.0
-
-
-def _ban(logits: torch.Tensor, ban_ids: list[list[int]]) -> None:
-    """Before min_tokens are generated, EOS and stop tokens cannot be chosen."""
-    rows = [i for i, ids in enumerate(ban_ids) for _ in ids]
-    cols = [c for ids in ban_ids for c in ids]
-    device = logits.device
-    logits.index_put_(
-        (torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
-        torch.tensor(float("-inf"), device=device),
-    )
 
 
 def _draw(
