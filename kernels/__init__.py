@@ -16,12 +16,16 @@ from kernels._triton import triton
 from kernels.decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from kernels.kv_write import write_kv_ref, write_kv_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
+from kernels.rms_norm import rms_norm_ref, rms_norm_triton
 
 __all__ = [
     "paged_decode_attention_ref",
     "paged_decode_attention_triton",
     "prefill_attention_ref",
     "prefill_attention_triton",
+    "rms_norm",
+    "rms_norm_ref",
+    "rms_norm_triton",
     "select",
     "triton_available",
     "write_kv_ref",
@@ -40,3 +44,14 @@ def triton_available(device: torch.device) -> bool:
 def select(device: torch.device | str) -> str:
     """The implementation for `device`: "triton" where it can run, else "torch"."""
     return "triton" if triton_available(torch.device(device)) else "torch"
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual): Triton for rows of a CUDA tensor (one kernel
+    where torch launches nine), the torch reference elsewhere (the CPU; per-head q/k norms)."""
+    fused = x.is_cuda and triton is not None and x.dim() == 2 and x.stride(-1) == 1
+    if fused and weight.dtype == x.dtype:
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)

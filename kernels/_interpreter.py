@@ -1,4 +1,4 @@
-"""Work-arounds for two bugs of the Triton 3.6 interpreter (TRITON_INTERPRET=1) that our
+"""Work-arounds for three bugs of the Triton 3.6 interpreter (TRITON_INTERPRET=1) that our
 kernels hit; applied by `kernels._triton` only when the interpreter is on. Both wrap an
 interpreter hook and leave GPU compilation untouched; where a hook is gone (a newer
 Triton) that fix is skipped.
@@ -8,6 +8,8 @@ Triton) that fix is skipped.
 2. NumPy has no bfloat16, so the interpreter keeps bf16 as raw uint16 bits and `tl.dot`
    multiplies those bits as integers. bf16 -> fp32 is exact (the bits shifted left by 16),
    so widening the operands first gives the product a GPU computes (fp32 accumulation).
+3. fp32 -> bf16 casts truncate the mantissa, where a GPU rounds to nearest even: torch's
+   own conversion (which rounds like the GPU) replaces it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def apply() -> None:
 
     _fix_scalar_index(interpreter)
     _fix_bf16_dot(interpreter)
+    _fix_bf16_cast(interpreter)
 
 
 def _fix_scalar_index(interpreter: Any) -> None:
@@ -55,3 +58,22 @@ def _fix_bf16_dot(interpreter: Any) -> None:
         return original(self, widen(a), widen(b), d, *args)
 
     builder.create_dot = create_dot
+
+
+def _fix_bf16_cast(interpreter: Any) -> None:
+    import torch
+    import triton.language as tl
+
+    builder: Any = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or original.__module__ == __name__:  # gone, or already wrapped
+        return
+
+    def cast_impl(self: Any, src: Any, dst_type: Any) -> Any:
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return original(self, src, dst_type)
+        values = torch.from_numpy(np.array(src.data, dtype=np.float32))  # keeps 0-d shapes
+        bits = values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+        return interpreter.TensorHandle(bits, tl.bfloat16)
+
+    builder.cast_impl = cast_impl

@@ -274,3 +274,22 @@ def test_prefill_attention_fused_qkv_views() -> None:
 
     assert result is out
     _assert_close(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("rows", "cols"), [(5, 48), (3, 100), (0, 64)])
+def test_rms_norm(rows: int, cols: int, with_residual: bool, dtype: torch.dtype) -> None:
+    """Odd widths (a masked tail), no rows, x a strided view (rows of a wider buffer); the
+    residual stream exactly equal to torch's x + residual, the norm within rounding."""
+    wide = torch.randn(rows, cols + 7, device=DEVICE, dtype=dtype)
+    x = wide[:, 3 : 3 + cols]
+    weight = (1 + torch.randn(cols, device=DEVICE) / 4).to(dtype)
+    residual = torch.randn(rows, cols, device=DEVICE, dtype=dtype) if with_residual else None
+
+    expected, expected_stream = K.rms_norm_ref(x, weight, 1e-6, residual)
+    actual, stream = K.rms_norm_triton(x, weight, 1e-6, residual)
+
+    assert actual.dtype == stream.dtype == dtype and actual.shape == (rows, cols)
+    assert torch.equal(stream, expected_stream)
+    _assert_close(actual, expected)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import rms_norm
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import lm_logits, plain_weight
 from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_
@@ -28,9 +29,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 like transformers, so bf16 results match it too.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)[0]
+
+    def add(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm of x + residual, x + residual): one kernel on a GPU."""
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -100,10 +103,23 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(spec)
 
     def forward(
-        self, x: torch.Tensor, rope: RopeRows, ctx: AttentionMetadata, cache: KVCache
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope: RopeRows,
+        ctx: AttentionMetadata,
+        cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings, with residual None, for the
+        first layer). Returns this layer's MLP output and the residual stream it adds to:
+        each residual add happens inside the next norm (`RMSNorm.add`)."""
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:
+            h, residual = self.input_layernorm.add(x, residual)
+        h = self.self_attn(h, rope, ctx, cache)
+        h, residual = self.post_attention_layernorm.add(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -140,9 +156,10 @@ class LlamaForCausalLM(nn.Module):
         """Hidden states [T, hidden] after the final norm."""
         x = self.model.embed_tokens(input_ids)
         rope = self.model.rotary(positions, x.dtype)  # shared by every layer
+        residual = None
         for layer, cache in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rope, ctx, cache)
-        return self.model.norm(x)
+            x, residual = layer(x, residual, rope, ctx, cache)
+        return self.model.norm(x) if residual is None else self.model.norm.add(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32 (sampling and beam scores need the precision)."""
