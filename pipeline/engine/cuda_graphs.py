@@ -60,7 +60,11 @@ class DecodeGraphs:
         self.slots = zeros(size) - 1
         self.block_tables = zeros(size, width)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.logits: dict[int, torch.Tensor] = {}
+        # Every bucket's graph writes its fp32 logits into rows of this one buffer: kept
+        # per graph, the outputs would hold sum(buckets) x V floats (8.7 GB for a 128k
+        # vocabulary and buckets up to 1,024).
+        vocab = model.lm_head.out_features
+        self.logits = torch.empty(size, vocab, dtype=torch.float32, device=device)
         if capture:
             self._capture()
 
@@ -83,11 +87,12 @@ class DecodeGraphs:
         self.block_tables[:n, : tables.shape[1]].copy_(tables)
         graph = self.graphs.get(bucket)
         if graph is None:
-            return self._forward(bucket)[:n]
-        graph.replay()
-        return self.logits[bucket][:n]
+            self._forward(bucket)
+        else:
+            graph.replay()
+        return self.logits[:n]
 
-    def _forward(self, batch: int) -> torch.Tensor:
+    def _forward(self, batch: int) -> None:
         meta = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.slots[:batch],
@@ -99,7 +104,9 @@ class DecodeGraphs:
         )
         self.backend.prepare(meta, None)
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], meta, self.kv_caches)
-        return self.model.compute_logits(hidden)
+        # The head's product in the model's dtype, widened into the buffer: the one pass
+        # that `compute_logits`' .float() makes, with no [batch, V] output left per graph.
+        self.logits[:batch].copy_(self.model.lm_head(hidden))
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -110,7 +117,7 @@ class DecodeGraphs:
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self.logits[batch] = self._forward(batch)
+                self._forward(batch)
             pool = graph.pool()
             self.graphs[batch] = graph
         torch.cuda.synchronize()
