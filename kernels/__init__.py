@@ -17,6 +17,7 @@ from kernels.decode_attention import paged_decode_attention_ref, paged_decode_at
 from kernels.kv_write import write_kv_ref, write_kv_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton
+from kernels.rope import rope_ref, rope_triton
 
 __all__ = [
     "paged_decode_attention_ref",
@@ -26,6 +27,9 @@ __all__ = [
     "rms_norm",
     "rms_norm_ref",
     "rms_norm_triton",
+    "rope",
+    "rope_ref",
+    "rope_triton",
     "select",
     "triton_available",
     "write_kv_ref",
@@ -55,3 +59,12 @@ def rms_norm(
     if fused and weight.dtype == x.dtype:
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate x [T, heads, D] in place: Triton on CUDA (one kernel where torch launches six),
+    the torch reference elsewhere."""
+    if x.is_cuda and triton is not None:
+        rope_triton(x, cos, sin)
+    else:
+        rope_ref(x, cos, sin)

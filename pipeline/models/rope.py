@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from kernels import rope
 from pipeline.models.spec import ModelSpec
 
 
@@ -63,12 +64,5 @@ RopeRows = tuple[torch.Tensor, torch.Tensor]
 
 def rotate_(x: torch.Tensor, rows: RopeRows) -> None:
     """Rotate x [T, heads, D] in place by its positions' angles (a view works: q and k of
-    one fused projection are rotated together). With halves x1, x2 (neox style):
-    x1 * cos - x2 * sin and x2 * cos + x1 * sin, rounded op by op as transformers'
-    `x * cos + rotate_half(x) * sin` rounds them, so bf16 results match it bit for bit."""
-    cos, sin = rows
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    x1_sin, x2_sin = x1 * sin, x2 * sin
-    x1.mul_(cos).sub_(x2_sin)
-    x2.mul_(cos).add_(x1_sin)
+    one fused projection are rotated together); see `kernels/rope.py` for the rounding."""
+    rope(x, *rows)
