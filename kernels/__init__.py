@@ -18,6 +18,7 @@ from kernels.kv_write import write_kv_ref, write_kv_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton
 from kernels.rope import rope_ref, rope_triton
+from kernels.silu_mul import silu_mul_ref, silu_mul_triton
 
 __all__ = [
     "paged_decode_attention_ref",
@@ -31,6 +32,9 @@ __all__ = [
     "rope_ref",
     "rope_triton",
     "select",
+    "silu_mul",
+    "silu_mul_ref",
+    "silu_mul_triton",
     "triton_available",
     "write_kv_ref",
     "write_kv_triton",
@@ -68,3 +72,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
         rope_triton(x, cos, sin)
     else:
         rope_ref(x, cos, sin)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused [T, 2 * I] projection: Triton on CUDA (one pass), the
+    torch reference elsewhere."""
+    if gate_up.is_cuda and triton is not None:
+        return silu_mul_triton(gate_up)
+    return silu_mul_ref(gate_up)

@@ -316,3 +316,16 @@ def test_rope(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
     else:
         torch.testing.assert_close(qkv, expected, atol=1e-6, rtol=1e-6)
     assert torch.equal(qkv[:, view:], expected[:, view:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("tokens", "inner"), [(3, 1500), (0, 8)])
+def test_silu_mul(tokens: int, inner: int, dtype: torch.dtype) -> None:
+    """A width past one 1,024-column program (a masked tail), and no tokens."""
+    gate_up = torch.randn(tokens, 2 * inner, device=DEVICE).mul(4).to(dtype)
+
+    expected = K.silu_mul_ref(gate_up.clone())
+    actual = K.silu_mul_triton(gate_up)
+
+    assert actual.shape == (tokens, inner) and actual.dtype == dtype
+    _assert_close(actual, expected)

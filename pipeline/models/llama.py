@@ -8,10 +8,9 @@ Inputs are packed: a step's tokens form one [T] vector whatever the number of se
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from kernels import rms_norm
+from kernels import rms_norm, silu_mul
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import lm_logits, plain_weight
 from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_
@@ -90,8 +89,7 @@ class MLP(nn.Module):
         return by_row_chunks(self._rows, x, 2 * self.intermediate)
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate, inplace=True).mul_(up))  # in place: no temporaries
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
