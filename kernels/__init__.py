@@ -14,6 +14,7 @@ import torch
 
 from kernels._triton import triton
 from kernels.decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from kernels.greedy import greedy_pick_ref, greedy_pick_triton
 from kernels.kv_write import write_kv_ref, write_kv_triton
 from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
 from kernels.rms_norm import rms_norm_ref, rms_norm_triton
@@ -21,6 +22,8 @@ from kernels.rope import rope_ref, rope_triton
 from kernels.silu_mul import silu_mul_ref, silu_mul_triton
 
 __all__ = [
+    "greedy_pick_ref",
+    "greedy_pick_triton",
     "paged_decode_attention_ref",
     "paged_decode_attention_triton",
     "prefill_attention_ref",

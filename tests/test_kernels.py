@@ -329,3 +329,20 @@ def test_silu_mul(tokens: int, inner: int, dtype: torch.dtype) -> None:
 
     assert actual.shape == (tokens, inner) and actual.dtype == dtype
     _assert_close(actual, expected)
+
+
+def test_greedy_pick() -> None:
+    """A vocabulary past one 4,096-entry block with a masked tail; a row whose maximum is
+    tied (the first wins, as argmax); a row whose first block is all -inf (banned)."""
+    rows, vocab = 4, 9000
+    logits = torch.randn(rows, vocab, device=DEVICE) * 3
+    logits[1, 7000] = logits[1, 100] = 50.0
+    logits[2, :4096] = float("-inf")
+    logits[3, vocab - 1] = 40.0
+
+    expected_tokens, expected_logprobs = K.greedy_pick_ref(logits)
+    tokens, logprobs = K.greedy_pick_triton(logits)
+
+    assert tokens.tolist() == expected_tokens.tolist()
+    assert tokens[1] == 100 and tokens[3] == vocab - 1
+    torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kernels import greedy_pick_triton, triton_available
 from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
@@ -192,6 +193,10 @@ def sample(
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
+    greedy_only = not plan.any_random and plan.max_logprobs is None
+    if greedy_only and logits.is_cuda and triton_available(logits.device):
+        picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
+        return SampleOutput(picked, chosen, None, None, None, None, None)
     tokens = None
     if not plan.all_random:  # greedy rows: the argmax (max() is faster than argmax())
         tokens = logits.max(dim=-1).indices
