@@ -6,6 +6,7 @@
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
 #      prefill rate against the matmul peak
+#      then n=4 and beam 4 again with 1,024 sequences in flight (all 256 prompts at once)
 #   3. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
 #      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
 # Results go to $OUT (or outputs/gpu_check/): results.md (card, date, commit, numbers),
@@ -55,6 +56,11 @@ if [ "$bench_rc" != 0 ]; then
 fi
 cat "$out/bench.txt"
 
+# The fan-out modes with room for all 256 prompts' 4 samples or beams at once (1,024
+# sequences; the baseline's numbers are those of the run above).
+timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes n4,beam4 \
+    --no-baseline --max-num-seqs 1024 2>&1 | grep -v -E 'Loading|Writing' | tail -n 6 | tee "$out/wide.txt"
+
 # "room for" KV blocks: the memory budget after the weights, before the max_num_seqs cap.
 timeout 90 "${bench[@]}" --num-prompts 256 --new-tokens 64 --modes greedy --no-baseline \
     --quant none,int8,nf4 2>&1 | grep -v -E 'Loading|Writing' | tail -n 20 | tee "$out/quant.txt"
@@ -66,6 +72,10 @@ timeout 90 "${bench[@]}" --num-prompts 256 --new-tokens 64 --modes greedy --no-b
     echo
     echo '```'
     cat "$out/bench.txt"
+    echo '```'
+    echo
+    echo '```'
+    cat "$out/wide.txt"
     echo '```'
     echo
     echo '```'
