@@ -299,8 +299,9 @@ def test_rms_norm(rows: int, cols: int, with_residual: bool, dtype: torch.dtype)
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 2, 16), (3, 3, 12)])
 def test_rope(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
     """q and k as one view of a fused qkv projection (v must stay untouched); 6 heads pad to
-    8 and a half width of 6 to 8 inside the kernel. bf16 bit for bit (every product rounds
-    before the sum); fp32 within an ulp (a GPU may fuse a product and a sum)."""
+    8 and a half width of 6 to 8 inside the kernel. Interpreted, bf16 bit for bit (every
+    product rounds before the sum); compiled for a GPU within rounding (seen on an H100: up
+    to one bf16 ulp, as if the compiler dropped an intermediate rounding)."""
     tokens = 7
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=DEVICE).to(dtype)
     angles = torch.rand(tokens, 1, dim // 2, device=DEVICE) * 50
@@ -311,10 +312,10 @@ def test_rope(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
     K.rope_ref(expected[:, :view].view(tokens, heads + kv_heads, dim), cos, sin)
     K.rope_triton(qkv[:, :view].view(tokens, heads + kv_heads, dim), cos, sin)
 
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and DEVICE.type == "cpu":
         assert torch.equal(qkv, expected)
     else:
-        torch.testing.assert_close(qkv, expected, atol=1e-6, rtol=1e-6)
+        _assert_close(qkv, expected)
     assert torch.equal(qkv[:, view:], expected[:, view:])
 
 
