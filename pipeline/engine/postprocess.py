@@ -144,16 +144,29 @@ class Postprocessor:
     def _fork_beams(
         self, request: Request, chosen: list[NextBeam], texts: CandidateTexts | None
     ) -> None:
-        """The next beams share their parents' blocks (copy-on-write); parents are released."""
+        """The next beams. The first to continue a parent takes its sequence over (no copy of
+        its tokens and block table); the others fork it, sharing its blocks copy-on-write;
+        parents that no beam continues are released."""
         parents, request.seqs = request.seqs, []
+        # Read from the parents as they are: a parent taken over grows below.
+        new_texts = None if texts is None else [texts.new_text(b.parent, b.token) for b in chosen]
+        owner: dict[int, int] = {}  # parent index -> the beam that takes it over
         for i, beam in enumerate(chosen):
-            child = self.scheduler.fork(parents[beam.parent], i)
+            owner.setdefault(beam.parent, i)
+        children = [
+            parents[b.parent] if owner[b.parent] == i else self.scheduler.fork(parents[b.parent], i)
+            for i, b in enumerate(chosen)
+        ]
+        for i, (beam, child) in enumerate(zip(chosen, children, strict=True)):
+            child.child_index = i
             child.token_ids.append(beam.token)
-            if texts is not None:
-                texts.carry_on(child, beam.parent, beam.token)
+            if new_texts is not None:
+                _advance_text(child, new_texts[i])
             request.seqs.append(child)
-        for parent in parents:
-            self.scheduler.release(parent)
+        for index, parent in enumerate(parents):
+            if index not in owner:
+                self.scheduler.release(parent)
+        self.scheduler.reordered()  # the request's rows changed order or owner
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
         request.finished = [self._beam_output(i, h, state) for i, h in enumerate(state.results())]
@@ -197,17 +210,11 @@ class CandidateTexts:
 
     def ends(self, parent: int, token: int) -> bool:
         """Whether appending `token` to beam `parent` completes a stop string."""
-        new = self._new_text(parent, token)
+        new = self.new_text(parent, token)
         return bool(new) and _stop_ends_in(self.parents[parent].text, new, self.stops)
 
-    def carry_on(self, child: Sequence, parent: int, token: int) -> None:
-        """Advance the child's text (a copy of its parent's) by the candidate's new text."""
-        new = self._new_text(parent, token)
-        if new:  # else the token ends inside a character: the window stays where it was
-            child.text += new
-            child.prefix_offset, child.read_offset = child.read_offset, child.num_output
-
-    def _new_text(self, parent: int, token: int) -> str:
+    def new_text(self, parent: int, token: int) -> str:
+        """The text `token` adds to beam `parent` (decoded once per candidate)."""
         key = (parent, token)
         if key not in self._new:
             seq = self.parents[parent]
@@ -216,6 +223,14 @@ class CandidateTexts:
                 self._before[parent] = self.decode(window[: seq.read_offset - seq.prefix_offset])
             self._new[key] = _new_text(self._before[parent], self.decode([*window, token]))
         return self._new[key]
+
+
+def _advance_text(seq: Sequence, new: str) -> None:
+    """Move a beam's text window past its newest token, whose text is `new` ("": the token
+    ends inside a character, and the window stays where it was)."""
+    if new:
+        seq.text += new
+        seq.prefix_offset, seq.read_offset = seq.read_offset, seq.num_output
 
 
 def _new_text(before: str, after: str) -> str:

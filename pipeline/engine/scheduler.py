@@ -77,6 +77,11 @@ class Scheduler:
         self.version += 1
         return child
 
+    def reordered(self) -> None:
+        """A request's sequences changed order or identity outside `fork` and `release`
+        (beams taking their parents over): arrays kept for the last batch are stale."""
+        self.version += 1
+
     def release(self, seq: Sequence) -> None:
         """A sequence is done (finished sample, replaced beam): its blocks lose an owner."""
         self.blocks.free(seq)
