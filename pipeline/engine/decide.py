@@ -132,8 +132,8 @@ class Decider:
 
     def _head_query(self, plan: StepPlan) -> HeadQuery | None:
         """Steps that need only each row's best log-probs - greedy rows without penalties,
-        or beams - ask the LM head for those (`top_logprobs`), not for
-        the [rows, V] logits. Bans and forced tokens are given in logits rows."""
+        or beams - ask the LM head for those (`top_logprobs`), not for the [rows, V] logits.
+        Bans and forced tokens are given in logits rows."""
         if plan.rows and plan.beams:
             return None
         if plan.beams:
