@@ -22,6 +22,7 @@ from kernels.rope import rope_ref, rope_triton
 from kernels.silu_mul import silu_mul_ref, silu_mul_triton
 
 __all__ = [
+    "compiled",
     "greedy_pick_ref",
     "greedy_pick_triton",
     "paged_decode_attention_ref",
@@ -57,13 +58,18 @@ def select(device: torch.device | str) -> str:
     return "triton" if triton_available(torch.device(device)) else "torch"
 
 
+def compiled(t: torch.Tensor) -> bool:
+    """Whether work on `t` takes the compiled Triton kernels: a CUDA tensor, Triton
+    installed. (The interpreter is for tests of the kernels themselves.)"""
+    return t.is_cuda and triton is not None
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual): Triton for rows of a CUDA tensor (one kernel
     where torch launches nine), the torch reference elsewhere (the CPU; per-head q/k norms)."""
-    fused = x.is_cuda and triton is not None and x.dim() == 2 and x.stride(-1) == 1
-    if fused and weight.dtype == x.dtype:
+    if compiled(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
         return rms_norm_triton(x, weight, eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
@@ -71,7 +77,7 @@ def rms_norm(
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x [T, heads, D] in place: Triton on CUDA (one kernel where torch launches six),
     the torch reference elsewhere."""
-    if x.is_cuda and triton is not None:
+    if compiled(x):
         rope_triton(x, cos, sin)
     else:
         rope_ref(x, cos, sin)
@@ -80,6 +86,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused [T, 2 * I] projection: Triton on CUDA (one pass), the
     torch reference elsewhere."""
-    if gate_up.is_cuda and triton is not None:
+    if compiled(gate_up):
         return silu_mul_triton(gate_up)
     return silu_mul_ref(gate_up)

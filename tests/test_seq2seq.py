@@ -142,10 +142,14 @@ def test_beam_search_matches_transformers(which, length_penalty, early_stopping,
 
 
 def test_opus_mt_generation_config_forced_eos_and_banned_pad(tmp_path) -> None:
-    """Real OPUS-MT checkpoints set forced_eos_token_id=0 and bad_words_ids=[[pad]]."""
+    """Real OPUS-MT checkpoints set forced_eos_token_id=0 and bad_words_ids=[[pad]]. Here
+    <pad> gets a large logit bias, so that without the ban greedy and beams would take it."""
     model_dir = build_marian(tmp_path / "m", eos_boost=0.0)
     hf = _hf(model_dir)
     eos, pad = hf.config.eos_token_id, hf.config.pad_token_id
+    with torch.no_grad():
+        hf.final_logits_bias[0, pad] = 20.0
+    hf.save_pretrained(model_dir)
     hf.generation_config.forced_eos_token_id = eos
     hf.generation_config.bad_words_ids = [[pad]]
     hf.generation_config.save_pretrained(model_dir)

@@ -20,12 +20,11 @@ def profile_decode(engine: LLMEngine, prompts: list[list[int]], steps: int) -> s
     params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"profile-{i}", prompt, params)
-    first = None
+    first = None  # decode steps counted when the last prompt was admitted
     while engine.has_unfinished_requests():
-        decode_steps = engine.stats()["num_decode_steps"]
         if engine.num_waiting() == 0:
-            first = decode_steps if first is None else first
-            if decode_steps - first >= WARMUP_DECODE_STEPS:
+            first = engine.num_decode_steps if first is None else first
+            if engine.num_decode_steps - first >= WARMUP_DECODE_STEPS:
                 break
         engine.step()
     cuda = engine.runner.device.type == "cuda"

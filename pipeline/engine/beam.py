@@ -128,14 +128,13 @@ def add_beam_bans(
     """Into `mask`: the bans and forced token of a request whose beams (generated tokens
     `outputs`) are rows first, first + 1, ... of the step's beam log-probs, like HF's
     processors in beam search: min_new_tokens bans EOS, no_repeat_ngram_size bans tokens
-    that would repeat an n-gram, the checkpoint's rules ban tokens and force EOS as the
-    last token (log-prob 0)."""
+    that would repeat an n-gram, the checkpoint's rules force EOS as the last token
+    (log-prob 0). The checkpoint's banned tokens are the same for every request: the
+    caller sets `mask.banned` once."""
     length = len(outputs[0])
     rows = range(first, first + len(outputs))
     if state.eos_banned(length):
         mask.bans += [(row, eos) for row in rows for eos in state.eos_ids]
-    if state.rules.banned:
-        mask.banned = sorted(set(mask.banned) | set(state.rules.banned))
     forced = state.forced_token(length)
     if forced is not None:
         mask.forced_rows += rows

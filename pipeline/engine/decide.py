@@ -145,10 +145,9 @@ class Decider:
         k = min(max(1, s.max_logprobs or 0), self.vocab_size)
         return HeadQuery(k, True, mask.banned, mask.bans, mask.forced_rows, mask.forced_token)
 
-    @staticmethod
-    def _beam_mask(beams: list[tuple[Request, list[int]]]) -> TokenMask:
+    def _beam_mask(self, beams: list[tuple[Request, list[int]]]) -> TokenMask:
         """Every beam request's bans and forced token; row i is the i-th beam row."""
-        mask = TokenMask()
+        mask = TokenMask(banned=[] if self.rules is None else list(self.rules.banned))
         first = 0
         for request, rows in beams:
             assert request.beam is not None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import greedy_pick_triton, triton_available
+from kernels import compiled, greedy_pick_triton
 from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
@@ -194,7 +194,7 @@ def sample(
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
     greedy_only = not plan.any_random and plan.max_logprobs is None
-    if greedy_only and logits.is_cuda and triton_available(logits.device):
+    if greedy_only and compiled(logits):
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
         return SampleOutput(picked, chosen, None, None, None, None, None)
     tokens = None

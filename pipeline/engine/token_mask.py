@@ -22,9 +22,6 @@ class TokenMask:
     forced_rows: list[int] = field(default_factory=list)  # must take forced_token
     forced_token: int = 0
 
-    def __bool__(self) -> bool:
-        return bool(self.bans or self.banned or self.forced_rows)
-
     def on_rows(self, rows: list[int]) -> TokenMask:
         """The same mask with row i renamed rows[i] (e.g. sampling rows -> logits rows)."""
         return TokenMask(
