@@ -132,6 +132,32 @@ def test_beam_search_matches_transformers(tmp_path, family, early_stopping, leng
     assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks
 
 
+def test_beams_of_different_widths_in_one_batch_match_each_alone(tmp_path):
+    """Requests ranked in groups of different beam counts (stacked, not viewed), some
+    ending on EOS mid-batch (the one-candidate-at-a-time path) beside plain steps."""
+    build_model(tmp_path, "llama")
+    engine = make_engine(tmp_path)
+    prompts = random_prompts(6, seed=9)
+    widths = [1, 4, 2, 4, 3, 2]
+    for i, (prompt, width) in enumerate(zip(prompts, widths, strict=True)):
+        params = BeamParams(width=width, num_return=min(width, 2), max_tokens=10)
+        engine.add_request(str(i), prompt, params)
+    together = {}
+    while engine.has_unfinished_requests():
+        together |= {out.request_id: out for out in engine.step()}
+    ended = 0
+    for i, (prompt, width) in enumerate(zip(prompts, widths, strict=True)):
+        params = BeamParams(width=width, num_return=min(width, 2), max_tokens=10)
+        alone = engine.generate([prompt], params)[0]
+        assert [c.token_ids for c in together[str(i)].outputs] == [
+            c.token_ids for c in alone.outputs
+        ]
+        for a, b in zip(together[str(i)].outputs, alone.outputs, strict=True):
+            assert a.cumulative_logprob == pytest.approx(b.cumulative_logprob, abs=1e-4)
+        ended += sum(c.finish_reason == "stop" for c in alone.outputs)
+    assert ended > 0, "some beams should end on EOS"
+
+
 @pytest.mark.parametrize("head_query", [True, False], ids=["head-query", "logits"])
 def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path, head_query):
     """Bans through both paths: the CPU's head query and the [beams, V] log-probs (GPUs,

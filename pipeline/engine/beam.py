@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from pipeline.engine.params import BeamParams, TokenRules
@@ -90,6 +91,20 @@ class BeamState:
         self.running_scores = [b.score for b in running]
         self._update_done(running, gen_len, all_stopped)
         return [] if self.done else running
+
+    def is_plain(self, generated: int, first_end: int) -> bool:
+        """Whether this step changes nothing but the running beams: the best `width`
+        candidates continue when none of them ends (`first_end`: the rank of the first
+        candidate whose token is an EOS, or more), none reaches the length limit, no stop
+        string is asked about, and the finished list is not full (so the early-stopping
+        check cannot end the request). `step` gives the same result, one candidate at a
+        time; `take_top` is its shortcut, for all such requests of a step at once."""
+        return (
+            first_end >= self.params.width
+            and generated + 1 < self.max_new_tokens
+            and not self.params.stop
+            and not self._full
+        )
 
     def eos_banned(self, generated: int) -> bool:
         """min_new_tokens: before `min_tokens` generated tokens no beam may end on EOS."""
@@ -164,80 +179,88 @@ class CandidateGroup:
 
 
 def rank_candidates(
-    states: list[BeamState],
-    logprobs: list[torch.Tensor],
-    running: list[torch.Tensor],
-    whole: torch.Tensor | None = None,
+    states: list[BeamState], logprobs: torch.Tensor, running: torch.Tensor, sizes: list[int]
 ) -> list[CandidateGroup]:
     """Per request: its top `num_candidates` of (running score + log-prob) over all its
     beams x vocabulary, on the device. Requests with the same beam count share one topk.
 
-    logprobs: per request, [beams, V] with processors applied; running: per request [beams];
-    whole: the [sum of beams, V] tensor they split (when all share one shape it is viewed
-    as [requests, beams, V] instead of stacked: no copy).
+    logprobs: [sum of beams, V] with processors applied, request after request (`sizes`
+    rows each); running: [sum of beams] the beams' running scores.
     """
     groups = []
-    for (beams, keep), members in _shapes(states, [rows.shape for rows in logprobs]).items():
-        if whole is not None and len(members) == len(states):
-            scores = whole.view(len(members), beams, -1)  # [G, beams, V], in place
-        else:
-            scores = torch.stack([logprobs[i] for i in members])
+    vocab = logprobs.shape[-1]
+    for (beams, keep), members in _shapes(states, sizes, vocab).items():
+        scores = _per_request(logprobs, sizes, members, beams)  # [G, beams, V]
         # The best `keep` of running + log-prob over [beams, V] are among each beam's own
         # best `keep` (the running score is one number per beam): rank those, not the
         # whole [beams, V] (one pass over it instead of an add and a topk).
-        vocab = scores.shape[-1]
         best, tokens = torch.topk(scores, min(keep, vocab), dim=-1)  # [G, beams, k]
-        groups.append(_merge(members, best, tokens, running, keep, vocab))
+        groups.append(_merge(members, best, tokens, running, sizes, keep, vocab))
     return groups
 
 
 def rank_top(
     states: list[BeamState],
-    values: list[torch.Tensor],
-    ids: list[torch.Tensor],
-    running: list[torch.Tensor],
+    values: torch.Tensor,
+    ids: torch.Tensor,
+    running: torch.Tensor,
+    sizes: list[int],
     vocab: int,
 ) -> list[CandidateGroup]:
     """`rank_candidates` from each beam's best log-probs already taken (`top_logprobs`):
-    per request [beams, k] values (best first) and token ids, k >= its num_candidates."""
+    [sum of beams, k] values (best first) and token ids, k >= every num_candidates."""
     groups = []
-    for (_, keep), members in _shapes(states, [(v.shape[0], vocab) for v in values]).items():
-        best = torch.stack([values[i][:, :keep] for i in members])  # [G, beams, keep]
-        tokens = torch.stack([ids[i][:, :keep] for i in members])
-        groups.append(_merge(members, best, tokens, running, keep, vocab))
+    for (beams, keep), members in _shapes(states, sizes, vocab).items():
+        best = _per_request(values, sizes, members, beams)[:, :, :keep]  # [G, beams, keep]
+        tokens = _per_request(ids, sizes, members, beams)[:, :, :keep]
+        groups.append(_merge(members, best, tokens, running, sizes, keep, vocab))
     return groups
 
 
-def _shapes(states: list[BeamState], shapes: list) -> dict[tuple[int, int], list[int]]:
+def _shapes(
+    states: list[BeamState], sizes: list[int], vocab: int
+) -> dict[tuple[int, int], list[int]]:
     """Requests by (beam count, candidates kept): each such group is ranked in one topk."""
     groups: dict[tuple[int, int], list[int]] = {}
-    for i, (state, (beams, vocab)) in enumerate(zip(states, shapes, strict=True)):
+    for i, (state, beams) in enumerate(zip(states, sizes, strict=True)):
         groups.setdefault((beams, min(state.num_candidates, beams * vocab)), []).append(i)
     return groups
+
+
+def _per_request(
+    rows: torch.Tensor, sizes: list[int], members: list[int], beams: int
+) -> torch.Tensor:
+    """[G, beams, ...]: the rows of requests `members` (each `beams` rows long) from rows
+    [sum of sizes, ...] that hold every request's, `sizes[i]` rows each. A view when the
+    group is every request (the usual case: all beam requests alike); else stacked."""
+    if len(members) == len(sizes):
+        return rows.view(len(members), beams, *rows.shape[1:])
+    starts = np.cumsum([0, *sizes[:-1]]).tolist()
+    return torch.stack([rows[starts[i] : starts[i] + beams] for i in members])
 
 
 def _merge(
     members: list[int],
     best: torch.Tensor,
     tokens: torch.Tensor,
-    running: list[torch.Tensor],
+    running: torch.Tensor,
+    sizes: list[int],
     keep: int,
     vocab: int,
 ) -> CandidateGroup:
     """Each beam's best log-probs and tokens [G, beams, k] plus its running score -> the
     group's best `keep` candidates, as flat beam * vocab + token indices."""
-    best = best + torch.stack([running[i] for i in members])[:, :, None].to(best.dtype)
+    scores = _per_request(running, sizes, members, best.shape[1])  # [G, beams]
+    best = best + scores[:, :, None].to(best.dtype)
     values, pick = torch.topk(best.flatten(1), keep)  # [G, keep]
     beam = torch.div(pick, tokens.shape[-1], rounding_mode="floor")
     return CandidateGroup(members, values, beam * vocab + tokens.flatten(1).gather(1, pick))
 
 
-def candidates_by_request(
-    groups: list[CandidateGroup], host: list[tuple[list[list[float]], list[list[int]]]], count: int
-) -> list[tuple[list[float], list[int]]]:
-    """Host copies of the groups' (values, index) rows, back in request order."""
-    results: list[tuple[list[float], list[int]]] = [([], [])] * count
-    for group, (values, index) in zip(groups, host, strict=True):
-        for i, vals, idx in zip(group.members, values, index, strict=True):
-            results[i] = (vals, idx)
-    return results
+@dataclass
+class HostCandidates:
+    """A `CandidateGroup` after the step's copy to the host."""
+
+    members: list[int]  # indices into the step's beam requests
+    values: np.ndarray  # [G, keep] float64 cumulative scores, best first
+    index: np.ndarray  # [G, keep] int64 flat beam * V + token

@@ -17,8 +17,8 @@ import torch
 
 from pipeline.engine.beam import (
     CandidateGroup,
+    HostCandidates,
     add_beam_bans,
-    candidates_by_request,
     rank_candidates,
     rank_top,
 )
@@ -61,7 +61,7 @@ class Decision:
     logprobs: list[float] = field(default_factory=list)  # of each chosen token
     top_ids: np.ndarray | None = None  # [rows, k] when log-probs were asked for
     top_logprobs: np.ndarray | None = None
-    beam_candidates: list[tuple[list[float], list[int]]] = field(default_factory=list)
+    beam_groups: list[HostCandidates] = field(default_factory=list)  # beam requests' best
 
 
 @dataclass
@@ -215,14 +215,13 @@ class Decider:
         for g in groups:
             results += [g.values, g.index]
         host = to_host(results)
-        return self._unpack(host, sampled, groups, len(plan.beams), tensors)
+        return self._unpack(host, sampled, groups, tensors)
 
     def _unpack(
         self,
         host: list[np.ndarray],
         sampled: SampleOutput | None,
         groups: list[CandidateGroup],
-        num_beam_requests: int,
         tensors: dict[str, torch.Tensor],
     ) -> Decision:
         """Name the host arrays (in the order `decide` listed them)."""
@@ -234,11 +233,10 @@ class Decider:
             decision.tokens, decision.logprobs = tokens.tolist(), logprobs.tolist()
             if sampled.top_ids is not None:
                 decision.top_ids, decision.top_logprobs = host.pop(0).astype(np.int64), host.pop(0)
-        pairs = [
-            (host[2 * i].tolist(), host[2 * i + 1].astype(np.int64).tolist())
-            for i in range(len(groups))
+        decision.beam_groups = [
+            HostCandidates(g.members, host[2 * i], host[2 * i + 1].astype(np.int64))
+            for i, g in enumerate(groups)
         ]
-        decision.beam_candidates = candidates_by_request(groups, pairs, num_beam_requests)
         return decision
 
     def _redraw_exact(
@@ -264,16 +262,15 @@ class Decider:
     ) -> list[CandidateGroup]:
         sizes = [len(rows) for _, rows in plan.beams]
         rows = tensors.get("beam_rows")  # absent: the beams are all rows, in order
-        running = list(tensors["beam_running"].split(sizes))
+        running = tensors["beam_running"]
         states = [request.beam for request, _ in plan.beams]
         if isinstance(logits, TopLogprobs):  # processors applied by the head query
             values, ids = logits.values, logits.ids
             if rows is not None:
                 values, ids = values.index_select(0, rows), ids.index_select(0, rows)
-            return rank_top(states, values.split(sizes), ids.split(sizes), running, self.vocab_size)  # type: ignore[arg-type]
+            return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
         logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         torch.log_softmax(logprobs, dim=-1, out=logprobs)
         plan.beam_mask.apply(logprobs, tensors, "beam_mask.")  # processors act on log-probs
-        per_request = list(logprobs.split(sizes))
-        return rank_candidates(states, per_request, running, logprobs)  # type: ignore[arg-type]
+        return rank_candidates(states, logprobs, running, sizes)  # type: ignore[arg-type]

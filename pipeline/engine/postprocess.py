@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, Hypothesis, NextBeam
+from pipeline.engine.beam import BeamState, HostCandidates, Hypothesis
 from pipeline.engine.decide import Decision, StepPlan
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
@@ -65,7 +66,7 @@ class Postprocessor:
         if plan.rows:
             self._update_samples(plan, decision)
         if plan.beams:
-            self._advance_beams(plan, decision.beam_candidates)
+            self._advance_beams(plan, decision.beam_groups)
 
     def _update_samples(self, plan: StepPlan, decision: Decision) -> None:
         logprobs, max_len = decision.logprobs, self.max_model_len
@@ -128,44 +129,77 @@ class Postprocessor:
         if not request.seqs:
             self._complete(request)
 
-    def _advance_beams(self, plan: StepPlan, tops: list[tuple[list[float], list[int]]]) -> None:
-        for (request, _), (scores, index) in zip(plan.beams, tops, strict=True):
-            state = request.beam
-            assert state is not None
-            generated = [seq.output_ids for seq in request.seqs]
-            stops = state.params.stop
-            texts = CandidateTexts(self._text, request.seqs, stops) if stops else None
-            ends = texts.ends if texts is not None else None
-            chosen = state.step(scores, index, self.vocab_size, generated, ends)
-            self._fork_beams(request, chosen, texts)
-            if state.done:
-                self._finish_beams(request, state)
+    def _advance_beams(self, plan: StepPlan, groups: list[HostCandidates]) -> None:
+        """Most requests' steps are plain (`BeamState.is_plain`): their best `width`
+        candidates run on, found for the whole group with array operations; the others
+        take `BeamState.step`, one candidate at a time."""
+        requests = [request for request, _ in plan.beams]
+        eos = sorted({e for request in requests for e in request.beam.eos_ids})  # type: ignore[union-attr]
+        for group in groups:
+            parents, tokens = np.divmod(group.index, self.vocab_size)  # [G, keep]
+            ending = np.isin(tokens, eos)
+            first_end = np.where(ending.any(1), ending.argmax(1), ending.shape[1]).tolist()
+            values, parent_rows, token_rows = (
+                group.values.tolist(),
+                parents.tolist(),
+                tokens.tolist(),
+            )
+            for g, i in enumerate(group.members):
+                request = requests[i]
+                state = request.beam
+                assert state is not None
+                width = state.params.width
+                if state.is_plain(request.seqs[0].num_output, first_end[g]):
+                    state.running_scores = values[g][:width]
+                    self._fork_beams(request, parent_rows[g][:width], token_rows[g][:width])
+                else:
+                    self._step_beams(request, state, values[g], group.index[g].tolist())
+
+    def _step_beams(
+        self, request: Request, state: BeamState, scores: list[float], index: list[int]
+    ) -> None:
+        generated = [seq.output_ids for seq in request.seqs]
+        stops = state.params.stop
+        texts = CandidateTexts(self._text, request.seqs, stops) if stops else None
+        ends = texts.ends if texts is not None else None
+        chosen = state.step(scores, index, self.vocab_size, generated, ends)
+        parents, tokens = [b.parent for b in chosen], [b.token for b in chosen]
+        self._fork_beams(request, parents, tokens, texts)
+        if state.done:
+            self._finish_beams(request, state)
 
     def _fork_beams(
-        self, request: Request, chosen: list[NextBeam], texts: CandidateTexts | None
+        self,
+        request: Request,
+        parent_of: list[int],
+        tokens: list[int],
+        texts: CandidateTexts | None = None,
     ) -> None:
-        """The next beams. The first to continue a parent takes its sequence over (no copy of
-        its tokens and block table); the others fork it, sharing its blocks copy-on-write;
-        parents that no beam continues are released."""
+        """The next beams: beam i continues parent `parent_of[i]` with `tokens[i]`. The
+        first to continue a parent takes its sequence over (no copy of its tokens and block
+        table); the others fork it, sharing its blocks copy-on-write; parents that no beam
+        continues are released."""
         parents, request.seqs = request.seqs, []
         # Read from the parents as they are: a parent taken over grows below.
-        new_texts = None if texts is None else [texts.new_text(b.parent, b.token) for b in chosen]
+        new_texts = None if texts is None else list(map(texts.new_text, parent_of, tokens))
         owner: dict[int, int] = {}  # parent index -> the beam that takes it over
-        for i, beam in enumerate(chosen):
-            owner.setdefault(beam.parent, i)
-        children = [
-            parents[b.parent] if owner[b.parent] == i else self.scheduler.fork(parents[b.parent], i)
-            for i, b in enumerate(chosen)
+        for i, parent in enumerate(parent_of):
+            owner.setdefault(parent, i)
+        fork = self.scheduler.fork
+        children = [  # all forked before any parent taken over grows
+            parents[parent] if owner[parent] == i else fork(parents[parent], i)
+            for i, parent in enumerate(parent_of)
         ]
-        for i, (beam, child) in enumerate(zip(chosen, children, strict=True)):
+        for i, (child, token) in enumerate(zip(children, tokens, strict=True)):
             child.child_index = i
-            child.token_ids.append(beam.token)
+            child.token_ids.append(token)
             if new_texts is not None:
                 _advance_text(child, new_texts[i])
             request.seqs.append(child)
-        for index, parent in enumerate(parents):
-            if index not in owner:
-                self.scheduler.release(parent)
+        if len(owner) < len(parents):
+            for index, parent in enumerate(parents):
+                if index not in owner:
+                    self.scheduler.release(parent)
         self.scheduler.reordered()  # the request's rows changed order or owner
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
