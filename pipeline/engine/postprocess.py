@@ -197,9 +197,9 @@ class Postprocessor:
                 _advance_text(child, new_texts[i])
             request.seqs.append(child)
         if len(owner) < len(parents):
-            for index, parent in enumerate(parents):
+            for index, seq in enumerate(parents):
                 if index not in owner:
-                    self.scheduler.release(parent)
+                    self.scheduler.release(seq)
         self.scheduler.reordered()  # the request's rows changed order or owner
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
