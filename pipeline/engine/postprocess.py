@@ -140,7 +140,8 @@ class Postprocessor:
             ending = np.zeros(tokens.shape, dtype=bool)
             for token in eos:  # one or two ids: cheaper than np.isin's sort
                 ending |= tokens == token
-            first_end = np.where(ending.any(1), ending.argmax(1), ending.shape[1]).tolist()
+            keep = group.index.shape[1]
+            first_end = np.where(ending.any(1), ending.argmax(1), keep).tolist()
             values, parent_rows, token_rows = (
                 group.values.tolist(),
                 parents.tolist(),

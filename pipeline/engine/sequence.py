@@ -42,17 +42,18 @@ class Sequence:
         return len(self.token_ids) - self.prompt_len
 
     def child(self, child_index: int) -> Sequence:
-        """A copy sharing history; the caller forks the block table in the block manager.
-        (Copied field by field without the dataclass constructor: beams fork hundreds of
-        sequences a step.)"""
-        child = object.__new__(Sequence)
-        child.__dict__.update(self.__dict__)
-        child.token_ids = self.token_ids.copy()
-        child.block_table = self.block_table.copy()
-        child.child_index = child_index
-        if self.logprobs is not None:
-            child.logprobs = self.logprobs.copy()
-        return child
+        """A copy sharing history; the caller forks the block table in the block manager."""
+        return Sequence(
+            token_ids=list(self.token_ids),
+            prompt_len=self.prompt_len,
+            child_index=child_index,
+            block_table=list(self.block_table),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            text=self.text,
+            prefix_offset=self.prefix_offset,
+            read_offset=self.read_offset,
+        )
 
 
 @dataclass(eq=False)
