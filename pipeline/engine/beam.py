@@ -97,8 +97,8 @@ class BeamState:
         candidates continue when none of them ends (`first_end`: the rank of the first
         candidate whose token is an EOS, or more), none reaches the length limit, no stop
         string is asked about, and the finished list is not full (so the early-stopping
-        check cannot end the request). `step` gives the same result, one candidate at a
-        time; `take_top` is its shortcut, for all such requests of a step at once."""
+        check cannot end the request). `step` gives the same result one candidate at a
+        time; the postprocessor takes the shortcut for all such requests of a step at once."""
         return (
             first_end >= self.params.width
             and generated + 1 < self.max_new_tokens
