@@ -20,12 +20,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from pipeline.engine.params import BeamParams, TokenRules
 from pipeline.engine.token_mask import TokenMask
+
+if TYPE_CHECKING:
+    from pipeline.engine.sequence import Sequence
 
 
 @dataclass
@@ -138,16 +142,16 @@ class BeamState:
 
 
 def add_beam_bans(
-    mask: TokenMask, first: int, outputs: list[list[int]], prompt: list[int], state: BeamState
+    mask: TokenMask, first: int, beams: list[Sequence], prompt: list[int], state: BeamState
 ) -> None:
-    """Into `mask`: the bans and forced token of a request whose beams (generated tokens
-    `outputs`) are rows first, first + 1, ... of the step's beam log-probs, like HF's
+    """Into `mask`: the bans and forced token of a request whose `beams` are rows first,
+    first + 1, ... of the step's beam log-probs, like HF's
     processors in beam search: min_new_tokens bans EOS, no_repeat_ngram_size bans tokens
     that would repeat an n-gram, the checkpoint's rules force EOS as the last token
     (log-prob 0). The checkpoint's banned tokens are the same for every request: the
     caller sets `mask.banned` once."""
-    length = len(outputs[0])
-    rows = range(first, first + len(outputs))
+    length = beams[0].num_output
+    rows = range(first, first + len(beams))
     if state.eos_banned(length):
         mask.bans += [(row, eos) for row in rows for eos in state.eos_ids]
     forced = state.forced_token(length)
@@ -157,8 +161,8 @@ def add_beam_bans(
     n = state.params.no_repeat_ngram_size
     if n <= 0:
         return
-    for row, generated in zip(rows, outputs, strict=True):
-        tokens = prompt + generated
+    for row, beam in zip(rows, beams, strict=True):
+        tokens = prompt + beam.output_ids
         if len(tokens) + 1 < n:
             continue
         prefix = tuple(tokens[len(tokens) - n + 1 :])

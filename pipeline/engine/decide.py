@@ -151,15 +151,15 @@ class Decider:
         first = 0
         for request, rows in beams:
             assert request.beam is not None
-            outputs = [seq.output_ids for seq in request.seqs]
-            add_beam_bans(mask, first, outputs, request.prompt_ids, request.beam)
+            add_beam_bans(mask, first, request.seqs, request.prompt_ids, request.beam)
             first += len(rows)
         return mask
 
     def _beam_query(self, plan: StepPlan) -> HeadQuery:
         """The beam mask as a head query, in logits rows."""
-        beam_rows = [r for _, rows in plan.beams for r in rows]
-        mask = plan.beam_mask.on_rows(beam_rows)
+        mask = plan.beam_mask
+        if "beam_rows" in plan.arrays:  # else beam row i is logits row i
+            mask = mask.on_rows(plan.arrays["beam_rows"].tolist())
         k = max(min(r.beam.num_candidates, self.vocab_size) for r, _ in plan.beams)  # type: ignore[union-attr]
         return HeadQuery(k, False, mask.banned, mask.bans, mask.forced_rows, mask.forced_token)
 
