@@ -182,9 +182,17 @@ class Postprocessor:
         first to continue a parent takes its sequence over (no copy of its tokens and block
         table); the others fork it, sharing its blocks copy-on-write; parents that no beam
         continues are released."""
-        parents, request.seqs = request.seqs, []
         # Read from the parents as they are: a parent taken over grows below.
         new_texts = None if texts is None else list(map(texts.new_text, parent_of, tokens))
+        if parent_of == list(range(len(request.seqs))):
+            # Every beam continues its own parent (common once beams have diverged): the
+            # rows keep their sequences and order, so the scheduler's batch stays valid.
+            for i, (seq, token) in enumerate(zip(request.seqs, tokens, strict=True)):
+                seq.token_ids.append(token)
+                if new_texts is not None:
+                    _advance_text(seq, new_texts[i])
+            return
+        parents, request.seqs = request.seqs, []
         owner: dict[int, int] = {}  # parent index -> the beam that takes it over
         for i, parent in enumerate(parent_of):
             owner.setdefault(parent, i)
