@@ -145,11 +145,10 @@ def add_beam_bans(
     mask: TokenMask, first: int, beams: list[Sequence], prompt: list[int], state: BeamState
 ) -> None:
     """Into `mask`: the bans and forced token of a request whose `beams` are rows first,
-    first + 1, ... of the step's beam log-probs, like HF's
-    processors in beam search: min_new_tokens bans EOS, no_repeat_ngram_size bans tokens
-    that would repeat an n-gram, the checkpoint's rules force EOS as the last token
-    (log-prob 0). The checkpoint's banned tokens are the same for every request: the
-    caller sets `mask.banned` once."""
+    first + 1, ... of the step's beam log-probs, like HF's processors in beam search:
+    min_new_tokens bans EOS, no_repeat_ngram_size bans tokens that would repeat an n-gram,
+    the checkpoint's rules force EOS as the last token (log-prob 0). The checkpoint's
+    banned tokens are the same for every request: the caller sets `mask.banned` once."""
     length = beams[0].num_output
     rows = range(first, first + len(beams))
     if state.eos_banned(length):
