@@ -184,14 +184,6 @@ class Postprocessor:
         continues are released."""
         # Read from the parents as they are: a parent taken over grows below.
         new_texts = None if texts is None else list(map(texts.new_text, parent_of, tokens))
-        if parent_of == list(range(len(request.seqs))):
-            # Every beam continues its own parent (common once beams have diverged): the
-            # rows keep their sequences and order, so the scheduler's batch stays valid.
-            for i, (seq, token) in enumerate(zip(request.seqs, tokens, strict=True)):
-                seq.token_ids.append(token)
-                if new_texts is not None:
-                    _advance_text(seq, new_texts[i])
-            return
         parents, request.seqs = request.seqs, []
         owner: dict[int, int] = {}  # parent index -> the beam that takes it over
         for i, parent in enumerate(parent_of):
@@ -211,7 +203,10 @@ class Postprocessor:
             for index, seq in enumerate(parents):
                 if index not in owner:
                     self.scheduler.release(seq)
-        self.scheduler.reordered()  # the request's rows changed order or owner
+        # Every beam continuing its own parent (common once beams have diverged) keeps the
+        # rows' sequences and order: the scheduler's batch stays valid.
+        if parent_of != list(range(len(parents))):
+            self.scheduler.reordered()  # the request's rows changed order or owner
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
         request.finished = [self._beam_output(i, h, state) for i, h in enumerate(state.results())]
