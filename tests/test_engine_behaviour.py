@@ -247,3 +247,17 @@ def test_params_validation_explains_the_fix():
     with pytest.raises(ParamsError, match="early_stopping"):
         BeamParams(width=2, early_stopping="sometimes")
     assert BeamParams(width=2, early_stopping="true").early_stopping is True
+
+
+def test_copy_on_write_copies_each_layers_blocks_and_nothing_else(model_dir):
+    """`_copy_blocks` (per layer through a reused buffer on the CPU) against the pool-wide
+    copy it replaces, twice so that the buffer is reused at another size."""
+    runner = make_engine(model_dir).runner
+    pool = runner.kv_pool
+    pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(0)))
+    for pairs in ([(3, 9), (4, 1), (7, 12)], [(9, 2), (0, 5)]):
+        copies = torch.tensor(pairs)
+        expected = pool.clone()
+        expected[:, :, copies[:, 1]] = pool[:, :, copies[:, 0]]
+        runner._copy_blocks(copies)
+        assert torch.equal(pool, expected)

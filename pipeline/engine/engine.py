@@ -256,6 +256,7 @@ class LLMEngine:
         """Reused step buffers only ever grow (to the largest batch so far): drop them, then
         hand the allocator's cached blocks back, so the smaller steps find room."""
         self.decider.workspace = Workspace()
+        self.runner.workspace = Workspace()
         if isinstance(self.runner.backend, TorchBackend):
             self.runner.backend.workspace = Workspace()
         if self.runner.device.type == "cuda":
