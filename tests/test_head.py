@@ -16,10 +16,12 @@ def test_top_logprobs_match_full_log_softmax(vocab: int, before_norm: bool, k: i
     hidden = torch.randn(7, 32, generator=gen)
     weight = torch.randn(vocab, 32, generator=gen)
     bias = torch.randn(vocab, generator=gen)
+    logits = hidden @ weight.t() + bias
+    best = logits.argmax(dim=-1).tolist()  # banned in rows 0 and 3: their stage's max moves
     row_bans = [(1, 5), (2, vocab - 2), (2, (STAGE + 4) % vocab), (6, 0)]
+    row_bans += [(0, best[0]), (3, best[3])]
     query = HeadQuery(k, before_norm, [3, vocab - 1], row_bans, forced_rows=[4], forced_token=7)
 
-    logits = hidden @ weight.t() + bias
     ban_rows, ban_cols = zip(*row_bans, strict=True)
 
     def ban(x: torch.Tensor) -> None:
