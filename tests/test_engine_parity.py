@@ -9,12 +9,14 @@ import pytest
 import torch
 from tiny_models import EOS, FAMILIES, build_model
 
+from kernels.cpu import cpu_kernels_available
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
+from pipeline.models.attention import make_backend
 from pipeline.models.loader import load_model, read_spec
 
 
@@ -51,13 +53,23 @@ def family_model(request, tmp_path_factory):
     return directory, build_model(directory, request.param)
 
 
-def test_logits_match_transformers(family_model):
+# On the CPU, "auto" decodes through the compiled kernel (where it builds), "torch" through
+# gathered blocks and SDPA.
+CPU_ATTENTION = ["auto", "torch"]
+
+
+@pytest.mark.parametrize("attention", CPU_ATTENTION)
+def test_logits_match_transformers(family_model, attention):
     """Packed prefill of two prompts, then one decode step from the paged cache, through the
     runner's own metadata path."""
     directory, hf = family_model
     spec = read_spec(directory)
     ours = load_model(directory, spec, torch.float32, torch.device("cpu"), 256)
-    runner = ModelRunner(ours, 32, 4, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    runner = ModelRunner(ours, 32, 4, cpu, make_backend(cpu, attention))
+    assert getattr(runner.backend, "native", False) == (
+        attention == "auto" and cpu_kernels_available()
+    )
     a, b = random_prompts(2, seed=3, low=9, high=14)
     seq_a = Sequence(list(a), len(a), block_table=[0, 1, 2, 3])
     seq_b = Sequence(list(b), len(b), block_table=[16, 17, 18, 19])  # blocks 0.. and 16..
@@ -82,9 +94,10 @@ def test_logits_match_transformers(family_model):
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
 
 
-def test_greedy_tokens_match_transformers(family_model):
+@pytest.mark.parametrize("attention", CPU_ATTENTION)
+def test_greedy_tokens_match_transformers(family_model, attention):
     directory, hf = family_model
-    engine = make_engine(directory)
+    engine = make_engine(directory, attention=attention)
     prompts = random_prompts(12, seed=1)
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=16))
     for prompt, out in zip(prompts, outs, strict=True):

@@ -79,7 +79,8 @@ class CrossInputs:
             return dict(cached[1]), CrossPlan(cached[2], None, reuse=cached[3])
         arrays, reads = self._folded(batch) if self.fold else self._unfolded(batch)
         self._kept = [{} for _ in reads]  # other requests: gather afresh
-        fits = self.fold and self._fits(reads)
+        # The compiled decode reads blocks in place: nothing to keep.
+        fits = self.fold and not getattr(self.backend, "native", False) and self._fits(reads)
         self._decode = (key, arrays, reads, fits)
         return dict(arrays), CrossPlan(reads, None, reuse=fits)
 

@@ -112,10 +112,16 @@ class AttentionBackend(Protocol):
     ) -> torch.Tensor: ...
 
 
-def make_backend(device: torch.device, choice: str = "auto") -> AttentionBackend:
-    """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one."""
+def make_backend(
+    device: torch.device, choice: str = "auto", dtype: torch.dtype = torch.float32
+) -> AttentionBackend:
+    """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one. "auto" on the
+    CPU in fp32 reads decode contexts with the compiled kernel (`kernels.cpu`) when it
+    builds; "torch" is torch ops only."""
     import kernels
+    from kernels.cpu import cpu_kernels_available
 
+    native = choice == "auto" and device.type == "cpu" and dtype == torch.float32
     if choice == "auto":
         choice = (
             "triton" if device.type == "cuda" and kernels.select(device) == "triton" else "torch"
@@ -130,10 +136,11 @@ def make_backend(device: torch.device, choice: str = "auto") -> AttentionBackend
 
         backend: AttentionBackend = TritonBackend()
     elif choice == "torch":
-        backend = TorchBackend()
+        backend = TorchBackend(native=native and cpu_kernels_available())
     else:
         raise ValueError(f"engine.attention must be auto, torch or triton, got {choice!r}")
-    log.info("attention backend: %s on %s", backend.name, device)
+    compiled = isinstance(backend, TorchBackend) and backend.native
+    log.info("attention backend: %s%s on %s", backend.name, " (compiled decode)" * compiled, device)
     return backend
 
 
@@ -173,16 +180,22 @@ DECODE_GROUP_ROWS = 32
 
 class TorchBackend:
     """Plain torch. Prefill pads prompts of similar length into one SDPA call per group;
-    decode gathers each group's blocks into reused buffers and runs one SDPA per group."""
+    decode gathers each group's blocks into reused buffers and runs one SDPA per group, or,
+    `native`, reads every context in place with the compiled CPU kernel (fp32; no groups,
+    no gathers: 1.8-2.4x faster than gather + SDPA at 256 sequences)."""
 
     name = "torch"
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool = False) -> None:
         self.workspace = Workspace()
+        self.native = native
 
     def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
         """Sort the batch by length and cut it into groups; the plan is the groups'
-        [start, end) in sorted order and their padded width (tokens or blocks)."""
+        [start, end) in sorted order and their padded width (tokens or blocks). The
+        compiled decode needs no plan: the step's block tables and lengths are enough."""
+        if self.native and not step.is_prefill:
+            return {}, None
         keys = step.lengths if step.is_prefill else step.num_blocks
         order = np.argsort(keys, kind="stable")
         sorted_keys = keys[order].tolist()
@@ -205,6 +218,8 @@ class TorchBackend:
         return arrays, plan
 
     def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None:
+        if host_plan is None:  # compiled decode
+            return
         builder = _prefill_groups if meta.is_prefill else _decode_groups
         meta.plan = builder(meta, host_plan)
 
@@ -221,6 +236,13 @@ class TorchBackend:
     def decode(
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float, meta: AttentionMetadata
     ) -> Tensor:
+        if self.native and meta.plan is None:  # compiled decode (`host_arrays` made no groups)
+            from kernels.cpu import paged_decode_attention_cpu
+
+            assert meta.block_tables is not None
+            return paged_decode_attention_cpu(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
+            )
         return decode_attention(q, k_cache, v_cache, meta.plan, scale, self.workspace, meta.reuse)
 
 

@@ -1,0 +1,148 @@
+// Paged decode attention for the CPU: one query token per sequence against its cached
+// context, read in place through the block table (no gathered copy of K/V).
+//
+// The torch path gathers each group's blocks into a buffer and runs SDPA on it, so every
+// cached byte is read, written and read again per layer and step; here it is read once.
+// Built at first use by kernels/cpu.py (torch.utils.cpp_extension), tested against
+// kernels.paged_decode_attention_ref.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+struct Shapes {
+  int64_t heads, group, kv_heads, head_dim, block_size, table_width;
+};
+
+// One sequence: all its query heads against its context, a cached position's [KVH, D]
+// keys (then values) read together, in the order they lie in the block.
+// q, out: [H, D]; scores: [H, len] scratch; acc: [H, D] scratch.
+void attend(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+            int64_t len, const Shapes& s, float scale, float* out, std::vector<float>& scores,
+            std::vector<float>& acc) {
+  const int64_t H = s.heads, G = s.group, D = s.head_dim, BS = s.block_size;
+  const int64_t row_size = s.kv_heads * D;  // one position's K (or V) of all KV heads
+  if (len <= 0) {  // nothing to attend: zeros, as the reference gives
+    std::fill(out, out + H * D, 0.f);
+    return;
+  }
+  scores.resize(H * len);
+  auto row = [&](const float* cache, int64_t t) {
+    return cache + (table[t / BS] * BS + t % BS) * row_size;
+  };
+  // Four positions at a time: four independent sums per query head, where one running
+  // sum would wait on each fused multiply-add's latency.
+  int64_t t = 0;
+  for (; t + 4 <= len; t += 4) {
+    const float *k0 = row(k_cache, t), *k1 = row(k_cache, t + 1);
+    const float *k2 = row(k_cache, t + 2), *k3 = row(k_cache, t + 3);
+    for (int64_t h = 0; h < H; ++h) {  // query head h reads KV head h / G
+      const float* qh = q + h * D;
+      const int64_t kv = (h / G) * D;
+      float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+      for (int64_t d = 0; d < D; ++d) {
+        s0 += qh[d] * k0[kv + d];
+        s1 += qh[d] * k1[kv + d];
+        s2 += qh[d] * k2[kv + d];
+        s3 += qh[d] * k3[kv + d];
+      }
+      float* sh = scores.data() + h * len + t;
+      sh[0] = s0 * scale, sh[1] = s1 * scale, sh[2] = s2 * scale, sh[3] = s3 * scale;
+    }
+  }
+  for (; t < len; ++t) {
+    const float* k = row(k_cache, t);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* qh = q + h * D;
+      const float* kh = k + (h / G) * D;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * kh[d];
+      scores[h * len + t] = dot * scale;
+    }
+  }
+  for (int64_t h = 0; h < H; ++h) {  // softmax over the context, in place
+    float* sh = scores.data() + h * len;
+    const float top = *std::max_element(sh, sh + len);
+    float sum = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      sh[t] = std::exp(sh[t] - top);
+      sum += sh[t];
+    }
+    const float inv = 1.f / sum;
+    for (int64_t t = 0; t < len; ++t) sh[t] *= inv;
+  }
+  acc.assign(H * D, 0.f);
+  for (int64_t t = 0; t < len; ++t) {
+    const float* v = row(v_cache, t);
+    for (int64_t h = 0; h < H; ++h) {
+      const float p = scores[h * len + t];
+      const float* vh = v + (h / G) * D;
+      float* a = acc.data() + h * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+    }
+  }
+  std::copy(acc.begin(), acc.end(), out);
+}
+
+}  // namespace
+
+// q [B, H, D] fp32 contiguous; k_cache, v_cache [N, block_size, KVH, D] fp32 contiguous;
+// block_tables [B, W] int64 (entries past a context are not read); context_lens [B] int64.
+// Returns [B, H, D]: query head h reads KV head h / (H / KVH).
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
+                                     torch::Tensor v_cache, torch::Tensor block_tables,
+                                     torch::Tensor context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
+  TORCH_CHECK(q.scalar_type() == torch::kFloat && k_cache.scalar_type() == torch::kFloat &&
+              v_cache.scalar_type() == torch::kFloat, "fp32 only");
+  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.is_contiguous());
+  TORCH_CHECK(context_lens.scalar_type() == torch::kLong && context_lens.is_contiguous());
+  const int64_t batch = q.size(0);
+  const Shapes s{q.size(1), q.size(1) / k_cache.size(2), k_cache.size(2), q.size(2),
+                 k_cache.size(1), block_tables.size(1)};
+  TORCH_CHECK(s.group * s.kv_heads == s.heads && k_cache.size(3) == s.head_dim);
+  TORCH_CHECK(block_tables.size(0) == batch && context_lens.size(0) == batch);
+  const int64_t *tables = block_tables.data_ptr<int64_t>(), *lens = context_lens.data_ptr<int64_t>();
+  const int64_t num_blocks = k_cache.size(0);
+  for (int64_t b = 0; b < batch; ++b) {  // every block the loop below reads is in the pool
+    const int64_t used = (lens[b] + s.block_size - 1) / s.block_size;
+    TORCH_CHECK(used <= s.table_width, "context longer than its block table");
+    for (int64_t j = 0; j < used; ++j) {
+      const int64_t block = tables[b * s.table_width + j];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block table entry outside the pool");
+    }
+  }
+  auto out = torch::empty_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
+  const float* vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
+  // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
+  // contiguous ranges would give one thread all the long contexts.
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores, acc;
+    for (int64_t tid = first; tid < last; ++tid) {
+      for (int64_t b = tid; b < batch; b += threads) {
+        const int64_t offset = b * s.heads * s.head_dim;
+        attend(qp + offset, kp, vp, tables + b * s.table_width, lens[b], s,
+               static_cast<float>(scale), op + offset, scores, acc);
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "paged decode attention, fp32, CPU (block tables read in place)");
+}

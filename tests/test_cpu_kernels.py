@@ -1,0 +1,72 @@
+"""The compiled CPU decode-attention kernel against its torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels import cpu
+from kernels.decode_attention import paged_decode_attention_ref
+
+if not cpu.cpu_kernels_available():
+    pytest.skip("the CPU kernel could not be built here", allow_module_level=True)
+
+
+def paged_cache(
+    context_lens: list[int], block_size: int, kv_heads: int, head_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches and shuffled int64 block tables for `context_lens`; every slot
+    past a context holds NaN and table entries past a context are random, so reading
+    either shows in the output."""
+    gen = torch.Generator().manual_seed(sum(context_lens) + block_size)
+    needed = [-(-n // block_size) for n in context_lens]
+    width = max(*needed, 1) + 1
+    num_blocks = sum(needed) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables = torch.randint(0, num_blocks, (len(context_lens), width), generator=gen)
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = torch.full(shape, float("nan")), torch.full(shape, float("nan"))
+    for row, (n, blocks) in enumerate(zip(context_lens, needed, strict=True)):
+        for i in range(blocks):
+            block = tables[row, i] = order.pop()
+            valid = min(block_size, n - i * block_size)
+            k_cache[block, :valid] = torch.randn(valid, kv_heads, head_dim, generator=gen)
+            v_cache[block, :valid] = torch.randn(valid, kv_heads, head_dim, generator=gen)
+    return k_cache, v_cache, tables
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
+@pytest.mark.parametrize("head_dim", [64, 24])
+def test_decode_attention_matches_reference(block_size: int, group: int, head_dim: int) -> None:
+    lengths = [1, 0, 17, 33, block_size, 2 * block_size + 1, 250, 5]
+    kv_heads = 2
+    k_cache, v_cache, tables = paged_cache(lengths, block_size, kv_heads, head_dim)
+    q = torch.randn(len(lengths), kv_heads * group, head_dim)
+    context = torch.tensor(lengths)
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, context, 0.3)
+    actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 0.3)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    assert not actual[1].any()  # an empty context gives zeros
+
+
+def test_strided_query_is_read_as_its_values() -> None:
+    """q as the model hands it over: a view of a fused projection's output."""
+    k_cache, v_cache, tables = paged_cache([9, 40], 16, 2, 8)
+    fused = torch.randn(2, 3 * 4 * 8)
+    q = fused[:, : 4 * 8].view(2, 4, 8)  # row stride 96
+    context = torch.tensor([9, 40])
+    expected = paged_decode_attention_ref(q.contiguous(), k_cache, v_cache, tables, context, 1.0)
+    actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 1.0)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_out_of_range_tables_raise_instead_of_reading_outside_the_pool() -> None:
+    k_cache, v_cache, tables = paged_cache([20], 16, 1, 8)
+    q = torch.randn(1, 1, 8)
+    bad = tables.clone()
+    bad[0, 1] = k_cache.shape[0]  # the context's second block
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        cpu.paged_decode_attention_cpu(q, k_cache, v_cache, bad, torch.tensor([20]), 1.0)
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables[:, :1], torch.tensor([20]), 1.0)
