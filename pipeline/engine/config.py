@@ -30,7 +30,8 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     seed: int = 0  # seeds requests that do not set their own seed
     num_threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
-    attention: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    # auto: Triton on CUDA; torch elsewhere (fp32 CPU decode: the compiled kernel) | torch | triton
+    attention: str = "auto"
     cuda_graphs: bool = True  # decode replays CUDA graphs at batch-size buckets (Triton only)
 
     def __post_init__(self) -> None:
