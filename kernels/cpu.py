@@ -72,11 +72,13 @@ def paged_decode_attention_cpu(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """[B, H, D] fp32 CPU tensors: one query per sequence against its paged context, read in
-    place (see `paged_decode_attention_ref`). Raises RuntimeError where it is not built."""
+    """One query per sequence against its paged context, read in place (see
+    `paged_decode_attention_ref`): CPU tensors, caches fp32 or bf16, computed in fp32, the
+    result [B, H, D] in q's dtype. Raises RuntimeError where the kernel is not built."""
     module = _module()
     if module is None:
         raise RuntimeError("the compiled CPU decode-attention kernel is not available")
-    return module.paged_decode_attention(
-        q.contiguous(), k_cache, v_cache, block_tables, context_lens, scale
+    out = module.paged_decode_attention(
+        q.float().contiguous(), k_cache, v_cache, block_tables, context_lens, scale
     )
+    return out.to(q.dtype)

@@ -12,9 +12,20 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
+
+// Cache elements to fp32: a float as it is, a bfloat16 as the top half of one (exact).
+inline float widen(float x) { return x; }
+inline float widen(at::BFloat16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
 
 struct Shapes {
   int64_t heads, group, kv_heads, head_dim, block_size, table_width;
@@ -22,8 +33,9 @@ struct Shapes {
 
 // One sequence: all its query heads against its context, a cached position's [KVH, D]
 // keys (then values) read together, in the order they lie in the block.
-// q, out: [H, D]; scores: [H, len] scratch; acc: [H, D] scratch.
-void attend(const float* q, const float* k_cache, const float* v_cache, const int64_t* table,
+// q, out: [H, D] fp32; caches of T (float or bfloat16); scores: [H, len], acc: [H, D] scratch.
+template <typename T>
+void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
             int64_t len, const Shapes& s, float scale, float* out, std::vector<float>& scores,
             std::vector<float>& acc) {
   const int64_t H = s.heads, G = s.group, D = s.head_dim, BS = s.block_size;
@@ -33,38 +45,38 @@ void attend(const float* q, const float* k_cache, const float* v_cache, const in
     return;
   }
   scores.resize(H * len);
-  auto row = [&](const float* cache, int64_t t) {
+  auto row = [&](const T* cache, int64_t t) {
     return cache + (table[t / BS] * BS + t % BS) * row_size;
   };
   // Four positions at a time: four independent sums per query head, where one running
   // sum would wait on each fused multiply-add's latency.
   int64_t t = 0;
   for (; t + 4 <= len; t += 4) {
-    const float *k0 = row(k_cache, t), *k1 = row(k_cache, t + 1);
-    const float *k2 = row(k_cache, t + 2), *k3 = row(k_cache, t + 3);
+    const T *k0 = row(k_cache, t), *k1 = row(k_cache, t + 1);
+    const T *k2 = row(k_cache, t + 2), *k3 = row(k_cache, t + 3);
     for (int64_t h = 0; h < H; ++h) {  // query head h reads KV head h / G
       const float* qh = q + h * D;
       const int64_t kv = (h / G) * D;
       float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
       for (int64_t d = 0; d < D; ++d) {
-        s0 += qh[d] * k0[kv + d];
-        s1 += qh[d] * k1[kv + d];
-        s2 += qh[d] * k2[kv + d];
-        s3 += qh[d] * k3[kv + d];
+        s0 += qh[d] * widen(k0[kv + d]);
+        s1 += qh[d] * widen(k1[kv + d]);
+        s2 += qh[d] * widen(k2[kv + d]);
+        s3 += qh[d] * widen(k3[kv + d]);
       }
       float* sh = scores.data() + h * len + t;
       sh[0] = s0 * scale, sh[1] = s1 * scale, sh[2] = s2 * scale, sh[3] = s3 * scale;
     }
   }
   for (; t < len; ++t) {
-    const float* k = row(k_cache, t);
+    const T* k = row(k_cache, t);
     for (int64_t h = 0; h < H; ++h) {
       const float* qh = q + h * D;
-      const float* kh = k + (h / G) * D;
+      const T* kh = k + (h / G) * D;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < D; ++d) dot += qh[d] * kh[d];
+      for (int64_t d = 0; d < D; ++d) dot += qh[d] * widen(kh[d]);
       scores[h * len + t] = dot * scale;
     }
   }
@@ -81,29 +93,51 @@ void attend(const float* q, const float* k_cache, const float* v_cache, const in
   }
   acc.assign(H * D, 0.f);
   for (int64_t t = 0; t < len; ++t) {
-    const float* v = row(v_cache, t);
+    const T* v = row(v_cache, t);
     for (int64_t h = 0; h < H; ++h) {
       const float p = scores[h * len + t];
-      const float* vh = v + (h / G) * D;
+      const T* vh = v + (h / G) * D;
       float* a = acc.data() + h * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] += p * vh[d];
+      for (int64_t d = 0; d < D; ++d) a[d] += p * widen(vh[d]);
     }
   }
   std::copy(acc.begin(), acc.end(), out);
 }
 
+// Every sequence of the batch, spread over torch's intra-op threads.
+template <typename T>
+void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tables,
+         const int64_t* lens, int64_t batch, const Shapes& s, float scale, float* out) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
+  // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
+  // contiguous ranges would give one thread all the long contexts.
+  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> scores, acc;
+    for (int64_t tid = first; tid < last; ++tid) {
+      for (int64_t b = tid; b < batch; b += threads) {
+        const int64_t offset = b * s.heads * s.head_dim;
+        attend(q + offset, k_cache, v_cache, tables + b * s.table_width, lens[b], s, scale,
+               out + offset, scores, acc);
+      }
+    }
+  });
+}
+
 }  // namespace
 
-// q [B, H, D] fp32 contiguous; k_cache, v_cache [N, block_size, KVH, D] fp32 contiguous;
-// block_tables [B, W] int64 (entries past a context are not read); context_lens [B] int64.
-// Returns [B, H, D]: query head h reads KV head h / (H / KVH).
+// q [B, H, D] fp32 contiguous; k_cache, v_cache [N, block_size, KVH, D] contiguous, fp32 or
+// bf16; block_tables [B, W] int64 (entries past a context are not read); context_lens [B]
+// int64. Returns [B, H, D] fp32: query head h reads KV head h / (H / KVH).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
-  TORCH_CHECK(q.scalar_type() == torch::kFloat && k_cache.scalar_type() == torch::kFloat &&
-              v_cache.scalar_type() == torch::kFloat, "fp32 only");
+  const auto cache_type = k_cache.scalar_type();
+  TORCH_CHECK(q.scalar_type() == torch::kFloat, "q must be fp32");
+  TORCH_CHECK(v_cache.scalar_type() == cache_type &&
+              (cache_type == torch::kFloat || cache_type == torch::kBFloat16),
+              "caches must be both fp32 or both bf16");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.is_contiguous());
   TORCH_CHECK(context_lens.scalar_type() == torch::kLong && context_lens.is_contiguous());
@@ -123,26 +157,18 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
     }
   }
   auto out = torch::empty_like(q);
-  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>();
-  const float* vp = v_cache.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
-  // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
-  // contiguous ranges would give one thread all the long contexts.
-  at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scores, acc;
-    for (int64_t tid = first; tid < last; ++tid) {
-      for (int64_t b = tid; b < batch; b += threads) {
-        const int64_t offset = b * s.heads * s.head_dim;
-        attend(qp + offset, kp, vp, tables + b * s.table_width, lens[b], s,
-               static_cast<float>(scale), op + offset, scores, acc);
-      }
-    }
-  });
+  if (cache_type == torch::kFloat) {
+    run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, lens,
+        batch, s, static_cast<float>(scale), out.data_ptr<float>());
+  } else {
+    run(q.data_ptr<float>(), k_cache.data_ptr<at::BFloat16>(),
+        v_cache.data_ptr<at::BFloat16>(), tables, lens, batch, s, static_cast<float>(scale),
+        out.data_ptr<float>());
+  }
   return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention, fp32, CPU (block tables read in place)");
+        "paged decode attention on the CPU, fp32 or bf16 caches (block tables read in place)");
 }

@@ -70,3 +70,18 @@ def test_out_of_range_tables_raise_instead_of_reading_outside_the_pool() -> None
         cpu.paged_decode_attention_cpu(q, k_cache, v_cache, bad, torch.tensor([20]), 1.0)
     with pytest.raises(RuntimeError, match="longer than its block table"):
         cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables[:, :1], torch.tensor([20]), 1.0)
+
+
+def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
+    """A bf16 model's caches: widened exactly, so the result is the fp32 reference's on the
+    same bf16 values, rounded once to bf16."""
+    k_cache, v_cache, tables = paged_cache([7, 40, 129], 16, 2, 64)
+    k_cache, v_cache = k_cache.bfloat16(), v_cache.bfloat16()
+    q = torch.randn(3, 8, 64).bfloat16()
+    context = torch.tensor([7, 40, 129])
+    expected = paged_decode_attention_ref(
+        q.float(), k_cache.float(), v_cache.float(), tables, context, 0.125
+    )
+    actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 0.125)
+    assert actual.dtype == torch.bfloat16
+    torch.testing.assert_close(actual, expected.bfloat16(), atol=0, rtol=0.008)

@@ -30,7 +30,7 @@ class EngineConfig:
     block_size: int = 16  # tokens per KV block
     seed: int = 0  # seeds requests that do not set their own seed
     num_threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
-    # auto: Triton on CUDA; torch elsewhere (fp32 CPU decode: the compiled kernel) | torch | triton
+    # auto: Triton on CUDA; torch elsewhere (CPU decode: the compiled kernel) | torch | triton
     attention: str = "auto"
     cuda_graphs: bool = True  # decode replays CUDA graphs at batch-size buckets (Triton only)
 
