@@ -1,10 +1,12 @@
-"""The compiled CPU decode-attention kernel (`cpu_decode_attention.cpp`): built at first use.
+"""The compiled CPU kernels, built at first use: paged decode attention
+(`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`) and the LM
+head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k).
 
-`torch.utils.cpp_extension` compiles it with the machine's C++ compiler (~40 s once; the
+`torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~45 s once; the
 library is kept under torch's extensions directory, one build per CPU model and flags, so
 nodes of a cluster that share a home directory do not load each other's `-march=native`
-code). Where it cannot be built (no compiler, no ninja) or `PIPELINE_CPU_KERNELS=0`, the
-engine keeps the torch path and logs why. Same arguments as `paged_decode_attention_ref`.
+code). Where they cannot be built (no compiler, no ninja) or `PIPELINE_CPU_KERNELS=0`, the
+engine keeps torch ops and logs why.
 """
 
 from __future__ import annotations
@@ -22,8 +24,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_decode_attention.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+SOURCES = [
+    Path(__file__).with_name(name)
+    for name in ("cpu_decode_attention.cpp", "cpu_head_reduce.cpp", "cpu_bindings.cpp")
+]
+# -fno-trapping-math lets the compiler vectorise the float -> int steps of exp_nonpositive.
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 
 
 def _cpu_signature() -> str:
@@ -45,22 +51,23 @@ def _module() -> Any | None:
         return None
     from torch.utils import cpp_extension
 
-    key = hashlib.sha1((_cpu_signature() + SOURCE.read_text()).encode()).hexdigest()[:12]
-    name = f"pipeline_cpu_attention_{key}"
+    text = "".join(source.read_text() for source in SOURCES)
+    key = hashlib.sha1((_cpu_signature() + text).encode()).hexdigest()[:12]
+    name = f"pipeline_cpu_kernels_{key}"
     started = time.perf_counter()
     try:
         module = cpp_extension.load(
-            name, [str(SOURCE)], extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False
+            name, list(map(str, SOURCES)), extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
         )
     except Exception as exc:  # no compiler, no ninja, a compiler error: keep the torch path
-        log.warning("CPU decode-attention kernel not built (%s); using torch ops", exc)
+        log.warning("CPU kernels not built (%s); using torch ops", exc)
         return None
-    log.info("CPU decode-attention kernel ready (%.1f s)", time.perf_counter() - started)
+    log.info("CPU kernels ready (%.1f s)", time.perf_counter() - started)
     return module
 
 
 def cpu_kernels_available() -> bool:
-    """Whether the compiled CPU kernel can be used (builds it on the first call)."""
+    """Whether the compiled CPU kernels can be used (builds them on the first call)."""
     return _module() is not None
 
 
@@ -82,3 +89,20 @@ def paged_decode_attention_cpu(
         q.float().contiguous(), k_cache, v_cache, block_tables, context_lens, scale
     )
     return out.to(q.dtype)
+
+
+def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """[N, W] fp32 (unit column stride) -> [N]: log(sum(exp(x))) per row in one pass over
+    the row after its max (-inf for a row of -inf)."""
+    module = _module()
+    assert module is not None, "check cpu_kernels_available() first"
+    return module.row_logsumexp(x)
+
+
+def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, W] fp32 (unit column stride) -> each row's k best values [N, k] and columns [N, k]
+    int64, best first (ties: the lower column first), in one pass."""
+    module = _module()
+    assert module is not None, "check cpu_kernels_available() first"
+    values, ids = module.row_topk(x, k)
+    return values, ids

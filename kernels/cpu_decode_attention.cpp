@@ -167,8 +167,3 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
   }
   return out;
 }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention on the CPU, fp32 or bf16 caches (block tables read in place)");
-}

@@ -85,3 +85,33 @@ def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
     actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 0.125)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected.bfloat16(), atol=0, rtol=0.008)
+
+
+@pytest.mark.parametrize("width", [4096, 300, 17])
+@pytest.mark.parametrize("k", [1, 8, 3])
+def test_row_reductions_match_torch(width: int, k: int) -> None:
+    """Log-sum-exp and top-k of logits-like rows, with banned (-inf) columns, a row banned
+    whole, a row with fewer finite values than k, and ties."""
+    gen = torch.Generator().manual_seed(width + k)
+    x = torch.randn(9, width, generator=gen) * 4
+    x[0, ::3] = float("-inf")
+    x[1] = float("-inf")
+    x[2, 2:] = float("-inf")  # two finite values
+    x[3, 5] = x[3, 9] = x[3].max() + 1  # a tie for the best
+    torch.testing.assert_close(cpu.row_logsumexp(x), torch.logsumexp(x, dim=1))
+    values, ids = cpu.row_topk(x, k)
+    expected = torch.topk(x, k, dim=1)
+    torch.testing.assert_close(values, expected.values)
+    assert torch.equal(x.gather(1, ids), values)  # ids point at their values
+    assert torch.equal(ids[3, :2], torch.tensor([5, 9])[: min(k, 2)])  # ties: lower first
+    assert ((ids >= 0) & (ids < width)).all()
+    plain = [0, 2, 4, 5, 6, 7, 8]  # no ties: the same columns where the values are finite
+    finite = torch.isfinite(expected.values[plain])
+    assert torch.equal(ids[plain][finite], expected.indices[plain][finite])
+
+
+def test_row_reductions_read_a_column_block_with_its_stride() -> None:
+    x = torch.randn(5, 64)
+    view = x[:, 16:48]
+    torch.testing.assert_close(cpu.row_logsumexp(view), torch.logsumexp(view, dim=1))
+    assert torch.equal(cpu.row_topk(view, 4)[0], torch.topk(view, 4, dim=1).values)

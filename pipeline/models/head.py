@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from kernels import cpu as cpu_kernels
+
 LOGITS_CHUNK = 512  # vocabulary columns per LM-head product on the CPU
 STAGE = 4096  # vocabulary columns reduced together by `top_logprobs` ([256, 4096] fp32: 4 MB)
 MAX_BLOCK = 64  # columns per block of `_row_max`'s first level (64 ran fastest of 32..512)
@@ -81,6 +83,9 @@ def top_logprobs(
     best = torch.empty(stages, rows, k, device=hidden.device)
     best_ids = torch.empty(stages, rows, k, dtype=torch.int64, device=hidden.device)
     bans = _bans_by_stage(query, width, stages)
+    # The compiled row reductions (kernels/cpu.py): a [256, 4,096] stage's log-sum-exp and
+    # best 8 in 1.7 ms where the torch ops below take 2.5 (best 1: 1.3 vs 1.6).
+    compiled = hidden.device.type == "cpu" and cpu_kernels.cpu_kernels_available()
     for s in range(stages):
         start, end = s * width, min(vocab, (s + 1) * width)
         # In LOGITS_CHUNK-column products (one [N, 4096] product runs ~20% slower here),
@@ -92,16 +97,15 @@ def top_logprobs(
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
         if query.before_norm:
             _ban(stage, bans[s])
-        block_max = _block_max(stage)
-        _log_sum_exp(stage, block_max, scratch, out=lse[s])
-        if not query.before_norm and _ban(stage, bans[s]):
-            block_max = _block_max(stage)
-        if k == 1 and block_max is not None:
-            _row_max(stage, block_max, best[s], best_ids[s])
-        elif block_max is not None and 4 * k * MAX_BLOCK <= width:
-            _row_topk(stage, k, block_max, best[s], best_ids[s])
+        if compiled:  # one pass each, in C++
+            lse[s] = cpu_kernels.row_logsumexp(stage)
+            if not query.before_norm:
+                _ban(stage, bans[s])
+            best[s], best_ids[s] = cpu_kernels.row_topk(stage, k)
         else:
-            torch.topk(stage, k, dim=1, out=(best[s], best_ids[s]))
+            _reduce_stage(
+                stage, bans[s], query.before_norm, k, scratch, lse[s], best[s], best_ids[s]
+            )
     lse.nan_to_num_(nan=float("-inf"))  # rows with every token of a stage banned: -inf
     best_ids += torch.arange(0, stages * width, width, device=hidden.device)[:, None, None]
     values, pick = best.permute(1, 0, 2).reshape(rows, -1).topk(k, dim=1)  # [N, k]
@@ -113,6 +117,30 @@ def top_logprobs(
         values[forced, 0] = 0.0
         ids[forced, 0] = query.forced_token
     return TopLogprobs(values, ids)
+
+
+def _reduce_stage(
+    stage: torch.Tensor,
+    bans: tuple[list[int], list[int], list[int]],
+    before_norm: bool,
+    k: int,
+    scratch: torch.Tensor,
+    lse: torch.Tensor,
+    best: torch.Tensor,
+    best_ids: torch.Tensor,
+) -> None:
+    """A stage's log-sum-exp (lse [N]) and k best (best, best_ids [N, k]) through torch ops,
+    the after-norm bans applied in between (the before-norm ones already are)."""
+    block_max = _block_max(stage)
+    _log_sum_exp(stage, block_max, scratch, out=lse)
+    if not before_norm and _ban(stage, bans):
+        block_max = _block_max(stage)
+    if k == 1 and block_max is not None:
+        _row_max(stage, block_max, best, best_ids)
+    elif block_max is not None and 4 * k * MAX_BLOCK <= stage.shape[1]:
+        _row_topk(stage, k, block_max, best, best_ids)
+    else:
+        torch.topk(stage, k, dim=1, out=(best, best_ids))
 
 
 def _block_max(stage: torch.Tensor) -> torch.Tensor | None:
