@@ -8,8 +8,9 @@ import torch
 from kernels import cpu
 from kernels.decode_attention import paged_decode_attention_ref
 
-if not cpu.cpu_kernels_available():
-    pytest.skip("the CPU kernel could not be built here", allow_module_level=True)
+needs_kernels = pytest.mark.skipif(
+    not cpu.cpu_kernels_available(), reason="the CPU kernels could not be built here"
+)
 
 
 def paged_cache(
@@ -35,6 +36,7 @@ def paged_cache(
     return k_cache, v_cache, tables
 
 
+@needs_kernels
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
 @pytest.mark.parametrize("head_dim", [64, 24])
@@ -50,6 +52,7 @@ def test_decode_attention_matches_reference(block_size: int, group: int, head_di
     assert not actual[1].any()  # an empty context gives zeros
 
 
+@needs_kernels
 def test_strided_query_is_read_as_its_values() -> None:
     """q as the model hands it over: a view of a fused projection's output."""
     k_cache, v_cache, tables = paged_cache([9, 40], 16, 2, 8)
@@ -61,6 +64,7 @@ def test_strided_query_is_read_as_its_values() -> None:
     torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernels
 def test_out_of_range_tables_raise_instead_of_reading_outside_the_pool() -> None:
     k_cache, v_cache, tables = paged_cache([20], 16, 1, 8)
     q = torch.randn(1, 1, 8)
@@ -72,6 +76,7 @@ def test_out_of_range_tables_raise_instead_of_reading_outside_the_pool() -> None
         cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables[:, :1], torch.tensor([20]), 1.0)
 
 
+@needs_kernels
 def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
     """A bf16 model's caches: widened exactly, so the result is the fp32 reference's on the
     same bf16 values, rounded once to bf16."""
@@ -87,6 +92,7 @@ def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
     torch.testing.assert_close(actual, expected.bfloat16(), atol=0, rtol=0.008)
 
 
+@needs_kernels
 @pytest.mark.parametrize("width", [4096, 300, 17])
 @pytest.mark.parametrize("k", [1, 8, 3])
 def test_row_reductions_match_torch(width: int, k: int) -> None:
@@ -110,8 +116,28 @@ def test_row_reductions_match_torch(width: int, k: int) -> None:
     assert torch.equal(ids[plain][finite], expected.indices[plain][finite])
 
 
+@needs_kernels
 def test_row_reductions_read_a_column_block_with_its_stride() -> None:
     x = torch.randn(5, 64)
     view = x[:, 16:48]
     torch.testing.assert_close(cpu.row_logsumexp(view), torch.logsumexp(view, dim=1))
     assert torch.equal(cpu.row_topk(view, 4)[0], torch.topk(view, 4, dim=1).values)
+
+
+def test_switched_off_the_engine_keeps_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PIPELINE_CPU_KERNELS=0 (as where no compiler is): nothing is built, the backend
+    decodes with torch ops, the head reduces with them."""
+    from pipeline.models.attention import make_backend
+
+    monkeypatch.setenv("PIPELINE_CPU_KERNELS", "0")
+    cpu._module.cache_clear()
+    try:
+        assert not cpu.cpu_kernels_available()
+        backend = make_backend(torch.device("cpu"), "auto", torch.float32)
+        assert backend.name == "torch" and not backend.native  # type: ignore[attr-defined]
+        k_cache, v_cache, tables = paged_cache([3], 16, 1, 8)
+        q, context = torch.randn(1, 1, 8), torch.tensor([3])
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 1.0)
+    finally:
+        cpu._module.cache_clear()  # the next caller loads the built kernels again
