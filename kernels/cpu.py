@@ -49,17 +49,19 @@ def _module() -> Any | None:
     if os.environ.get("PIPELINE_CPU_KERNELS", "1") == "0":
         log.info("compiled CPU kernels off (PIPELINE_CPU_KERNELS=0)")
         return None
-    from torch.utils import cpp_extension
-
     text = "".join(source.read_text() for source in SOURCES)
     key = hashlib.sha1((_cpu_signature() + text).encode()).hexdigest()[:12]
     name = f"pipeline_cpu_kernels_{key}"
+    log.info("CPU kernels %s: loading (the first build on a machine takes ~45 s)", name)
     started = time.perf_counter()
     try:
+        # Inside the try: cpp_extension needs setuptools, which newer venvs lack.
+        from torch.utils import cpp_extension
+
         module = cpp_extension.load(
             name, list(map(str, SOURCES)), extra_cflags=FLAGS, extra_ldflags=["-fopenmp"]
         )
-    except Exception as exc:  # no compiler, no ninja, a compiler error: keep the torch path
+    except Exception as exc:  # no setuptools, compiler or ninja, a compiler error: torch ops
         log.warning("CPU kernels not built (%s); using torch ops", exc)
         return None
     log.info("CPU kernels ready (%.1f s)", time.perf_counter() - started)

@@ -141,3 +141,22 @@ def test_switched_off_the_engine_keeps_torch_ops(monkeypatch: pytest.MonkeyPatch
             cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 1.0)
     finally:
         cpu._module.cache_clear()  # the next caller loads the built kernels again
+
+
+def test_a_failed_build_is_logged_and_keeps_torch_ops(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No compiler (or ninja, or setuptools): a warning, and the torch path."""
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    cpu._module.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger="kernels.cpu"):
+            assert not cpu.cpu_kernels_available()
+        assert "command not found" in caplog.text
+    finally:
+        cpu._module.cache_clear()
