@@ -5,12 +5,13 @@ head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k).
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~45 s once; the
 library is kept under torch's extensions directory, one build per CPU model and flags, so
 nodes of a cluster that share a home directory do not load each other's `-march=native`
-code). Where they cannot be built (no compiler, no ninja) or `PIPELINE_CPU_KERNELS=0`, the
-engine keeps torch ops and logs why.
+code). Where they cannot be built (no compiler, ninja or setuptools) or with
+`PIPELINE_CPU_KERNELS=0`, the engine keeps torch ops and logs why.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -35,11 +36,9 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 def _cpu_signature() -> str:
     """What the compiled code depends on besides its source: the CPU's model and flags."""
     lines = []
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = [line for line in info if line.startswith(("model name", "flags"))][:2]
-    except OSError:
-        pass
+    # no /proc (not Linux): the machine name alone
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as info:
+        lines = [line for line in info if line.startswith(("model name", "flags"))][:2]
     return platform.machine() + "".join(lines) + torch.__version__
 
 

@@ -61,6 +61,8 @@ class CrossInputs:
         # (their queries folded like GQA heads), and the gathered blocks are kept across
         # decode steps while the batch holds the same requests (REUSE_LIMIT bytes at most).
         self.fold = isinstance(backend, TorchBackend)
+        # The compiled decode reads blocks in place: no gathers to keep.
+        self.keep_gathers = isinstance(backend, TorchBackend) and not backend.native
         self.reuse_bytes = reuse_bytes  # K and V of one token in all layers
         self._decode: tuple[object, dict[str, np.ndarray], list[ReadGroup], bool] | None = None
         self._kept: list[dict] = []  # per read group: gathered blocks of the last decode
@@ -79,8 +81,7 @@ class CrossInputs:
             return dict(cached[1]), CrossPlan(cached[2], None, reuse=cached[3])
         arrays, reads = self._folded(batch) if self.fold else self._unfolded(batch)
         self._kept = [{} for _ in reads]  # other requests: gather afresh
-        # The compiled decode reads blocks in place: nothing to keep.
-        fits = self.fold and not getattr(self.backend, "native", False) and self._fits(reads)
+        fits = self.keep_gathers and self._fits(reads)
         self._decode = (key, arrays, reads, fits)
         return dict(arrays), CrossPlan(reads, None, reuse=fits)
 

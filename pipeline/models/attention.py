@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import kernels
+from kernels.cpu import cpu_kernels_available, paged_decode_attention_cpu
+
 log = logging.getLogger(__name__)
 
 
@@ -118,9 +121,6 @@ def make_backend(
     """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one. "auto" on the
     CPU (fp32, bf16) reads decode contexts with the compiled kernel (`kernels.cpu`) when it
     builds; "torch" is torch ops only."""
-    import kernels
-    from kernels.cpu import cpu_kernels_available
-
     native = choice == "auto" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if choice == "auto":
         choice = (
@@ -237,8 +237,6 @@ class TorchBackend:
         self, q: Tensor, k_cache: Tensor, v_cache: Tensor, scale: float, meta: AttentionMetadata
     ) -> Tensor:
         if self.native and meta.plan is None:  # compiled decode (`host_arrays` made no groups)
-            from kernels.cpu import paged_decode_attention_cpu
-
             assert meta.block_tables is not None
             return paged_decode_attention_cpu(
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale
