@@ -25,10 +25,15 @@ def llama(tmp_path_factory):
     return directory, build_model(directory, "llama")
 
 
-@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-buffers"])
-def test_triton_backend_greedy_matches_transformers(llama, graphs):
+@pytest.mark.parametrize(
+    ("graphs", "overlap"),
+    [(False, False), (True, False), (True, True)],
+    ids=["eager", "static-buffers", "static-buffers-overlapped"],
+)
+def test_triton_backend_greedy_matches_transformers(llama, graphs, overlap):
+    """Overlapped: the graphs' input ids come from the step before's tokens on the device."""
     directory, hf = llama
-    engine = make_engine(directory, attention="triton", cuda_graphs=graphs)
+    engine = make_engine(directory, attention="triton", cuda_graphs=graphs, overlap_steps=overlap)
     if graphs and engine.runner.graphs is None:  # on the CPU: the same path, not captured
         engine.runner.use_decode_graphs(8, engine.max_model_len, capture=False)
     prompts = random_prompts(3, seed=5, low=3, high=21)  # 3 rows: bucket 4, one padded row
@@ -37,6 +42,7 @@ def test_triton_backend_greedy_matches_transformers(llama, graphs):
         ref = hf_generate(hf, prompt, max_new_tokens=6, do_sample=False)[0, len(prompt) :]
         assert out.outputs[0].token_ids == strip_after_eos(ref.tolist())
     assert engine.runner.backend.name == "triton"
+    assert (engine.stats()["overlapped_steps"] > 0) == overlap
 
 
 def test_triton_backend_samples_like_the_torch_backend(llama):

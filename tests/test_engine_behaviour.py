@@ -104,16 +104,20 @@ def test_parallel_sampling_prefills_once_and_returns_n_distinct_outputs(model_di
     assert_pool_full(engine)
 
 
-def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
+def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir, overlap):
     """The runner updates lengths and block tables in place while the batch keeps its
-    sequences; with requests finishing, arriving, forking and beaming, every decode step's
-    arrays must equal those built from scratch."""
-    engine = make_engine(model_dir, max_num_seqs=12, max_num_batched_tokens=64)
+    sequences; with requests finishing, arriving, forking and beaming (and overlapped steps,
+    whose sequences end in a placeholder token), every decode step's arrays must equal those
+    built from scratch."""
+    engine = make_engine(
+        model_dir, max_num_seqs=12, max_num_batched_tokens=64, overlap_steps=overlap
+    )
     runner, checked = engine.runner, []
     prepare = runner.prepare
 
-    def checked_prepare(batch, extra):
-        inputs = prepare(batch, extra)
+    def checked_prepare(batch, extra, feed=None):
+        inputs = prepare(batch, extra, feed)
         if not batch.is_prefill:
             rows = runner.decode_rows
             fresh, counts = block_tables([s.block_table for s in batch.seqs])
@@ -134,6 +138,7 @@ def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir):
     while engine.has_unfinished_requests():
         engine.step()
     assert len(checked) > 20 and any(checked)
+    assert (engine.stats()["overlapped_steps"] > 0) == overlap
     assert_pool_full(engine)
 
 

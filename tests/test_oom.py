@@ -33,9 +33,9 @@ def model_dir(tmp_path_factory):
 
 
 def inject_oom(engine, calls: set[int], where: str = "forward", fail=cuda_oom) -> list[str]:
-    """Make the runner's forward (or the decider's decide) call `fail` on the chosen calls
+    """Make the runner's forward (or the decider's launch) call `fail` on the chosen calls
     (1-based) instead; returns the kinds of step ("prefill"/"decode") that were hit."""
-    owner = engine.decider if where == "decide" else engine.runner
+    owner = engine.decider if where == "launch" else engine.runner
     original, count, hit = getattr(owner, where), [0], []
 
     def failing(*args):
@@ -108,12 +108,12 @@ def test_oom_in_prefill_and_decode_is_retried_with_identical_outputs(model_dir, 
     assert_pool_full(engine)
 
 
-def test_cpu_oom_in_decide_is_retried_and_other_errors_are_not(model_dir):
+def test_cpu_oom_in_sampling_is_retried_and_other_errors_are_not(model_dir):
     prompts = random_prompts(5, seed=32)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     expected = make_engine(model_dir).generate(prompts, params)
     engine = make_engine(model_dir)
-    hit = inject_oom(engine, {2, 4}, where="decide", fail=cpu_oom)
+    hit = inject_oom(engine, {2, 4}, where="launch", fail=cpu_oom)
     assert_same(engine.generate(prompts, params), expected)
     assert hit == ["decode", "decode"] and engine.stats()["num_oom_events"] == 2
     broken = make_engine(model_dir)
@@ -176,11 +176,13 @@ def test_a_request_that_runs_out_of_memory_alone_fails_and_the_rest_complete(mod
     engine = make_engine(model_dir)
     prepare, alone = engine.runner.prepare, []
 
-    def prepare_failing_for_3(batch, extra):  # request "3" never fits, with or without others
+    def prepare_failing_for_3(
+        batch, extra, feed=None
+    ):  # request "3" never fits, with or without others
         if any(r.request_id == "3" for r in batch.requests):
             alone.append(len(set(batch.requests)) == 1)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
-        return prepare(batch, extra)
+        return prepare(batch, extra, feed)
 
     engine.runner.prepare = prepare_failing_for_3
     outs = generate_bounded(engine, prompts, params, max_steps=100)

@@ -92,6 +92,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
+        "--overlap",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="engine.overlap_steps (default auto: on for CUDA)",
+    )
+    p.add_argument(
         "--profile-steps",
         type=int,
         default=0,
@@ -274,6 +280,7 @@ def main() -> None:
         kv_cache_memory=args.kv_cache_memory,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
+        overlap_steps="auto" if args.overlap is None else args.overlap,
     )
     peak = matmul_peak(dtype, args.device)
     bandwidth = copy_bandwidth(args.device) if args.device.startswith("cuda") else 0.0

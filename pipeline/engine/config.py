@@ -33,6 +33,9 @@ class EngineConfig:
     # auto: Triton on CUDA; torch elsewhere (CPU decode: the compiled kernel) | torch | triton
     attention: str = "auto"
     cuda_graphs: bool = True  # decode replays CUDA graphs at batch-size buckets (Triton only)
+    # Decode steps overlapped with the host's work: the next step is launched before this
+    # one's tokens reach the host. auto: on CUDA (on the CPU the forward is not asynchronous)
+    overlap_steps: Any = "auto"  # auto | true | false
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
@@ -51,6 +54,10 @@ class EngineConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         parse_memory(self.kv_cache_memory)  # raises ConfigError when malformed
+        if self.overlap_steps not in ("auto", True, False):
+            raise ConfigError(
+                f"engine.overlap_steps must be auto, true or false, got {self.overlap_steps!r}"
+            )
 
 
 QUANT_METHODS = ("none", "int8", "nf4", "fp4")

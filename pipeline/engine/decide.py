@@ -1,9 +1,10 @@
 """Before and around the forward: plan a step's sampling and beams, then decide on the device.
 
 `plan` (host, before the forward) forks n > 1 requests at their first token and turns the
-rows' parameters into arrays that travel with the step's one host-to-device copy. `decide`
-(device) samples or ranks beam candidates over the whole batch, then brings every result to
-the host in one copy. Per-row Python lives in `plan` (and in `postprocess.update`) only.
+rows' parameters into arrays that travel with the step's one host-to-device copy. `launch`
+(device) samples or ranks beam candidates over the whole batch and queues every result's
+copy to the host; `PendingDecision.wait` reads them (one copy). Per-row Python lives in
+`plan` (and in `postprocess.update`) only.
 
 Forks go through the scheduler, which owns the blocks.
 """
@@ -35,7 +36,7 @@ from pipeline.engine.sampler import (
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
 from pipeline.engine.token_mask import TokenMask
-from pipeline.engine.transfer import to_host
+from pipeline.engine.transfer import DeviceToHost, HostResult
 from pipeline.models.attention import Workspace
 from pipeline.models.head import HeadQuery, TopLogprobs
 
@@ -65,6 +66,26 @@ class Decision:
 
 
 @dataclass
+class PendingDecision:
+    """A step's results on their way to the host: `wait` gives its `Decision`. Until then
+    the host may plan and launch the next step (the engine's overlapped decode)."""
+
+    decider: Decider
+    host: HostResult
+    sampled: SampleOutput | None
+    groups: list[CandidateGroup]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def tokens(self) -> torch.Tensor | None:
+        """[R] int64 on the device: each sampled row's token (the next step's input)."""
+        return None if self.sampled is None else self.sampled.tokens
+
+    def wait(self) -> Decision:
+        return self.decider._unpack(self.host.wait(), self.sampled, self.groups, self.tensors)
+
+
+@dataclass
 class _ReusableRows:
     """A decode batch's sampling rows, valid while the scheduler's version holds."""
 
@@ -90,8 +111,18 @@ class Decider:
         self.eos_ids = eos_ids
         self.vocab_size = vocab_size
         self.workspace = Workspace()  # the sampler's [R, V] temporaries
+        self._spare = Workspace()  # see `swap_workspaces`
         self.num_exact_resamples = 0
+        self.to_host = DeviceToHost()
         self._reusable: _ReusableRows | None = None
+
+    def swap_workspaces(self) -> None:
+        """The next step samples into other buffers: the step before may still redraw rows
+        from its own (`resample_exact` reads them after the next step is launched)."""
+        self.workspace, self._spare = self._spare, self.workspace
+
+    def free_workspaces(self) -> None:
+        self.workspace, self._spare = Workspace(), Workspace()
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         reuse = self._reusable
@@ -189,12 +220,12 @@ class Decider:
         request.pending_forks = False
         return list(request.seqs)
 
-    def decide(
+    def launch(
         self,
         plan: StepPlan,
         logits: torch.Tensor | TopLogprobs,
         tensors: dict[str, torch.Tensor],
-    ) -> Decision:
+    ) -> PendingDecision:
         """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence (modified), or
         their best log-probs when the plan had a head query."""
         results: list[torch.Tensor] = []
@@ -214,8 +245,7 @@ class Decider:
         groups = self._rank_beams(plan, logits, tensors) if plan.beams else []
         for g in groups:
             results += [g.values, g.index]
-        host = to_host(results)
-        return self._unpack(host, sampled, groups, tensors)
+        return PendingDecision(self, self.to_host.start(results), sampled, groups, tensors)
 
     def _unpack(
         self,

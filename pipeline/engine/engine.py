@@ -12,12 +12,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
-from pipeline.engine.decide import Decider, Decision, StepPlan
+from pipeline.engine.decide import Decider, PendingDecision, StepPlan
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
 from pipeline.engine.postprocess import Postprocessor
@@ -25,7 +26,7 @@ from pipeline.engine.random import derive_seed
 from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dtype
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
-from pipeline.engine.sequence import Request, Sequence
+from pipeline.engine.sequence import PENDING_TOKEN, Request, Sequence
 from pipeline.models.attention import TorchBackend, Workspace, make_backend
 from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
@@ -49,8 +50,14 @@ class LLMEngine:
         seed: int = 0,
         model_info: dict[str, Any] | None = None,
         seq2seq: Seq2SeqDefaults | None = None,
+        overlap: bool = False,
     ) -> None:
         self.runner = runner
+        self.overlap = overlap  # decode steps overlapped with the host's work (see `step`)
+        self._ahead: _Launched | None = None  # the overlapped step in flight
+        self._redrew = False  # the last finished step redrew rows on the host
+        self._ahead_oom: tuple[ScheduledBatch, str] | None = None  # see `_launch`
+        self.num_overlapped_steps = self.num_dropped_steps = 0
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -105,7 +112,11 @@ class LLMEngine:
         log.info("loaded %s in %.1fs: %s", model_dir, time.perf_counter() - started, info)
         eos = _eos_ids(model_dir, spec, tokenizer)
         seq2seq = Seq2SeqDefaults.read(model_dir, spec) if isinstance(spec, Seq2SeqSpec) else None
-        return cls(runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info, seq2seq)
+        overlap = engine_cfg.overlap_steps
+        overlap = device.type == "cuda" if overlap == "auto" else bool(overlap)
+        return cls(
+            runner, scheduler, tokenizer, eos, max_len, engine_cfg.seed, info, seq2seq, overlap
+        )
 
     def add_request(
         self,
@@ -180,48 +191,148 @@ class LLMEngine:
         schedule (host) -> plan sampling and forks (host) -> prepare metadata, one copy to
         the device -> forward -> sample or rank beams, one copy to the host -> update (host).
         A step that runs out of memory before `update` is undone (see `_back_off`).
+
+        Overlapped decode (`overlap`, on for CUDA): before waiting for a decode step's
+        results, the next decode step of the same sequences is launched, its input ids the
+        first one's tokens still on the device; the host's work (that step's metadata, this
+        one's update) then runs while the device computes. A sequence that ended meanwhile
+        had one row computed for nothing, which `update` drops.
         """
         started = time.perf_counter()
-        batch = self.scheduler.schedule()
-        if batch is not None:
-            self._run(batch, started)
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            batch = self.scheduler.schedule()
+            launched = self._launch(batch, started) if batch is not None else None
+        if launched is not None:
+            if self.overlap and self._can_look_ahead(launched):
+                self._ahead = self._look_ahead(launched)
+            self._finish(launched)
+            if self._redrew and self._ahead is not None:
+                self._drop_ahead()
+            if self._ahead_oom is not None:
+                batch, error = self._ahead_oom
+                self._ahead_oom = None
+                self._back_off(self._still_running(batch), error)
         for request, reason in self.scheduler.failed:
             self.post.reject(request, reason)
         self.scheduler.failed.clear()
         self.step_seconds += time.perf_counter() - started
         return self.post.drain()
 
-    def _run(self, batch: ScheduledBatch, clock: float) -> None:
+    def _launch(
+        self,
+        batch: ScheduledBatch,
+        clock: float,
+        feed: torch.Tensor | None = None,
+        feed_rows: np.ndarray | None = None,
+    ) -> _Launched | None:
+        """Everything up to queuing the results' copy to the host: no sequence has its new
+        token yet. Out of memory: the step is backed off (None); an overlapped one (`feed`
+        given) once the step before it has finished."""
         phases = self.phase_seconds["prefill" if batch.is_prefill else "decode"]
         num_tokens = batch.num_tokens  # before `update` grows the sequences
         clock = _lap(phases, "schedule", clock)
         try:
-            plan, decision, clock = self._compute(batch, phases, clock)
+            plan = self.decider.plan(batch)
+            clock = _lap(phases, "plan", clock)
+            extra = plan.arrays if feed_rows is None else plan.arrays | {"feed_rows": feed_rows}
+            inputs = self.runner.prepare(batch, extra, feed)
+            clock = _lap(phases, "prepare", clock)
+            logits = self.runner.forward(inputs, plan.head)
+            clock = _lap(phases, "forward", clock)
+            pending = self.decider.launch(plan, logits, inputs.tensors)
+            _lap(phases, "sample", clock)
         except RuntimeError as exc:
             if not _is_oom(exc):
                 raise
-            lines = str(exc).strip().splitlines()  # CUDA's message goes on about the allocator
-            error = f"{type(exc).__name__}: {lines[0] if lines else 'out of memory'}"
+            error = _oom_message(exc)
         else:
-            self.post.update(plan, decision)
+            return _Launched(batch, plan, pending, num_tokens, phases, feed is not None)
+        # Outside the `except`: its traceback holds the failed step's tensors.
+        if feed is None:
+            self._back_off(batch, error)
+        else:  # the step before still has to finish: back off after it
+            self._ahead_oom = (batch, error)
+        return None
+
+    def _can_look_ahead(self, launched: _Launched) -> bool:
+        """Whether the next step can be launched before `launched`'s results are known: a
+        decode of sampled rows that are the batch's rows (no forks, no beams), whose plan
+        does not depend on their tokens (no penalties), with blocks enough that nobody is
+        preempted and no prefill due. Top-k/top-p rows may be redrawn on the host (see
+        `Decider`): not after a step that had such redraws (`_drop_ahead`)."""
+        plan, scheduler = launched.plan, self.scheduler
+        sampled = launched.pending.sampled
+        return (
+            not launched.batch.is_prefill
+            and sampled is not None
+            and (sampled.needs_exact is None or not self._redrew)
+            and plan.sampling is not None
+            and not plan.sampling.penalty_rows
+            and not plan.beams
+            and "sample_rows" not in plan.arrays
+            and scheduler.blocks.num_free >= scheduler.num_running_seqs
+            and not scheduler.can_admit()
+        )
+
+    def _look_ahead(self, launched: _Launched) -> _Launched | None:
+        """Launch the decode step after `launched`, fed by its tokens on the device. Its
+        sequences get a placeholder last token, which `update` replaces."""
+        started = time.perf_counter()
+        rows = launched.plan.rows
+        for _, seq in rows:
+            if not seq.finished:
+                seq.token_ids.append(PENDING_TOKEN)
+        batch = self.scheduler.schedule_decode()
+        if batch is None:
+            return None
+        if launched.pending.sampled and launched.pending.sampled.needs_exact is not None:
+            self.decider.swap_workspaces()  # its redraws read its own buffers
+        feed_rows = None
+        if batch.version != launched.batch.version:  # sequences ended: find each one's row
+            row_of = {id(seq): i for i, (_, seq) in enumerate(rows)}
+            feed_rows = np.array([row_of[id(seq)] for seq in batch.seqs], dtype=np.int64)
+        ahead = self._launch(batch, started, launched.pending.tokens, feed_rows)
+        self.num_overlapped_steps += ahead is not None
+        return ahead
+
+    def _still_running(self, batch: ScheduledBatch) -> ScheduledBatch:
+        """`batch` without the sequences and requests that ended since it was scheduled."""
+        running = set(map(id, self.scheduler.running))
+        rows = [(s, r) for s, r in zip(batch.seqs, batch.requests, strict=True) if not s.finished]
+        rows = [(s, r) for s, r in rows if id(r) in running]
+        return ScheduledBatch(False, [s for s, _ in rows], [r for _, r in rows])
+
+    def _drop_ahead(self) -> None:
+        """The overlapped step was fed tokens that the host has since redrawn: drop it (its
+        KV writes are redone by the next step, stream-ordered after it), and run that step
+        again from the host's tokens. The draws repeat: they are counter-based."""
+        self._ahead = None
+        self.runner.decode_rows.forget()
+        self.num_dropped_steps += 1
+
+    def _finish(self, launched: _Launched) -> None:
+        """Wait for a launched step's results and apply them (`update`)."""
+        phases, batch = launched.phases, launched.batch
+        clock = time.perf_counter()
+        redraws = self.decider.num_exact_resamples
+        try:
+            decision = launched.pending.wait()  # an exact redraw may allocate
+            self._redrew = self.decider.num_exact_resamples > redraws
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            error = _oom_message(exc)
+        else:
+            clock = _lap(phases, "sample", clock)
+            num_tokens = launched.num_tokens
+            if launched.overlapped:  # rows of sequences that ended meanwhile made nothing
+                num_tokens = sum(not seq.finished for _, seq in launched.plan.rows)
+            self.post.update(launched.plan, decision)
             _lap(phases, "update", clock)
             self._count(batch.is_prefill, num_tokens)
             return
-        # Outside the `except`: its traceback holds the failed step's tensors.
         self._back_off(batch, error)
-
-    def _compute(
-        self, batch: ScheduledBatch, phases: dict[str, float], clock: float
-    ) -> tuple[StepPlan, Decision, float]:
-        """Everything before `update`: no sequence has its new token yet."""
-        plan = self.decider.plan(batch)
-        clock = _lap(phases, "plan", clock)
-        inputs = self.runner.prepare(batch, plan.arrays)
-        clock = _lap(phases, "prepare", clock)
-        logits = self.runner.forward(inputs, plan.head)
-        clock = _lap(phases, "forward", clock)
-        decision = self.decider.decide(plan, logits, inputs.tensors)
-        return plan, decision, _lap(phases, "sample", clock)
 
     def _count(self, is_prefill: bool, num_tokens: int) -> None:
         self.num_steps += 1
@@ -255,7 +366,7 @@ class LLMEngine:
     def _free_cached_memory(self) -> None:
         """Reused step buffers only ever grow (to the largest batch so far): drop them, then
         hand the allocator's cached blocks back, so the smaller steps find room."""
-        self.decider.workspace = Workspace()
+        self.decider.free_workspaces()
         self.runner.workspace = Workspace()
         if isinstance(self.runner.backend, TorchBackend):
             self.runner.backend.workspace = Workspace()
@@ -263,7 +374,7 @@ class LLMEngine:
             torch.cuda.empty_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work() or self.post.has_output()
+        return self.scheduler.has_work() or self.post.has_output() or self._ahead is not None
 
     def num_waiting(self) -> int:
         """Requests queued for their first (or, after a preemption, next) prefill."""
@@ -306,6 +417,8 @@ class LLMEngine:
             "decode_context_tokens": self.runner.decode_context_tokens,
             "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
             "exact_resamples": self.decider.num_exact_resamples,
+            "overlapped_steps": self.num_overlapped_steps,
+            "dropped_steps": self.num_dropped_steps,
             "num_oom_events": self.scheduler.num_oom_events,
             "oom_failed_requests": self.scheduler.num_oom_failed,
             "oom_seq_cap": self.scheduler.seq_cap,
@@ -320,6 +433,23 @@ def _is_oom(exc: RuntimeError) -> bool:
         return True
     message = str(exc)
     return any(m in message for m in ("DefaultCPUAllocator", "can't allocate", "out of memory"))
+
+
+def _oom_message(exc: RuntimeError) -> str:
+    lines = str(exc).strip().splitlines()  # CUDA's message goes on about the allocator
+    return f"{type(exc).__name__}: {lines[0] if lines else 'out of memory'}"
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued; `_finish` reads its results."""
+
+    batch: ScheduledBatch
+    plan: StepPlan
+    pending: PendingDecision
+    num_tokens: int
+    phases: dict[str, float]  # the prefill or decode phase seconds it adds to
+    overlapped: bool  # launched before the step it follows had finished
 
 
 def _lap(phases: dict[str, float], name: str, since: float) -> float:

@@ -19,7 +19,7 @@ from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
 from pipeline.engine.random import signed_seed
 from pipeline.engine.scheduler import Scheduler
-from pipeline.engine.sequence import Request, Sequence
+from pipeline.engine.sequence import PENDING_TOKEN, Request, Sequence
 
 
 class Postprocessor:
@@ -71,8 +71,13 @@ class Postprocessor:
     def _update_samples(self, plan: StepPlan, decision: Decision) -> None:
         logprobs, max_len = decision.logprobs, self.max_model_len
         for i, ((request, seq), token) in enumerate(zip(plan.rows, decision.tokens, strict=True)):
+            if seq.finished:  # ended in the step before this (overlapped) one: no token
+                continue
             ids = seq.token_ids
-            ids.append(token)
+            if ids[-1] == PENDING_TOKEN:  # the next step is already running on it
+                ids[-1] = token
+            else:
+                ids.append(token)
             seq.cumulative_logprob += logprobs[i]
             params: SamplingParams = request.params  # type: ignore[assignment]
             if decision.top_ids is not None and params.logprobs is not None:
@@ -124,6 +129,7 @@ class Postprocessor:
                 logprobs=seq.logprobs,
             )
         )
+        seq.finished = True
         request.seqs.remove(seq)
         self.scheduler.release(seq)
         if not request.seqs:

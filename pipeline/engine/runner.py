@@ -105,8 +105,17 @@ class ModelRunner:
             capture,
         )
 
-    def prepare(self, batch: ScheduledBatch, extra: dict[str, np.ndarray]) -> StepInputs:
-        """Host metadata for `batch`, plus `extra` arrays, to the device in one copy."""
+    def prepare(
+        self,
+        batch: ScheduledBatch,
+        extra: dict[str, np.ndarray],
+        feed: torch.Tensor | None = None,
+    ) -> StepInputs:
+        """Host metadata for `batch`, plus `extra` arrays, to the device in one copy.
+
+        `feed` (overlapped decode): the step before's sampled tokens [R], still on the
+        device, are this step's input ids; row i takes `feed[extra["feed_rows"][i]]`, or
+        `feed[i]` without that array. The sequences' last host tokens are placeholders."""
         arrays, step = (
             _prefill_arrays(batch, self.block_size)
             if batch.is_prefill
@@ -132,8 +141,11 @@ class ModelRunner:
         if not batch.is_prefill:
             self.decode_context_tokens += int(step.lengths.sum())
             self._count_padding(backend_plan, step)
+        input_ids = t["input_ids"]
+        if feed is not None:
+            input_ids = feed if "feed_rows" not in t else feed.index_select(0, t["feed_rows"])
         inputs = StepInputs(
-            t["input_ids"], t["positions"], meta, t.get("last_rows"), t, len(batch.seqs), graphed
+            input_ids, t["positions"], meta, t.get("last_rows"), t, len(batch.seqs), graphed
         )
         if self.cross is not None and cross_plan is not None:
             inputs.model_kwargs["cross"] = self.cross.device(t, cross_plan)
@@ -231,6 +243,10 @@ class DecodeRows:
         self.lengths = np.zeros(0, dtype=np.int64)  # [B] with the new token
         self.tables = np.zeros((0, 1), dtype=np.int64)  # [B, W] padded with 0
         self.counts = np.zeros(0, dtype=np.int64)  # [B] blocks in each table
+
+    def forget(self) -> None:
+        """Rebuild at the next step (a prepared step was dropped before it ran)."""
+        self.version = -1
 
     def update(self, batch: ScheduledBatch, block_size: int) -> None:
         seqs = batch.seqs

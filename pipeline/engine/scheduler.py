@@ -68,7 +68,7 @@ class Scheduler:
         return sum(len(r.seqs) for r in self.running)
 
     def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self._schedule_decode()
+        return self._schedule_prefill() or self.schedule_decode()
 
     def fork(self, parent: Sequence, child_index: int) -> Sequence:
         """A new sequence sharing `parent`'s blocks (n samples, beams)."""
@@ -104,13 +104,12 @@ class Scheduler:
         batch = ScheduledBatch(is_prefill=True, seqs=[], requests=[])
         num_tokens = 0
         num_seqs = sum(_seq_budget(r) for r in self.running)
-        watermark = max(1, self.blocks.num_blocks // 100)
+        watermark = self._watermark
         while self.waiting:
             request = self.waiting[0]
             source = request.num_source_tokens
             tokens = sum(len(s) for s in request.seqs) + source
-            blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
-            blocks += self.blocks.blocks_for(source)
+            blocks = self._blocks_of(request)
             if batch.seqs and num_tokens + tokens > self.token_cap:
                 break
             if num_seqs + _seq_budget(request) > self.seq_cap and num_seqs > 0:
@@ -138,7 +137,8 @@ class Scheduler:
             num_tokens += tokens
         return batch if batch.seqs else None
 
-    def _schedule_decode(self) -> ScheduledBatch | None:
+    def schedule_decode(self) -> ScheduledBatch | None:
+        """A decode step of every running sequence (preempting while blocks run short)."""
         while self.running and self._blocks_to_append() > self.blocks.num_free:
             victim = self.running[-1]
             if len(self.running) == 1:
@@ -162,6 +162,27 @@ class Scheduler:
             if copy is not None:
                 batch.copies.append(copy)
         return batch
+
+    def can_admit(self) -> bool:
+        """Whether the queue's first request would fit now (sequence budget and blocks):
+        then the next `schedule` would start a prefill."""
+        if not self.waiting:
+            return False
+        request = self.waiting[0]
+        running = sum(_seq_budget(r) for r in self.running)
+        if running and running + _seq_budget(request) > self.seq_cap:
+            return False
+        return self._blocks_of(request) + self._watermark <= self.blocks.num_free
+
+    def _blocks_of(self, request: Request) -> int:
+        """Blocks a waiting request's prefill takes (its sequences and its source)."""
+        blocks = sum(self.blocks.blocks_for(len(s)) for s in request.seqs)
+        return blocks + self.blocks.blocks_for(request.num_source_tokens)
+
+    @property
+    def _watermark(self) -> int:
+        """Blocks a prefill leaves free, so that running sequences can still grow."""
+        return max(1, self.blocks.num_blocks // 100)
 
     def _blocks_to_append(self) -> int:
         running = self.num_running_seqs

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from pipeline.engine.beam import BeamState
 
 
+# The last token of a sequence whose step is still on the device: the engine's overlapped
+# decode schedules the next step before this one's token reaches the host (`LLMEngine`).
+PENDING_TOKEN = -1
+
+
 @dataclass(eq=False)
 class Sequence:
     token_ids: list[int]
@@ -29,6 +34,7 @@ class Sequence:
     text: str = ""
     prefix_offset: int = 0
     read_offset: int = 0
+    finished: bool = False  # done; a step launched before that may still hold its row
 
     def __len__(self) -> int:
         return len(self.token_ids)

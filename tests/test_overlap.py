@@ -1,0 +1,133 @@
+"""Overlapped decode: the next step launched before this one's tokens reach the host.
+
+On the CPU the forward is not asynchronous, so nothing overlaps in time, but the engine takes
+the same path as on CUDA (`engine.overlap_steps=true`): placeholder tokens, input ids fed
+from the step before on the device, rows of sequences that ended meanwhile dropped, a step
+dropped after redraws. Its outputs must be the plain engine's, token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+from test_engine_behaviour import assert_pool_full
+from test_engine_parity import make_engine, random_prompts
+from test_oom import inject_oom
+from tiny_models import build_model
+
+from pipeline.engine import sampler
+from pipeline.engine.params import SamplingParams
+from pipeline.engine.sequence import PENDING_TOKEN
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("llama")
+    build_model(directory, "llama")
+    return directory
+
+
+def run(engine, prompts, params_of) -> dict[str, list]:
+    """Every request's outputs: token ids, finish reasons, log-probs."""
+    for i, prompt in enumerate(prompts):
+        engine.add_request(str(i), prompt, params_of(i))
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.error is None, out.error
+            done[out.request_id] = [
+                (c.token_ids, c.finish_reason, c.cumulative_logprob, c.logprobs or [])
+                for c in out.outputs
+            ]
+    assert len(done) == len(prompts)
+    return done
+
+
+def assert_same(got: dict[str, list], want: dict[str, list]) -> None:
+    """Same tokens and finish reasons; log-probs to rounding (batches differ: a step may hold
+    rows of sequences that had ended, and sums round differently)."""
+    assert got.keys() == want.keys()
+    for request_id, outputs in want.items():
+        assert len(got[request_id]) == len(outputs)
+        for (ids, reason, total, entries), (ids2, reason2, total2, entries2) in zip(
+            got[request_id], outputs, strict=True
+        ):
+            assert (ids, reason) == (ids2, reason2), request_id
+            assert total == pytest.approx(total2, abs=1e-4)
+            assert [e.keys() for e in entries] == [e.keys() for e in entries2]
+            for e, e2 in zip(entries, entries2, strict=True):
+                assert list(e.values()) == pytest.approx(list(e2.values()), abs=1e-4)
+
+
+CASES = {
+    # EOS allowed and max_tokens that differ: sequences end at different steps
+    "greedy": lambda i: SamplingParams(temperature=0, max_tokens=6 + 3 * (i % 5)),
+    "sampled": lambda i: SamplingParams(temperature=0.9, max_tokens=5 + 2 * (i % 7), seed=i),
+    "n3-stop-ids": lambda i: SamplingParams(
+        n=3, temperature=1.0, max_tokens=20, stop_token_ids=[5, 9, 17, 33], seed=3
+    ),
+    "mixed-logprobs": lambda i: (
+        SamplingParams(temperature=0, max_tokens=12, logprobs=2)
+        if i % 2
+        else SamplingParams(temperature=0.8, max_tokens=9, logprobs=2, seed=1)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("max_num_seqs", [32, 3], ids=["all-running", "queue"])
+def test_overlapped_decode_gives_the_plain_engines_outputs(model_dir, case, max_num_seqs):
+    prompts = random_prompts(9, seed=31, low=3, high=25)
+    plain = make_engine(model_dir, max_num_seqs=max_num_seqs, overlap_steps=False)
+    overlapped = make_engine(model_dir, max_num_seqs=max_num_seqs, overlap_steps=True)
+    assert_same(run(overlapped, prompts, CASES[case]), run(plain, prompts, CASES[case]))
+    stats, plain_stats = overlapped.stats(), plain.stats()
+    assert stats["overlapped_steps"] > 0 and plain_stats["overlapped_steps"] == 0
+    # Rows of sequences that had ended are not counted as tokens made.
+    assert stats["num_decode_tokens"] == plain_stats["num_decode_tokens"]
+    assert_pool_full(overlapped)
+
+
+def test_overlapped_step_fed_redrawn_tokens_is_dropped_and_rerun(model_dir, monkeypatch):
+    """A prefilter of 2 candidates is sometimes too narrow for top_p=0.7 on random weights:
+    those rows are redrawn on the host, and a step launched from the device's draws is
+    dropped and run again."""
+    monkeypatch.setattr(sampler, "PREFILTER", 2)
+    prompts = random_prompts(6, seed=32, low=3, high=20)
+    params = lambda i: SamplingParams(temperature=1.0, top_p=0.7, max_tokens=10, seed=i)  # noqa: E731
+    plain = make_engine(model_dir, overlap_steps=False)
+    overlapped = make_engine(model_dir, overlap_steps=True)
+    assert_same(run(overlapped, prompts, params), run(plain, prompts, params))
+    stats = overlapped.stats()
+    assert stats["exact_resamples"] > 0
+    assert stats["dropped_steps"] > 0
+    assert_pool_full(overlapped)
+
+
+def test_overlap_survives_preemption_and_leaves_no_placeholder(model_dir):
+    prompts = random_prompts(10, seed=11, low=10, high=30)
+    params = lambda i: SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # noqa: E731
+    small = {"kv_cache_memory": 40 * 4 * 2 * 2 * 2 * 16 * 4}  # 40 blocks: preemption forced
+    plain = make_engine(model_dir, overlap_steps=False, **small)
+    overlapped = make_engine(model_dir, overlap_steps=True, **small)
+    out = run(overlapped, prompts, params)
+    assert_same(out, run(plain, prompts, params))
+    assert overlapped.stats()["num_preemptions"] > 0
+    assert overlapped.stats()["overlapped_steps"] > 0
+    assert all(PENDING_TOKEN not in ids for request in out.values() for ids, *_ in request)
+    assert_pool_full(overlapped)
+
+
+def test_out_of_memory_in_an_overlapped_step_backs_it_off_after_the_step_before(model_dir):
+    """Forward calls 1 and 2 are the prefill and the first decode (plain); from the third
+    on, decode steps are overlapped. An OOM there lets the step before finish, then the
+    batch's requests are recomputed, as after any OOM."""
+    prompts = random_prompts(6, seed=33, low=8, high=20)
+    params = lambda i: SamplingParams(temperature=0, max_tokens=4 + 2 * i)  # noqa: E731
+    expected = run(make_engine(model_dir, overlap_steps=False), prompts, params)
+    engine = make_engine(model_dir, overlap_steps=True)
+    hit = inject_oom(engine, {4})
+    assert_same(run(engine, prompts, params), expected)
+    stats = engine.stats()
+    assert hit == ["decode"] and stats["num_oom_events"] == 1
+    assert stats["overlapped_steps"] > 0
+    assert_pool_full(engine)
