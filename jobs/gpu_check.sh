@@ -6,9 +6,11 @@
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
 #      prefill rate against the matmul peak
-#      then n=4 and beam 4 again with 1,024 sequences in flight (all 256 prompts at once)
+#      then n=4 and beam 4 again with 1,024 sequences in flight (all 256 prompts at once),
+#      and greedy and n=4 without overlapped decode steps (engine.overlap_steps=false): A/B
 #   3. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
 #      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
+#      (GPU_CHECK_QUANT=0 skips it)
 # Results go to $OUT (or outputs/gpu_check/): results.md (card, date, commit, numbers),
 # bench.jsonl, tests.txt. Append results.md to jobs/gpu_check_results.md and commit it.
 #
@@ -48,7 +50,8 @@ sed '/^# profile:/,$d' "$out/bench_full.txt" | grep -v -E 'Loading|Writing|^USDT
 if [ "$bench_rc" != 0 ]; then
     # Which part fails: the same greedy run without graphs, then with torch attention.
     tail -n 30 "$out/bench_full.txt" >> "$out/bench.txt"
-    for variant in --no-cuda-graphs "--attention torch --no-cuda-graphs"; do
+    for variant in --no-overlap "--no-overlap --no-cuda-graphs" \
+        "--no-overlap --attention torch --no-cuda-graphs"; do
         echo "# fallback ($variant), exit code of the full run: $bench_rc" >> "$out/bench.txt"
         timeout 60 "${bench[@]}" --num-prompts 128 --new-tokens 32 --modes greedy \
             --no-baseline $variant 2>&1 | grep -v -E 'Loading|Writing' | tail -n 12 >> "$out/bench.txt"
@@ -61,9 +64,18 @@ cat "$out/bench.txt"
 timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes n4,beam4 \
     --no-baseline --max-num-seqs 1024 2>&1 | grep -v -E 'Loading|Writing' | tail -n 6 | tee "$out/wide.txt"
 
+# The host's work not overlapped with the device's (the engine before overlapped decode).
+echo "# without overlapped decode steps (--no-overlap):" | tee -a "$out/wide.txt"
+timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes greedy,n4 \
+    --no-baseline --no-overlap 2>&1 | grep -v -E 'Loading|Writing' | tail -n 4 | tee -a "$out/wide.txt"
+
 # "room for" KV blocks: the memory budget after the weights, before the max_num_seqs cap.
-timeout 90 "${bench[@]}" --num-prompts 256 --new-tokens 64 --modes greedy --no-baseline \
-    --quant none,int8,nf4 2>&1 | grep -v -E 'Loading|Writing' | tail -n 20 | tee "$out/quant.txt"
+if [ "${GPU_CHECK_QUANT:-1}" != 0 ]; then
+    timeout 90 "${bench[@]}" --num-prompts 256 --new-tokens 64 --modes greedy --no-baseline \
+        --quant none,int8,nf4 2>&1 | grep -v -E 'Loading|Writing' | tail -n 20 | tee "$out/quant.txt"
+else
+    echo "skipped (GPU_CHECK_QUANT=0)" > "$out/quant.txt"
+fi
 
 {
     echo "## $(date -u +%Y-%m-%d) · ${card} · commit ${commit}"
