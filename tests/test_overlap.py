@@ -131,3 +131,23 @@ def test_out_of_memory_in_an_overlapped_step_backs_it_off_after_the_step_before(
     assert hit == ["decode"] and stats["num_oom_events"] == 1
     assert stats["overlapped_steps"] > 0
     assert_pool_full(engine)
+
+
+def test_overlapped_engine_admits_waiting_requests_in_batches(model_dir):
+    """Sequences end at different steps; the plain engine starts a prefill whenever one
+    slot frees, the overlapped one once an eighth of the slots are free (2 of 16), so that
+    prefills do not break every chain of overlapped steps. Same outputs."""
+    prompts = random_prompts(40, seed=34, low=3, high=20)
+    params = lambda i: SamplingParams(temperature=0, max_tokens=3 + i % 11)  # noqa: E731
+    plain = make_engine(model_dir, max_num_seqs=16, overlap_steps=False)
+    overlapped = make_engine(model_dir, max_num_seqs=16, overlap_steps=True)
+    assert overlapped.admit_batch == 2
+    assert_same(run(overlapped, prompts, params), run(plain, prompts, params))
+
+    def prefills(engine) -> int:
+        stats = engine.stats()
+        return stats["num_steps"] - stats["num_decode_steps"]
+
+    assert prefills(overlapped) < prefills(plain)
+    assert overlapped.stats()["overlapped_steps"] > overlapped.stats()["num_decode_steps"] // 2
+    assert_pool_full(overlapped)

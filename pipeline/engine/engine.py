@@ -58,6 +58,7 @@ class LLMEngine:
         self._redrew = False  # the last finished step redrew rows on the host
         self._ahead_oom: tuple[ScheduledBatch, str] | None = None  # see `_launch`
         self.num_overlapped_steps = self.num_dropped_steps = 0
+        self.admit_batch = max(1, scheduler.max_num_seqs // 8)  # see `_can_look_ahead`
         self.scheduler = scheduler
         self.tokenizer = tokenizer
         self.eos_ids = eos_ids
@@ -260,7 +261,12 @@ class LLMEngine:
         decode of sampled rows that are the batch's rows (no forks, no beams), whose plan
         does not depend on their tokens (no penalties), with blocks enough that nobody is
         preempted and no prefill due. Top-k/top-p rows may be redrawn on the host (see
-        `Decider`): not after a step that had such redraws (`_drop_ahead`)."""
+        `Decider`): not after a step that had such redraws (`_drop_ahead`).
+
+        A prefill breaks the chain of overlapped steps for two steps, so waiting requests
+        are admitted once `admit_batch` slots are free (an eighth of max_num_seqs), not one
+        by one as sequences end (which, with outputs of varied lengths, is nearly every
+        step)."""
         plan, scheduler = launched.plan, self.scheduler
         sampled = launched.pending.sampled
         return (
@@ -272,7 +278,7 @@ class LLMEngine:
             and not plan.beams
             and "sample_rows" not in plan.arrays
             and scheduler.blocks.num_free >= scheduler.num_running_seqs
-            and not scheduler.can_admit()
+            and not scheduler.prefill_due(self.admit_batch)
         )
 
     def _look_ahead(self, launched: _Launched) -> _Launched | None:

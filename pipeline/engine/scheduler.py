@@ -163,14 +163,18 @@ class Scheduler:
                 batch.copies.append(copy)
         return batch
 
-    def can_admit(self) -> bool:
-        """Whether the queue's first request would fit now (sequence budget and blocks):
-        then the next `schedule` would start a prefill."""
+    def prefill_due(self, min_seqs: int = 1) -> bool:
+        """Whether the next `schedule` should start a prefill: the queue's first request
+        fits (sequence budget and blocks), and `min_seqs` sequence slots are free (or the
+        queue is that short), so that admissions come in batches."""
         if not self.waiting:
             return False
         request = self.waiting[0]
         running = sum(_seq_budget(r) for r in self.running)
-        if running and running + _seq_budget(request) > self.seq_cap:
+        free = self.seq_cap - running
+        if running and free < _seq_budget(request):  # it does not fit
+            return False
+        if running and free < min_seqs and len(self.waiting) > min_seqs:  # wait for more room
             return False
         return self._blocks_of(request) + self._watermark <= self.blocks.num_free
 
