@@ -16,7 +16,8 @@ def test_allocate_fork_copy_on_write_and_free_return_every_block():
     for s in (parent, child):
         s.token_ids.append(99)  # position 6: inside the shared partial block
     shared_block = parent.block_table[1]
-    assert blocks.append_slot(parent) == (shared_block, parent.block_table[1])
+    # positions 4, 5 of the shared block hold K/V: those are copied
+    assert blocks.append_slot(parent) == (shared_block, parent.block_table[1], 2)
     assert blocks.append_slot(child) is None  # the last owner writes in place
     assert parent.block_table[0] == child.block_table[0]
     assert parent.block_table[1] != child.block_table[1]

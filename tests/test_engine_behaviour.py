@@ -254,15 +254,18 @@ def test_params_validation_explains_the_fix():
     assert BeamParams(width=2, early_stopping="true").early_stopping is True
 
 
-def test_copy_on_write_copies_each_layers_blocks_and_nothing_else(model_dir):
-    """`_copy_blocks` (per layer through a reused buffer on the CPU) against the pool-wide
-    copy it replaces, twice so that the buffer is reused at another size."""
+def test_copy_on_write_copies_each_layers_filled_positions_and_nothing_else(model_dir):
+    """`_copy_blocks` (per layer through a reused buffer on the CPU, only each block's
+    filled positions) against a pool-wide copy, twice so that the buffer is reused at
+    another size."""
     runner = make_engine(model_dir).runner
     pool = runner.kv_pool
+    block = runner.block_size
     pool.copy_(torch.randn(pool.shape, generator=torch.Generator().manual_seed(0)))
-    for pairs in ([(3, 9), (4, 1), (7, 12)], [(9, 2), (0, 5)]):
-        copies = torch.tensor(pairs)
+    for triples in ([(3, 9, 1), (4, 1, block), (7, 12, 2)], [(9, 2, 3), (0, 5, block - 1)]):
+        copies = torch.tensor(triples)
         expected = pool.clone()
-        expected[:, :, copies[:, 1]] = pool[:, :, copies[:, 0]]
+        for src, dst, filled in triples:
+            expected[:, :, dst, :filled] = pool[:, :, src, :filled]
         runner._copy_blocks(copies)
         assert torch.equal(pool, expected)

@@ -1,7 +1,8 @@
 """Paged KV cache bookkeeping: a pool of fixed-size blocks with reference counts.
 
 Pure policy-free accounting: it never touches tensors. Copy-on-write copies it decides on
-are returned as (src, dst) block pairs for the runner to perform before the forward.
+are returned as (src, dst, filled) triples - the block, its private copy, and how many of
+its positions hold K/V - for the runner to perform before the forward.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ class BlockManager:
             return 1
         return 1 if self.ref_counts[seq.block_table[-1]] > 1 else 0
 
-    def append_slot(self, seq: Sequence) -> tuple[int, int] | None:
-        """Make room for the K/V of `seq`'s last token; returns a copy-on-write (src, dst)."""
+    def append_slot(self, seq: Sequence) -> tuple[int, int, int] | None:
+        """Make room for the K/V of `seq`'s last token; returns a copy-on-write (src, dst,
+        filled): the positions before that token in its block are the ones to copy."""
         position = len(seq) - 1
         if position // self.block_size == len(seq.block_table):
             seq.block_table.append(self._take())
@@ -72,7 +74,7 @@ class BlockManager:
         copy = self._take()
         self.ref_counts[last] -= 1
         seq.block_table[-1] = copy
-        return last, copy
+        return last, copy, position % self.block_size
 
     def _take(self) -> int:
         block = self.free_blocks.pop()

@@ -123,7 +123,7 @@ class ModelRunner:
         )
         backend_arrays, backend_plan = self.backend.host_arrays(step)
         if batch.copies:
-            arrays["copies"] = np.array(batch.copies, dtype=np.int64).reshape(-1, 2)
+            arrays["copies"] = np.array(batch.copies, dtype=np.int64).reshape(-1, 3)
         arrays |= {f"backend.{k}": v for k, v in backend_arrays.items()}
         cross_plan = None
         if self.cross is not None:
@@ -180,21 +180,28 @@ class ModelRunner:
         return self.model.compute_logits(hidden)
 
     def _copy_blocks(self, copies: torch.Tensor) -> None:
-        """Copy-on-write: [n, 2] (src, dst) block pairs, in every layer."""
+        """Copy-on-write: [n, 3] (src, dst, filled) block triples, in every layer."""
         src, dst = copies[:, 0], copies[:, 1]
         if self.device.type != "cpu":
-            # One gather and one scatter over the pool (a loop over layers made 4 launches
-            # per layer).
+            # Whole blocks, one gather and one scatter over the pool (a loop over layers
+            # made 4 launches per layer).
             self.kv_pool.index_copy_(2, dst, self.kv_pool.index_select(2, src))
             return
         # On the CPU the pool-wide gather is a fresh [layers, 2, n, block] tensor (~60 MB
         # at 160 beams' blocks: page faults) read through a strided 6-d index: 50-80 ms.
-        # Per layer, through one reused buffer: 12-14 ms (Marian shape, 2-core EPYC).
-        layers = self.kv_pool.view(-1, *self.kv_pool.shape[2:]).flatten(2)  # [L * 2, N, blk]
-        buf = self.workspace.get("copies", len(src), layers[0])
-        for layer in layers:
-            torch.index_select(layer, 0, src, out=buf)
-            layer.index_copy_(0, dst, buf)
+        # Per layer, through one reused buffer, and only the filled positions of each block
+        # (on average half): rows of [N * block_size, KVH * D].
+        block = self.block_size
+        offsets = torch.arange(block)
+        filled = offsets[None, :] < copies[:, 2:3]  # [n, block]
+        src_rows = (src[:, None] * block + offsets)[filled]
+        dst_rows = (dst[:, None] * block + offsets)[filled]
+        pool = self.kv_pool
+        layers = pool.view(-1, pool.shape[2] * block, pool.shape[4] * pool.shape[5])
+        buf = self.workspace.get("copies", len(src_rows), layers[0])
+        for layer in layers:  # [N * block, KVH * D]
+            torch.index_select(layer, 0, src_rows, out=buf)
+            layer.index_copy_(0, dst_rows, buf)
 
     def _count_padding(self, plan: Any, step: HostStep) -> None:
         """Decode attention positions padded for the torch backend's length groups."""

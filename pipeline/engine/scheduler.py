@@ -24,7 +24,8 @@ class ScheduledBatch:
     is_prefill: bool
     seqs: list[Sequence]
     requests: list[Request]  # the owner of each sequence, parallel to `seqs`
-    copies: list[tuple[int, int]] = field(default_factory=list)  # copy-on-write (src, dst)
+    # copy-on-write: (src, dst, filled) - copy the first `filled` positions of src to dst
+    copies: list[tuple[int, int, int]] = field(default_factory=list)
     version: int = -1  # the scheduler's `version` for a decode batch: same sequences, same order
     source_tokens: int = 0  # prefill of an encoder-decoder model: source tokens to encode
 
