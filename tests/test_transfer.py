@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.engine.transfer import HostToDevice, pack, to_host, unpack
+from pipeline.engine.transfer import DeviceToHost, HostToDevice, pack, unpack
 
 
 def test_pack_and_unpack_round_trip_every_dtype_and_shape():
@@ -31,11 +31,11 @@ def test_only_int64_and_float64_travel():
         HostToDevice(torch.device("cpu")).to_device({"x": np.zeros(2, dtype=np.int32)})
 
 
-def test_to_host_is_one_copy_of_everything_exact_for_ids():
+def test_results_come_back_in_one_copy_exact_for_ids():
     tokens = torch.tensor([5, 2**52 + 1])
     scores = torch.tensor([[0.5, -1.25]], dtype=torch.float32)
     flags = torch.tensor([True, False])
-    out = to_host([tokens, scores, flags])
+    out = DeviceToHost().start([tokens, scores, flags]).wait()
     assert out[0].astype(np.int64).tolist() == [5, 2**52 + 1]
     assert out[1].tolist() == [[0.5, -1.25]]
     assert out[2].tolist() == [1.0, 0.0]

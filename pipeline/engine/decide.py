@@ -82,7 +82,7 @@ class PendingDecision:
         return None if self.sampled is None else self.sampled.tokens
 
     def wait(self) -> Decision:
-        return self.decider._unpack(self.host.wait(), self.sampled, self.groups, self.tensors)
+        return self.decider.unpack(self.host.wait(), self.sampled, self.groups, self.tensors)
 
 
 @dataclass
@@ -247,14 +247,14 @@ class Decider:
             results += [g.values, g.index]
         return PendingDecision(self, self.to_host.start(results), sampled, groups, tensors)
 
-    def _unpack(
+    def unpack(
         self,
         host: list[np.ndarray],
         sampled: SampleOutput | None,
         groups: list[CandidateGroup],
         tensors: dict[str, torch.Tensor],
     ) -> Decision:
-        """Name the host arrays (in the order `decide` listed them)."""
+        """Name the host arrays (in the order `launch` listed them)."""
         decision = Decision()
         if sampled is not None:
             tokens, logprobs = host.pop(0).astype(np.int64), host.pop(0)

@@ -290,7 +290,10 @@ class LLMEngine:
             if not seq.finished:
                 seq.token_ids.append(PENDING_TOKEN)
         batch = self.scheduler.schedule_decode()
-        if batch is None:
+        if batch is None:  # (every request ended)
+            for _, seq in rows:
+                if seq.token_ids[-1] == PENDING_TOKEN:
+                    seq.token_ids.pop()
             return None
         if launched.pending.sampled and launched.pending.sampled.needs_exact is not None:
             self.decider.swap_workspaces()  # its redraws read its own buffers

@@ -129,12 +129,3 @@ class DeviceToHost:
         host = host[: flat.numel()]
         host.copy_(flat, non_blocking=True)
         return HostResult(host, shapes, self._pinned.copied(turn))
-
-
-def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
-    """The tensors in one device-to-host copy, waited for (a pageable copy: for one-off
-    results; a step's go through `DeviceToHost`)."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]).cpu()
-    return HostResult(flat, [tuple(t.shape) for t in tensors], None).wait()
