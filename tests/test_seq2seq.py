@@ -76,12 +76,16 @@ def _generate(engine: LLMEngine, sources, params, forced: dict):
     return [results[str(i)] for i in range(len(sources))]
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlapped"])
 @pytest.mark.parametrize("which", ["marian", "nllb"])
-def test_greedy_tokens_and_logprobs_match_transformers(which, request) -> None:
+def test_greedy_tokens_and_logprobs_match_transformers(which, overlap, request) -> None:
+    """Overlapped: decode steps launched before the step before is read (on for CUDA)."""
     model_dir = request.getfixturevalue(which)
     sources, forced = _sources(model_dir)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=3)
-    ours = _generate(_engine(model_dir), sources, params, forced)
+    engine = _engine(model_dir, overlap_steps=overlap)
+    ours = _generate(engine, sources, params, forced)
+    assert (engine.stats()["overlapped_steps"] > 0) == overlap
     hf = _hf(model_dir)
     for source, out in zip(sources, ours, strict=True):
         assert out.error is None
