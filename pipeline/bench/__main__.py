@@ -196,15 +196,18 @@ def run_mode(args, mode, engine, hf, prompts, peak, bandwidth) -> dict:
 
 def decode_step_costs(before: dict, after: dict) -> dict:
     """Per decode step: mean sequences, wall ms, host ms outside the device work (schedule,
-    plan, prepare, update), and each phase's ms."""
+    plan, prepare, update), each phase's ms, and the share of steps overlapped with the
+    one before (engine.overlap_steps)."""
     steps = max(after["num_decode_steps"] - before["num_decode_steps"], 1)
     tokens = after["num_decode_tokens"] - before["num_decode_tokens"]
     phases = {
         name: 1e3 * (after["phase_seconds"]["decode"][name] - seconds) / steps
         for name, seconds in before["phase_seconds"]["decode"].items()
     }
+    overlapped = after["overlapped_steps"] - before["overlapped_steps"]
     return {
         "decode_steps": steps,
+        "decode_overlapped": overlapped / steps,  # launched before the step before was read
         "decode_batch": tokens / steps,
         "decode_step_ms": sum(phases.values()),
         "decode_host_ms": sum(phases[name] for name in HOST_PHASES),
@@ -253,6 +256,8 @@ def format_row(row: dict) -> str:
 def format_costs(row: dict) -> str:
     phases = " ".join(f"{k} {v:.2f}" for k, v in row["decode_phase_ms"].items())
     text = f"         decode step ms: {phases}"
+    if row.get("decode_overlapped"):
+        text += f" ({100 * row['decode_overlapped']:.0f}% overlapped)"
     if "decode_floor_ms" in row:
         ratio = row["decode_step_ms"] / row["decode_floor_ms"]
         text += f" | memory floor {row['decode_floor_ms']:.2f} ms ({ratio:.2f}x)"
