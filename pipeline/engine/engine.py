@@ -285,17 +285,17 @@ class LLMEngine:
         """Launch the decode step after `launched`, fed by its tokens on the device. Its
         sequences get a placeholder last token, which `update` replaces."""
         started = time.perf_counter()
+        if not self.scheduler.running:  # every request ended
+            return None
         rows = launched.plan.rows
         for _, seq in rows:
             if not seq.finished:
                 seq.token_ids.append(PENDING_TOKEN)
         batch = self.scheduler.schedule_decode()
-        if batch is None:  # (every request ended)
-            for _, seq in rows:
-                if seq.token_ids[-1] == PENDING_TOKEN:
-                    seq.token_ids.pop()
-            return None
-        if launched.pending.sampled and launched.pending.sampled.needs_exact is not None:
+        assert batch is not None  # blocks enough (`_can_look_ahead`): nobody preempted
+        sampled = launched.pending.sampled
+        assert sampled is not None
+        if sampled.needs_exact is not None:
             self.decider.swap_workspaces()  # its redraws read its own buffers
         feed_rows = None
         if batch.version != launched.batch.version:  # sequences ended: find each one's row
