@@ -15,6 +15,10 @@
 #include <cstring>
 #include <limits>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // exp(x) for x <= 0 (logits minus their row max), in a form the compiler vectorises (a
@@ -38,17 +42,92 @@ inline float exp_nonpositive(float x) {
   return x < -87.3f ? 0.f : e * scale;
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+// The same exp as exp_nonpositive, 8 lanes at a time. Written out because GCC, tuned for
+// some AVX2 CPUs (AMD Zen 1), vectorises the scalar form with 4-lane vectors only and one
+// accumulator: a [256, 4,096] stage's exp-sum took 2.3 ms on one core, 1.35 ms this way.
+inline __m256 exp8_nonpositive(__m256 x) {
+  const __m256 low = _mm256_set1_ps(-87.3f);
+  const __m256 clamped = _mm256_max_ps(x, low);
+  const __m256 n = _mm256_round_ps(
+      _mm256_fmadd_ps(clamped, _mm256_set1_ps(1.44269504f), _mm256_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 e = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+  const __m256i two_n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 keep = _mm256_cmp_ps(x, low, _CMP_GE_OQ);  // 0 below -87.3 and for -inf
+  return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(two_n)), keep);
+}
+
+inline float sum8(__m256 v) {
+  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
+}
+
+inline float max8(__m256 v) {
+  __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
+  return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
+}
+#endif
+
 float row_max(const float* x, int64_t n) {
   float m = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 a = _mm256_set1_ps(m), b = a;  // two chains: max's latency is not the bound
+  for (; i + 16 <= n; i += 16) {
+    a = _mm256_max_ps(a, _mm256_loadu_ps(x + i));
+    b = _mm256_max_ps(b, _mm256_loadu_ps(x + i + 8));
+  }
+  m = max8(_mm256_max_ps(a, b));
+#endif
+  for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
+}
+
+// sum(exp(x[i] - m)) over x[0, n), m >= every x[i].
+float sum_exp_below(const float* x, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 shift = _mm256_set1_ps(m);
+  __m256 a = _mm256_setzero_ps(), b = a;
+  for (; i + 16 <= n; i += 16) {
+    a = _mm256_add_ps(a, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i), shift)));
+    b = _mm256_add_ps(b, exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + i + 8), shift)));
+  }
+  sum = sum8(_mm256_add_ps(a, b));
+#endif
+  for (; i < n; ++i) sum += exp_nonpositive(x[i] - m);
+  return sum;
+}
+
+// Whether any of x[0, 16) is above t (NaN is not).
+inline bool any_above16(const float* x, float t) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 bound = _mm256_set1_ps(t);
+  const __m256 above = _mm256_or_ps(_mm256_cmp_ps(_mm256_loadu_ps(x), bound, _CMP_GT_OQ),
+                                    _mm256_cmp_ps(_mm256_loadu_ps(x + 8), bound, _CMP_GT_OQ));
+  return _mm256_movemask_ps(above) != 0;
+#else
+  return row_max(x, 16) > t;
+#endif
 }
 
 // The k best of x[0, n) into values/ids, best first; ties keep the lower column first.
 // The first k columns enter unconditionally, so ids are always columns of the row.
 void row_topk(const float* x, int64_t n, int64_t k, float* values, int64_t* ids) {
-  constexpr int64_t kChunk = 16;
+  constexpr int64_t kChunk = 16;  // any_above16's width
   int64_t count = 0;
   auto insert = [&](float v, int64_t id) {
     if (count == k && !(v > values[k - 1])) return;
@@ -64,7 +143,7 @@ void row_topk(const float* x, int64_t n, int64_t k, float* values, int64_t* ids)
   int64_t i = 0;
   for (; i < std::min(k, n); ++i) insert(x[i], i);
   for (; i + kChunk <= n; i += kChunk) {  // most chunks hold nothing above the k-th best
-    if (row_max(x + i, kChunk) > values[k - 1]) {
+    if (any_above16(x + i, values[k - 1])) {
       for (int64_t j = i; j < i + kChunk; ++j) insert(x[j], j);
     }
   }
@@ -89,10 +168,7 @@ torch::Tensor row_logsumexp(torch::Tensor x) {
         op[r] = m;
         continue;
       }
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t i = 0; i < width; ++i) sum += exp_nonpositive(row[i] - m);
-      op[r] = m + std::log(sum);
+      op[r] = m + std::log(sum_exp_below(row, width, m));
     }
   });
   return out;
