@@ -91,7 +91,8 @@ float row_max(const float* x, int64_t n) {
   }
   m = max8(_mm256_max_ps(a, b));
 #endif
-  for (; i < n; ++i) m = std::max(m, x[i]);
+#pragma omp simd reduction(max : m)  // the tail, or the whole row without AVX2
+  for (int64_t j = i; j < n; ++j) m = std::max(m, x[j]);
   return m;
 }
 
@@ -108,7 +109,8 @@ float sum_exp_below(const float* x, int64_t n, float m) {
   }
   sum = sum8(_mm256_add_ps(a, b));
 #endif
-  for (; i < n; ++i) sum += exp_nonpositive(x[i] - m);
+#pragma omp simd reduction(+ : sum)  // the tail, or the whole row without AVX2
+  for (int64_t j = i; j < n; ++j) sum += exp_nonpositive(x[j] - m);
   return sum;
 }
 
