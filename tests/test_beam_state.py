@@ -1,11 +1,14 @@
 """`BeamState.is_plain`: where it holds, the shortcut (the best `width` candidates run on,
-nothing else changes) is what `BeamState.step` does one candidate at a time."""
+nothing else changes) is what `BeamState.step` does one candidate at a time. `place_beams`:
+where a group's beams go."""
 
 from __future__ import annotations
 
 import random
 
-from pipeline.engine.beam import BeamState, Hypothesis
+import numpy as np
+
+from pipeline.engine.beam import BeamState, Hypothesis, place_beams
 from pipeline.engine.params import BeamParams
 
 VOCAB, EOS = 50, 2
@@ -44,7 +47,36 @@ def test_plain_steps_are_what_step_does() -> None:
                 (i // VOCAB, i % VOCAB, v) for i, v in best
             ]
             assert state.finished == finished_before and not state.done
-            assert state.running_scores == values[:width]
         else:
             other += 1
     assert plain > 200 and other > 200
+
+
+def test_placed_beams_keep_their_rows_and_fill_the_rest_in_order() -> None:
+    """`place_beams` for a group at once is the rule it states, request by request: the
+    first beam on a row keeps it; the k-th other beam (best first) takes the k-th lowest
+    row that no beam continues, copying its parent there."""
+    rng = np.random.default_rng(0)
+    for width in (1, 2, 4, 5):
+        parents = rng.integers(0, width, size=(200, width))
+        parents[:20] = np.arange(width)  # every beam on its own row
+        tokens = rng.integers(0, VOCAB, size=(200, width))
+        scores = -rng.uniform(0, 20, size=(200, width))
+        placed = place_beams(parents, tokens, scores)
+        moves = []
+        for g in range(200):
+            row_of, taken = [-1] * width, set()
+            for i, parent in enumerate(parents[g].tolist()):
+                if parent not in taken:
+                    taken.add(parent)
+                    row_of[i] = parent
+            spare = [row for row in range(width) if row not in taken]
+            for i, parent in enumerate(parents[g].tolist()):
+                if row_of[i] < 0:
+                    row_of[i] = spare.pop(0)
+                    moves.append((g, row_of[i], parent))
+            assert sorted(row_of) == list(range(width))
+            assert placed.tokens[g, row_of].tolist() == tokens[g].tolist()
+            assert placed.scores[g, row_of].tolist() == scores[g].tolist()
+        assert placed.moves == moves
+        assert width == 1 or 0 < len(moves) < 200 * (width - 1)

@@ -130,7 +130,7 @@ def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir, overlap):
     runner.prepare = checked_prepare
     for i, prompt in enumerate(random_prompts(16, seed=21)):
         params = (
-            BeamParams(width=2, max_tokens=6)
+            BeamParams(width=2 + 2 * (i % 10 == 0), max_tokens=6)  # beams move between rows
             if i % 5 == 0
             else SamplingParams(n=1 + i % 3, temperature=0.7, max_tokens=5 + 3 * (i % 4))
         )

@@ -51,6 +51,8 @@ class BeamState:
     eos_ids: list[int]
     max_new_tokens: int  # max_tokens, lowered when the model's context is shorter
     rules: TokenRules = field(default_factory=TokenRules)  # the checkpoint's (see params)
+    # The running beams' cumulative scores, in their rows' order (the engine places the beams
+    # that `step` returns: `Postprocessor._place_beams`).
     running_scores: list[float] = field(default_factory=lambda: [0.0])
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
@@ -92,7 +94,6 @@ class BeamState:
                 all_stopped = False
                 if len(running) < width:
                     running.append(NextBeam(parent, token, score))
-        self.running_scores = [b.score for b in running]
         self._update_done(running, gen_len, all_stopped)
         return [] if self.done else running
 
@@ -267,3 +268,41 @@ class HostCandidates:
     members: list[int]  # indices into the step's beam requests
     values: np.ndarray  # [G, keep] float64 cumulative scores, best first
     index: np.ndarray  # [G, keep] int64 flat beam * V + token
+
+
+@dataclass
+class Placement:
+    """Where a group's next beams go when each request has as many rows as beams: `G`
+    requests, `W` beams and rows each (see `place_beams`)."""
+
+    tokens: np.ndarray  # [G, W] the token each row appends
+    scores: np.ndarray  # [G, W] each row's running score after the step
+    moves: list[tuple[int, int, int]]  # (request g, row, parent row): the row takes a copy
+
+
+def place_beams(parents: np.ndarray, tokens: np.ndarray, scores: np.ndarray) -> Placement:
+    """The next beams of G requests, best first: beam i of request g continues row
+    `parents[g, i]` with `tokens[g, i]` ([G, W] each, W beams from W rows).
+
+    Rows stay where they are: the first beam to continue a row takes it over; each other
+    beam moves into a row that no beam continues, the k-th of them (in beam order) into
+    the k-th such row (lowest first). Array operations over the whole group: the host's
+    per-request work is left to the moves (about one per request in a step) and the
+    appends."""
+    groups, width = parents.shape
+    earlier = np.tri(width, width, -1, dtype=bool)  # [i, j]: j before i
+    moves = ((parents[:, :, None] == parents[:, None, :]) & earlier).any(2)  # [G, W]
+    continued = np.zeros((groups, width), dtype=bool)
+    continued[np.arange(groups)[:, None], parents] = True
+    # Per request, as many moving beams as rows nobody continues; both lists run request
+    # by request (row-major), so their k-th entries belong to the same request.
+    g, beam = np.nonzero(moves)
+    _, spare_row = np.nonzero(~continued)
+    row_of = parents.copy()
+    row_of[g, beam] = spare_row
+    by_row = np.empty_like(tokens)
+    np.put_along_axis(by_row, row_of, tokens, axis=1)
+    row_scores = np.empty_like(scores)
+    np.put_along_axis(row_scores, row_of, scores, axis=1)
+    moved = list(zip(g.tolist(), spare_row.tolist(), parents[g, beam].tolist(), strict=True))
+    return Placement(by_row, row_scores, moved)

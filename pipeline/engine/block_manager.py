@@ -49,6 +49,13 @@ class BlockManager:
         for block in seq.block_table:
             self.ref_counts[block] += 1
 
+    def share(self, seq: Sequence, source: Sequence) -> None:
+        """`seq` gives up its blocks and shares `source`'s (a beam moving into its row)."""
+        for block in source.block_table:  # first: blocks the two share never reach 0
+            self.ref_counts[block] += 1
+        self.release(seq.block_table)
+        seq.block_table = list(source.block_table)
+
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
         seq.block_table = []

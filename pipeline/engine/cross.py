@@ -87,8 +87,8 @@ class CrossInputs:
 
     def _decode_key(self, batch: ScheduledBatch) -> object:
         """What a decode step's cross arrays depend on. Folded: the requests in order and
-        their row counts (beams fork and replace sequences every step, the requests and
-        their cross blocks stay); unfolded: the exact sequences (`batch.version`)."""
+        their row counts (the rows' sequences may change, e.g. when beams fork, while the
+        requests and their cross blocks stay); unfolded: the exact sequences (`batch.version`)."""
         if self.fold:
             requests = dict.fromkeys(batch.requests)
             return tuple((r.arrival, len(r.seqs)) for r in requests)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, HostCandidates, Hypothesis
+from pipeline.engine.beam import BeamState, HostCandidates, Hypothesis, place_beams
 from pipeline.engine.decide import Decision, StepPlan
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
@@ -137,8 +137,8 @@ class Postprocessor:
 
     def _advance_beams(self, plan: StepPlan, groups: list[HostCandidates]) -> None:
         """Most requests' steps are plain (`BeamState.is_plain`): their best `width`
-        candidates run on, found for the whole group with array operations; the others
-        take `BeamState.step`, one candidate at a time."""
+        candidates run on, placed for the whole group with array operations
+        (`place_beams`); the others take `BeamState.step`, one candidate at a time."""
         requests = [request for request, _ in plan.beams]
         eos = sorted({e for request in requests for e in request.beam.eos_ids})  # type: ignore[union-attr]
         for group in groups:
@@ -148,21 +148,43 @@ class Postprocessor:
                 ending |= tokens == token
             keep = group.index.shape[1]
             first_end = np.where(ending.any(1), ending.argmax(1), keep).tolist()
-            values, parent_rows, token_rows = (
-                group.values.tolist(),
-                parents.tolist(),
-                tokens.tolist(),
-            )
-            for g, i in enumerate(group.members):
-                request = requests[i]
+            members = [requests[i] for i in group.members]
+            rows = len(members[0].seqs)  # the group's requests have as many rows each
+            plain = []  # with as many rows as beams: placed together below
+            for g, request in enumerate(members):
                 state = request.beam
                 assert state is not None
-                width = state.params.width
-                if state.is_plain(request.seqs[0].num_output, first_end[g]):
-                    state.running_scores = values[g][:width]
-                    self._fork_beams(request, parent_rows[g][:width], token_rows[g][:width])
-                else:
-                    self._step_beams(request, state, values[g], group.index[g].tolist())
+                if not state.is_plain(request.seqs[0].num_output, first_end[g]):
+                    scores, index = group.values[g].tolist(), group.index[g].tolist()
+                    self._step_beams(request, state, scores, index)
+                elif state.params.width == rows:
+                    plain.append(g)
+                else:  # the first step fans one row out
+                    best = (parents[g], tokens[g], group.values[g])
+                    self._place_beams(request, *(c[: state.params.width].tolist() for c in best))
+            if plain:
+                picked = (parents[plain, :rows], tokens[plain, :rows], group.values[plain, :rows])
+                self._place_plain([members[g] for g in plain], *picked)
+
+    def _place_plain(
+        self,
+        requests: list[Request],
+        parents: np.ndarray,
+        tokens: np.ndarray,
+        scores: np.ndarray,
+    ) -> None:
+        """Plain steps of requests with as many rows as beams ([G, W] best candidates'
+        parent rows, tokens and scores): `place_beams` for all, then the copies and appends."""
+        placed = place_beams(parents, tokens, scores)
+        rebase = self.scheduler.rebase
+        for g, row, parent in placed.moves:  # every copy made before any row grows
+            seqs = requests[g].seqs
+            rebase(seqs[row], seqs[parent])
+        by_row = zip(requests, placed.tokens.tolist(), placed.scores.tolist(), strict=True)
+        for request, row_tokens, row_scores in by_row:
+            for seq, token in zip(request.seqs, row_tokens, strict=True):
+                seq.token_ids.append(token)
+            request.beam.running_scores = row_scores  # type: ignore[union-attr]
 
     def _step_beams(
         self, request: Request, state: BeamState, scores: list[float], index: list[int]
@@ -173,46 +195,59 @@ class Postprocessor:
         ends = texts.ends if texts is not None else None
         chosen = state.step(scores, index, self.vocab_size, generated, ends)
         parents, tokens = [b.parent for b in chosen], [b.token for b in chosen]
-        self._fork_beams(request, parents, tokens, texts)
+        self._place_beams(request, parents, tokens, [b.score for b in chosen], texts)
         if state.done:
             self._finish_beams(request, state)
 
-    def _fork_beams(
+    def _place_beams(
         self,
         request: Request,
         parent_of: list[int],
         tokens: list[int],
+        scores: list[float],
         texts: CandidateTexts | None = None,
     ) -> None:
-        """The next beams: beam i continues parent `parent_of[i]` with `tokens[i]`. The
-        first to continue a parent takes its sequence over (no copy of its tokens and block
-        table); the others fork it, sharing its blocks copy-on-write; parents that no beam
-        continues are released."""
-        # Read from the parents as they are: a parent taken over grows below.
+        """The next beams, best first: beam i continues row `parent_of[i]` (of
+        `request.seqs`) with `tokens[i]`, its cumulative score `scores[i]`.
+
+        Rows stay where they are, so the scheduler's batch (its sequences and their order)
+        stays valid across steps: the first beam to continue a row takes that row over;
+        every other beam moves into a row that no beam continues (`Scheduler.rebase`: a
+        copy of its parent's tokens, blocks shared copy-on-write), or, when none is left
+        (the first step fans one sequence out), into a sequence forked and appended. Rows
+        left over (fewer beams) are released. The running scores follow the rows."""
+        rows = request.seqs
+        state = request.beam
+        assert state is not None
+        # Read from the parents as they are: rows taken over grow below.
         new_texts = None if texts is None else list(map(texts.new_text, parent_of, tokens))
-        parents, request.seqs = request.seqs, []
-        owner: dict[int, int] = {}  # parent index -> the beam that takes it over
+        row_of = [-1] * len(parent_of)  # the row each beam ends up in
+        taken = [False] * len(rows)
         for i, parent in enumerate(parent_of):
-            owner.setdefault(parent, i)
-        fork = self.scheduler.fork
-        children = [  # all forked before any parent taken over grows
-            parents[parent] if owner[parent] == i else fork(parents[parent], i)
-            for i, parent in enumerate(parent_of)
-        ]
-        for i, (child, token) in enumerate(zip(children, tokens, strict=True)):
-            child.child_index = i
-            child.token_ids.append(token)
+            if not taken[parent]:
+                taken[parent] = True
+                row_of[i] = parent
+        spare = [row for row, used in enumerate(taken) if not used]
+        spare.reverse()  # pop() hands out the lowest first
+        for i, parent in enumerate(parent_of):  # every copy made before any parent grows
+            if row_of[i] < 0:
+                if spare:
+                    row_of[i] = spare.pop()
+                    self.scheduler.rebase(rows[row_of[i]], rows[parent])
+                else:
+                    row_of[i] = len(rows)
+                    rows.append(self.scheduler.fork(rows[parent], len(rows)))
+        running = [0.0] * len(rows)
+        for i, row in enumerate(row_of):
+            seq = rows[row]
+            seq.token_ids.append(tokens[i])
             if new_texts is not None:
-                _advance_text(child, new_texts[i])
-            request.seqs.append(child)
-        if len(owner) < len(parents):
-            for index, seq in enumerate(parents):
-                if index not in owner:
-                    self.scheduler.release(seq)
-        # Every beam continuing its own parent (common once beams have diverged) keeps the
-        # rows' sequences and order: the scheduler's batch stays valid.
-        if parent_of != list(range(len(parents))):
-            self.scheduler.reordered()  # the request's rows changed order or owner
+                _advance_text(seq, new_texts[i])
+            running[row] = scores[i]
+        for row in spare:  # highest first: the rows below keep their places while deleting
+            self.scheduler.release(rows.pop(row))
+            del running[row]
+        state.running_scores = running
 
     def _finish_beams(self, request: Request, state: BeamState) -> None:
         request.finished = [self._beam_output(i, h, state) for i, h in enumerate(state.results())]

@@ -243,7 +243,8 @@ def _prefill_arrays(
 class DecodeRows:
     """A decode batch's context lengths and block tables, kept across steps while its
     sequences stay the same (`ScheduledBatch.version`): then every sequence grew by one
-    token, so only the lengths and the rows that crossed into a new block change."""
+    token, so only the lengths, the rows that crossed into a new block and the rows the
+    scheduler lists as changed (copy-on-write, beams moved into a row) change."""
 
     def __init__(self) -> None:
         self.version = -1
@@ -257,20 +258,34 @@ class DecodeRows:
 
     def update(self, batch: ScheduledBatch, block_size: int) -> None:
         seqs = batch.seqs
-        if batch.version < 0 or batch.version != self.version or batch.copies:
+        if batch.version < 0 or batch.version != self.version:
             self.lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
             self.tables, self.counts = block_tables([s.block_table for s in seqs])
             self.version = batch.version
             return
         self.lengths = self.lengths + 1
-        opened = (self.lengths - 1) % block_size == 0  # [B] the new token starts a block
-        if opened.any():
-            grew = np.flatnonzero(opened)
-            width = max(int(self.counts[grew].max()) + 1, self.tables.shape[1])
-            tables = np.zeros((len(seqs), width), dtype=np.int64)  # a copy: last step's
-            tables[:, : self.tables.shape[1]] = self.tables  # arrays may still be in use
-            tables[grew, self.counts[grew]] = [seqs[i].block_table[-1] for i in grew.tolist()]
-            self.tables, self.counts = tables, self.counts + opened
+        grew = np.flatnonzero((self.lengths - 1) % block_size == 0)  # new token, new block
+        changed = batch.changed_rows
+        if not len(grew) and not changed:
+            return
+        counts = self.counts.copy()  # copies: last step's arrays may still be in use
+        counts[grew] += 1
+        tables = _widened(self.tables, int(counts.max()))
+        tables[grew, counts[grew] - 1] = [seqs[i].block_table[-1] for i in grew.tolist()]
+        if changed:  # whole rows: a beam that moved in brings its parent's table
+            fresh, counts[changed] = block_tables([seqs[i].block_table for i in changed])
+            if fresh.shape[1] > tables.shape[1]:
+                tables = _widened(tables, fresh.shape[1])
+            tables[changed] = 0
+            tables[changed, : fresh.shape[1]] = fresh
+        self.tables, self.counts = tables, counts
+
+
+def _widened(tables: np.ndarray, width: int) -> np.ndarray:
+    """A copy of block tables [B, W] with at least `width` columns, padded with 0."""
+    out = np.zeros((tables.shape[0], max(width, tables.shape[1])), dtype=tables.dtype)
+    out[:, : tables.shape[1]] = tables
+    return out
 
 
 def _decode_arrays(

@@ -27,6 +27,9 @@ class ScheduledBatch:
     # copy-on-write: (src, dst, filled) - copy the first `filled` positions of src to dst
     copies: list[tuple[int, int, int]] = field(default_factory=list)
     version: int = -1  # the scheduler's `version` for a decode batch: same sequences, same order
+    # decode: rows whose block table changed other than by a new last block (copy-on-write,
+    # `Scheduler.rebase`): within one version, the runner refreshes only these
+    changed_rows: list[int] = field(default_factory=list)
     source_tokens: int = 0  # prefill of an encoder-decoder model: source tokens to encode
 
     @property
@@ -78,10 +81,13 @@ class Scheduler:
         self.version += 1
         return child
 
-    def reordered(self) -> None:
-        """A request's sequences changed order or identity outside `fork` and `release`
-        (beams taking their parents over): arrays kept for the last batch are stale."""
-        self.version += 1
+    def rebase(self, seq: Sequence, source: Sequence) -> None:
+        """`seq`, a beam no beam continues, becomes a copy of `source` in place: its tokens,
+        text and blocks (shared copy-on-write). The batch keeps its sequences and order (no
+        new version); the next decode lists its row in `changed_rows`."""
+        self.blocks.share(seq, source)
+        seq.copy_history(source)
+        seq.new_table = True
 
     def release(self, seq: Sequence) -> None:
         """A sequence is done (finished sample, replaced beam): its blocks lose an owner."""
@@ -157,11 +163,14 @@ class Scheduler:
             requests = [request for request in self.running for _ in request.seqs]
             self._decode_order = (self.version, seqs, requests)
         batch = ScheduledBatch(False, seqs, requests, version=self.version)
-        append_slot = self.blocks.append_slot
-        for seq in seqs:
+        append_slot, changed = self.blocks.append_slot, batch.changed_rows
+        for row, seq in enumerate(seqs):
             copy = append_slot(seq)
             if copy is not None:
                 batch.copies.append(copy)
+            if copy is not None or seq.new_table:
+                seq.new_table = False
+                changed.append(row)
         return batch
 
     def prefill_due(self, min_seqs: int = 1) -> bool:

@@ -35,6 +35,9 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     finished: bool = False  # done; a step launched before that may still hold its row
+    # Its block table was replaced (`Scheduler.rebase`) since the last decode was scheduled:
+    # the runner's kept tables must refresh its row.
+    new_table: bool = False
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -60,6 +63,16 @@ class Sequence:
             prefix_offset=self.prefix_offset,
             read_offset=self.read_offset,
         )
+
+    def copy_history(self, other: Sequence) -> None:
+        """Take `other`'s tokens, log-probs and text in place (a beam moving into this row);
+        the block table is the block manager's to replace."""
+        self.token_ids = list(other.token_ids)
+        self.prompt_len = other.prompt_len
+        self.cumulative_logprob = other.cumulative_logprob
+        self.logprobs = None if other.logprobs is None else list(other.logprobs)
+        self.text = other.text
+        self.prefix_offset, self.read_offset = other.prefix_offset, other.read_offset
 
 
 @dataclass(eq=False)
