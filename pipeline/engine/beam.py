@@ -57,12 +57,13 @@ class BeamState:
     finished: list[Hypothesis] = field(default_factory=list)  # best first, at most width
     improvable: bool = True  # HF: is_early_stop_heuristic_unsatisfied
     done: bool = False
+    # HF keeps (1 + number of EOS ids, at least 2) x width candidates per step, so that
+    # `width` beams survive even when the best candidates all end. (Read for every request
+    # every step: kept, not recomputed.)
+    num_candidates: int = field(init=False)
 
-    @property
-    def num_candidates(self) -> int:
-        """HF keeps (1 + number of EOS ids, at least 2) x width candidates per step, so
-        that `width` beams survive even when the best candidates all end."""
-        return max(2, 1 + len(self.eos_ids)) * self.params.width
+    def __post_init__(self) -> None:
+        self.num_candidates = max(2, 1 + len(self.eos_ids)) * self.params.width
 
     def step(
         self,

@@ -87,13 +87,15 @@ class PendingDecision:
 
 @dataclass
 class _ReusableRows:
-    """A decode batch's sampling rows, valid while the scheduler's version holds."""
+    """A decode batch's sampling rows and beam requests, valid while the scheduler's
+    version holds (beams keep their rows: see `Postprocessor._place_beams`)."""
 
     version: int
     rows: list[tuple[Request, Sequence]]
     logit_rows: list[int]
     kinds: RowKinds
     seeds: list[int]
+    beams: list[tuple[Request, list[int]]]
 
 
 class Decider:
@@ -127,17 +129,17 @@ class Decider:
     def plan(self, batch: ScheduledBatch) -> StepPlan:
         reuse = self._reusable
         if reuse is not None and batch.version >= 0 and reuse.version == batch.version:
-            plan = StepPlan(rows=reuse.rows, logit_rows=reuse.logit_rows)
+            plan = StepPlan(rows=reuse.rows, logit_rows=reuse.logit_rows, beams=reuse.beams)
             kinds, seeds = reuse.kinds, reuse.seeds
         else:
             plan = self._plan_rows(batch)
             kinds = RowKinds.of([r.params for r, _ in plan.rows], self.vocab_size)  # type: ignore[misc]
             seeds = [request.seed_bits for request, _ in plan.rows]
-            # Rows are batch rows (no forks, no beams) and stay so while the version holds.
-            same = self.scheduler.version == batch.version and len(plan.rows) == len(batch.seqs)
-            if batch.version >= 0 and same and not plan.beams:
+            # Without forks (which change the version) the rows are batch rows, and stay so
+            # while the version holds.
+            if batch.version >= 0 and self.scheduler.version == batch.version:
                 self._reusable = _ReusableRows(
-                    batch.version, plan.rows, plan.logit_rows, kinds, seeds
+                    batch.version, plan.rows, plan.logit_rows, kinds, seeds, plan.beams
                 )
         if plan.rows:
             seqs = [seq for _, seq in plan.rows]
