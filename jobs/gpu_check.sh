@@ -7,7 +7,8 @@
 #      transformers.generate in the same run; the decode step against its memory floor; the
 #      prefill rate against the matmul peak
 #      then n=4 and beam 4 again with 1,024 sequences in flight (all 256 prompts at once),
-#      and greedy and n=4 without overlapped decode steps (engine.overlap_steps=false): A/B
+#      and greedy, n=4 and beam 4 (1,024 beams) without overlapped decode steps
+#      (engine.overlap_steps=false; beams then decode in one batch, not two lanes): A/B
 #   3. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
 #      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
 #      (GPU_CHECK_QUANT=0 skips it)
@@ -68,6 +69,9 @@ timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128
 echo "# without overlapped decode steps (--no-overlap):" | tee -a "$out/wide.txt"
 timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes greedy,n4 \
     --no-baseline --no-overlap 2>&1 | grep -v -E 'Loading|Writing' | tail -n 4 | tee -a "$out/wide.txt"
+timeout 60 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes beam4 \
+    --no-baseline --no-overlap --max-num-seqs 1024 2>&1 | grep -v -E 'Loading|Writing' | tail -n 2 \
+    | tee -a "$out/wide.txt"
 
 # "room for" KV blocks: the memory budget after the weights, before the max_num_seqs cap.
 if [ "${GPU_CHECK_QUANT:-1}" != 0 ]; then

@@ -119,7 +119,7 @@ def test_decode_rows_kept_across_steps_match_a_fresh_build(model_dir, overlap):
     def checked_prepare(batch, extra, feed=None):
         inputs = prepare(batch, extra, feed)
         if not batch.is_prefill:
-            rows = runner.decode_rows
+            rows = runner.decode_rows[batch.lane]
             fresh, counts = block_tables([s.block_table for s in batch.seqs])
             assert rows.lengths.tolist() == [len(s) for s in batch.seqs]
             assert rows.counts.tolist() == counts.tolist()

@@ -15,7 +15,7 @@ from test_oom import inject_oom
 from tiny_models import build_model
 
 from pipeline.engine import sampler
-from pipeline.engine.params import SamplingParams
+from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.sequence import PENDING_TOKEN
 
 
@@ -151,3 +151,36 @@ def test_overlapped_engine_admits_waiting_requests_in_batches(model_dir):
     assert prefills(overlapped) < prefills(plain)
     assert overlapped.stats()["overlapped_steps"] > overlapped.stats()["num_decode_steps"] // 2
     assert_pool_full(overlapped)
+
+
+BEAMS = lambda i: BeamParams(  # noqa: E731
+    width=2 + (i % 2), max_tokens=4 + 3 * (i % 4), num_return=1 + (i % 2)
+)
+
+
+@pytest.mark.parametrize("max_num_seqs", [64, 9], ids=["all-running", "queue"])
+def test_beam_lanes_give_the_plain_engines_outputs(model_dir, max_num_seqs):
+    """Overlapped beam search decodes its requests in two lanes, one on the device while
+    the host updates the other: the same beams, scores and finish reasons as the plain
+    engine, with requests ending (EOS allowed, lengths that differ) and arriving from the
+    queue."""
+    prompts = random_prompts(11, seed=35, low=3, high=25)
+    expected = run(make_engine(model_dir, max_num_seqs=max_num_seqs), prompts, BEAMS)
+    engine = make_engine(model_dir, max_num_seqs=max_num_seqs, overlap_steps=True)
+    assert_same(run(engine, prompts, BEAMS), expected)
+    stats = engine.stats()
+    assert stats["overlapped_steps"] > stats["num_steps"] // 2
+    assert_pool_full(engine)
+
+
+def test_out_of_memory_in_a_beam_lane_step_backs_off_its_requests(model_dir):
+    """Forward call 6 is a lane's step launched while the other lane's is in flight: its
+    requests go back to the queue and are recomputed; the outputs stay the plain
+    engine's."""
+    prompts = random_prompts(11, seed=35, low=3, high=25)
+    expected = run(make_engine(model_dir), prompts, BEAMS)
+    engine = make_engine(model_dir, overlap_steps=True)
+    hit = inject_oom(engine, {6})
+    assert_same(run(engine, prompts, BEAMS), expected)
+    assert hit == ["decode"] and engine.stats()["num_oom_events"] == 1
+    assert_pool_full(engine)

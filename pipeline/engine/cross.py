@@ -92,7 +92,7 @@ class CrossInputs:
         if self.fold:
             requests = dict.fromkeys(batch.requests)
             return tuple((r.arrival, len(r.seqs)) for r in requests)
-        return batch.version if batch.version >= 0 else None
+        return (batch.version, batch.lane) if batch.version >= 0 else None
 
     def device(self, t: dict[str, torch.Tensor], plan: CrossPlan) -> CrossStep:
         reads = []

@@ -116,7 +116,7 @@ class Decider:
         self._spare = Workspace()  # see `swap_workspaces`
         self.num_exact_resamples = 0
         self.to_host = DeviceToHost()
-        self._reusable: _ReusableRows | None = None
+        self._reusable: dict[int | None, _ReusableRows] = {}  # per lane, as the batches
 
     def swap_workspaces(self) -> None:
         """The next step samples into other buffers: the step before may still redraw rows
@@ -127,7 +127,7 @@ class Decider:
         self.workspace, self._spare = Workspace(), Workspace()
 
     def plan(self, batch: ScheduledBatch) -> StepPlan:
-        reuse = self._reusable
+        reuse = self._reusable.get(batch.lane)
         if reuse is not None and batch.version >= 0 and reuse.version == batch.version:
             plan = StepPlan(rows=reuse.rows, logit_rows=reuse.logit_rows, beams=reuse.beams)
             kinds, seeds = reuse.kinds, reuse.seeds
@@ -138,7 +138,7 @@ class Decider:
             # Without forks (which change the version) the rows are batch rows, and stay so
             # while the version holds.
             if batch.version >= 0 and self.scheduler.version == batch.version:
-                self._reusable = _ReusableRows(
+                self._reusable[batch.lane] = _ReusableRows(
                     batch.version, plan.rows, plan.logit_rows, kinds, seeds, plan.beams
                 )
         if plan.rows:

@@ -198,15 +198,23 @@ class LLMEngine:
         first one's tokens still on the device; the host's work (that step's metadata, this
         one's update) then runs while the device computes. A sequence that ended meanwhile
         had one row computed for nothing, which `update` drops.
+
+        Beam search cannot be fed that way (the next step's rows depend on this one's
+        ranking), and its host work is the heaviest. Overlapped, its requests decode in two
+        lanes (halves, see `Scheduler.schedule`) in turn: before waiting for one lane's
+        step, the other lane's step is launched, so the device computes one half while the
+        host updates the other and prepares its next step.
         """
         started = time.perf_counter()
         launched, self._ahead = self._ahead, None
         if launched is None:
-            batch = self.scheduler.schedule()
+            batch = self.scheduler.schedule(self._first_lane())
             launched = self._launch(batch, started) if batch is not None else None
         if launched is not None:
             if self.overlap and self._can_look_ahead(launched):
                 self._ahead = self._look_ahead(launched)
+            elif self.overlap and launched.batch.lane is not None and self._lanes_apply():
+                self._ahead = self._launch_lane(1 - launched.batch.lane)
             self._finish(launched)
             if self._redrew and self._ahead is not None:
                 self._drop_ahead()
@@ -305,6 +313,32 @@ class LLMEngine:
         self.num_overlapped_steps += ahead is not None
         return ahead
 
+    def _lanes_apply(self) -> bool:
+        """Whether the running requests decode in lanes (see `step`): all of them beam
+        searches, with blocks enough that nobody is preempted and no prefill due (so a
+        step can be scheduled while the other lane's is in flight)."""
+        scheduler = self.scheduler
+        return (
+            all(request.beam is not None for request in scheduler.running)
+            and scheduler.blocks.num_free >= scheduler.num_running_seqs
+            and not scheduler.prefill_due(self.admit_batch)
+        )
+
+    def _first_lane(self) -> int | None:
+        """With nothing in flight: the lane to decode first, or None for every request."""
+        if not self.overlap or not self._lanes_apply():
+            return None
+        lanes = self.scheduler.lane_running
+        return 0 if lanes(0) and lanes(1) else None
+
+    def _launch_lane(self, lane: int) -> _Launched | None:
+        """Launch `lane`'s decode step while the other lane's is in flight."""
+        started = time.perf_counter()
+        batch = self.scheduler.schedule_decode(lane)
+        ahead = self._launch(batch, started) if batch is not None else None
+        self.num_overlapped_steps += ahead is not None
+        return ahead
+
     def _still_running(self, batch: ScheduledBatch) -> ScheduledBatch:
         """`batch` without the sequences and requests that ended since it was scheduled."""
         running = set(map(id, self.scheduler.running))
@@ -317,7 +351,8 @@ class LLMEngine:
         KV writes are redone by the next step, stream-ordered after it), and run that step
         again from the host's tokens. The draws repeat: they are counter-based."""
         self._ahead = None
-        self.runner.decode_rows.forget()
+        for rows in self.runner.decode_rows.values():
+            rows.forget()
         self.num_dropped_steps += 1
 
     def _finish(self, launched: _Launched) -> None:

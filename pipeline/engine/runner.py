@@ -77,7 +77,8 @@ class ModelRunner:
         self.attended_slots = 0
         self.decode_context_tokens = 0  # cached tokens attended by decode steps (KV read)
         self.graphs: DecodeGraphs | None = None
-        self.decode_rows = DecodeRows()
+        # Per lane (None: the whole batch; see `Scheduler.schedule`): two lanes take turns.
+        self.decode_rows: dict[int | None, DecodeRows] = {}
         # Encoder-decoder models: encoder and cross-attention arrays ride along each step.
         encoder_decoder = getattr(model, "is_encoder_decoder", False)
         elem = torch.finfo(dtype).bits // 8
@@ -119,7 +120,9 @@ class ModelRunner:
         arrays, step = (
             _prefill_arrays(batch, self.block_size)
             if batch.is_prefill
-            else _decode_arrays(batch, self.decode_rows, self.block_size)
+            else _decode_arrays(
+                batch, self.decode_rows.setdefault(batch.lane, DecodeRows()), self.block_size
+            )
         )
         backend_arrays, backend_plan = self.backend.host_arrays(step)
         if batch.copies:

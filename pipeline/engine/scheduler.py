@@ -30,6 +30,7 @@ class ScheduledBatch:
     # decode: rows whose block table changed other than by a new last block (copy-on-write,
     # `Scheduler.rebase`): within one version, the runner refreshes only these
     changed_rows: list[int] = field(default_factory=list)
+    lane: int | None = None  # decode of one lane's requests only (see `Scheduler.schedule`)
     source_tokens: int = 0  # prefill of an encoder-decoder model: source tokens to encode
 
     @property
@@ -59,7 +60,10 @@ class Scheduler:
         # Bumped whenever the running sequences change; while it holds, a decode batch has
         # the same sequences in the same order and per-row work derived from it is reusable.
         self.version = 0
-        self._decode_order: tuple[int, list[Sequence], list[Request]] = (-1, [], [])
+        # Per lane (None: every running request): the decode batch's rows at a version.
+        self._decode_order: dict[int | None, tuple[int, list[Sequence], list[Request]]] = {}
+        self._admitted = 0  # requests admitted so far: each takes the next lane
+        self._lanes = False  # whether the last decode was of one lane
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -71,8 +75,15 @@ class Scheduler:
     def num_running_seqs(self) -> int:
         return sum(len(r.seqs) for r in self.running)
 
-    def schedule(self) -> ScheduledBatch | None:
-        return self._schedule_prefill() or self.schedule_decode()
+    def schedule(self, lane: int | None = None) -> ScheduledBatch | None:
+        """A prefill if one is due, else a decode of every running sequence, or of those of
+        `lane`'s requests only. Lanes (0 and 1, taken in turn as requests are admitted)
+        let the engine keep one half of a beam search on the device while the host
+        updates the other (`LLMEngine.step`)."""
+        return self._schedule_prefill() or self.schedule_decode(lane)
+
+    def lane_running(self, lane: int) -> bool:
+        return any(request.lane == lane for request in self.running)
 
     def fork(self, parent: Sequence, child_index: int) -> Sequence:
         """A new sequence sharing `parent`'s blocks (n samples, beams)."""
@@ -131,6 +142,8 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
+            request.lane = self._admitted % 2
+            self._admitted += 1
             for seq in request.seqs:
                 self.blocks.allocate(seq)
                 batch.seqs.append(seq)
@@ -144,8 +157,9 @@ class Scheduler:
             num_tokens += tokens
         return batch if batch.seqs else None
 
-    def schedule_decode(self) -> ScheduledBatch | None:
-        """A decode step of every running sequence (preempting while blocks run short)."""
+    def schedule_decode(self, lane: int | None = None) -> ScheduledBatch | None:
+        """A decode step of every running sequence, or of `lane`'s (preempting while blocks
+        run short: only while no step is in flight, see `LLMEngine.step`)."""
         while self.running and self._blocks_to_append() > self.blocks.num_free:
             victim = self.running[-1]
             if len(self.running) == 1:
@@ -157,12 +171,20 @@ class Scheduler:
             self._preempt(victim)
         if not self.running:
             return None
-        version, seqs, requests = self._decode_order
+        if self._lanes != (lane is not None):
+            # A lane's rows, kept across its steps, assume that only its steps grow its
+            # sequences (the lanes take turns); a decode of everyone breaks that.
+            self._lanes = lane is not None
+            self.version += 1
+        version, seqs, requests = self._decode_order.get(lane, (-1, [], []))
         if version != self.version:
-            seqs = [seq for request in self.running for seq in request.seqs]
-            requests = [request for request in self.running for _ in request.seqs]
-            self._decode_order = (self.version, seqs, requests)
-        batch = ScheduledBatch(False, seqs, requests, version=self.version)
+            running = [r for r in self.running if lane is None or r.lane == lane]
+            seqs = [seq for request in running for seq in request.seqs]
+            requests = [request for request in running for _ in request.seqs]
+            self._decode_order[lane] = (self.version, seqs, requests)
+        if not seqs:
+            return None
+        batch = ScheduledBatch(False, seqs, requests, version=self.version, lane=lane)
         append_slot, changed = self.blocks.append_slot, batch.changed_rows
         for row, seq in enumerate(seqs):
             copy = append_slot(seq)

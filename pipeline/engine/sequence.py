@@ -89,6 +89,7 @@ class Request:
     stop_ids: frozenset[int] = frozenset()  # sampling: tokens that finish a sequence
     pending_forks: bool = False  # n > 1 sampling before its first token: fork then
     seed_bits: int = 0  # `seed` as the int64 with the same bits (for the device's uniforms)
+    lane: int = 0  # which half of the running requests it decodes with (`Scheduler.schedule`)
     # Encoder-decoder models: the source tokens, and the blocks holding every decoder layer's
     # cross-attention K/V of them (one set per request, read by all its sequences).
     # `prompt_ids` is then the decoder's start token.
