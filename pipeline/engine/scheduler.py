@@ -62,7 +62,6 @@ class Scheduler:
         self.version = 0
         # Per lane (None: every running request): the decode batch's rows at a version.
         self._decode_order: dict[int | None, tuple[int, list[Sequence], list[Request]]] = {}
-        self._admitted = 0  # requests admitted so far: each takes the next lane
         self._lanes = False  # whether the last decode was of one lane
 
     def add(self, request: Request) -> None:
@@ -77,8 +76,8 @@ class Scheduler:
 
     def schedule(self, lane: int | None = None) -> ScheduledBatch | None:
         """A prefill if one is due, else a decode of every running sequence, or of those of
-        `lane`'s requests only. Lanes (0 and 1, taken in turn as requests are admitted)
-        let the engine keep one half of a beam search on the device while the host
+        `lane`'s requests only. Lanes (0 and 1; an admitted request joins the one with
+        fewer sequences) let the engine keep one half of a beam search on the device while the host
         updates the other (`LLMEngine.step`)."""
         return self._schedule_prefill() or self.schedule_decode(lane)
 
@@ -122,6 +121,9 @@ class Scheduler:
         batch = ScheduledBatch(is_prefill=True, seqs=[], requests=[])
         num_tokens = 0
         num_seqs = sum(_seq_budget(r) for r in self.running)
+        lane_seqs = [0, 0]  # sequence slots per lane: a request joins the smaller lane
+        for other in self.running:
+            lane_seqs[other.lane] += _seq_budget(other)
         watermark = self._watermark
         while self.waiting:
             request = self.waiting[0]
@@ -142,8 +144,8 @@ class Scheduler:
                     continue
                 break
             self.waiting.popleft()
-            request.lane = self._admitted % 2
-            self._admitted += 1
+            request.lane = int(lane_seqs[1] < lane_seqs[0])
+            lane_seqs[request.lane] += _seq_budget(request)
             for seq in request.seqs:
                 self.blocks.allocate(seq)
                 batch.seqs.append(seq)
