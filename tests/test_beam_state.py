@@ -1,6 +1,6 @@
 """`BeamState.is_plain`: where it holds, the shortcut (the best `width` candidates run on,
 nothing else changes) is what `BeamState.step` does one candidate at a time. `place_beams`:
-where a group's beams go."""
+where a group's beams go, as `assign_rows` says for one request."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 
 import numpy as np
 
-from pipeline.engine.beam import BeamState, Hypothesis, place_beams
+from pipeline.engine.beam import BeamState, Hypothesis, assign_rows, place_beams
 from pipeline.engine.params import BeamParams
 
 VOCAB, EOS = 50, 2
@@ -52,10 +52,18 @@ def test_plain_steps_are_what_step_does() -> None:
     assert plain > 200 and other > 200
 
 
-def test_placed_beams_keep_their_rows_and_fill_the_rest_in_order() -> None:
-    """`place_beams` for a group at once is the rule it states, request by request: the
-    first beam on a row keeps it; the k-th other beam (best first) takes the k-th lowest
-    row that no beam continues, copying its parent there."""
+def test_assign_rows_keeps_rows_and_fills_the_rest_in_order() -> None:
+    # beams 0 and 1 continue rows 2 and 0; beams 2 and 3 (rows 2 and 0 again) move into the
+    # rows nobody continues, lowest first (1 and 3); row 4 is left over
+    assert assign_rows([2, 0, 2, 0], 5) == ([2, 0, 1, 3], [4])
+    # the first step: one row fans out, the others are new rows past the end
+    assert assign_rows([0, 0, 0], 1) == ([0, 1, 2], [])
+    assert assign_rows([], 2) == ([], [0, 1])  # a request done: every row left over
+
+
+def test_place_beams_is_assign_rows_for_a_whole_group() -> None:
+    """`place_beams` over [G, W] arrays gives every request's `assign_rows`: each beam's
+    token and score land in its row, and the moves are the beams that changed rows."""
     rng = np.random.default_rng(0)
     for width in (1, 2, 4, 5):
         parents = rng.integers(0, width, size=(200, width))
@@ -65,18 +73,10 @@ def test_placed_beams_keep_their_rows_and_fill_the_rest_in_order() -> None:
         placed = place_beams(parents, tokens, scores)
         moves = []
         for g in range(200):
-            row_of, taken = [-1] * width, set()
-            for i, parent in enumerate(parents[g].tolist()):
-                if parent not in taken:
-                    taken.add(parent)
-                    row_of[i] = parent
-            spare = [row for row in range(width) if row not in taken]
-            for i, parent in enumerate(parents[g].tolist()):
-                if row_of[i] < 0:
-                    row_of[i] = spare.pop(0)
-                    moves.append((g, row_of[i], parent))
-            assert sorted(row_of) == list(range(width))
+            row_of, unused = assign_rows(parents[g].tolist(), width)
+            assert sorted(row_of) == list(range(width)) and not unused
             assert placed.tokens[g, row_of].tolist() == tokens[g].tolist()
             assert placed.scores[g, row_of].tolist() == scores[g].tolist()
+            moves += [(g, r, p) for r, p in zip(row_of, parents[g].tolist(), strict=True) if r != p]
         assert placed.moves == moves
         assert width == 1 or 0 < len(moves) < 200 * (width - 1)

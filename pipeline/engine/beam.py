@@ -271,6 +271,28 @@ class HostCandidates:
     index: np.ndarray  # [G, keep] int64 flat beam * V + token
 
 
+def assign_rows(parent_of: list[int], num_rows: int) -> tuple[list[int], list[int]]:
+    """Where a request's next beams go: beam i (best first) continues row `parent_of[i]`.
+    The first beam to continue a row takes it over; every other beam moves into the
+    lowest row that no beam continues, then, when none is left, past the last row (a new
+    one). Returns each beam's row, and the rows no beam took (ascending).
+
+    Rows that stay put keep the batch's sequences and order from step to step, so that
+    what the engine derived from them (decode order, block tables, plans) stays valid."""
+    row_of = [-1] * len(parent_of)
+    taken = [False] * num_rows
+    for i, parent in enumerate(parent_of):
+        if not taken[parent]:
+            taken[parent] = True
+            row_of[i] = parent
+    spare = [row for row, used in enumerate(taken) if not used]
+    spare += range(num_rows, num_rows + len(parent_of))  # past the end, in order
+    moving = [i for i, row in enumerate(row_of) if row < 0]
+    for i, row in zip(moving, spare, strict=False):
+        row_of[i] = row
+    return row_of, [row for row in spare[len(moving) :] if row < num_rows]
+
+
 @dataclass
 class Placement:
     """Where a group's next beams go when each request has as many rows as beams: `G`
@@ -282,14 +304,10 @@ class Placement:
 
 
 def place_beams(parents: np.ndarray, tokens: np.ndarray, scores: np.ndarray) -> Placement:
-    """The next beams of G requests, best first: beam i of request g continues row
-    `parents[g, i]` with `tokens[g, i]` ([G, W] each, W beams from W rows).
-
-    Rows stay where they are: the first beam to continue a row takes it over; each other
-    beam moves into a row that no beam continues, the k-th of them (in beam order) into
-    the k-th such row (lowest first). Array operations over the whole group: the host's
-    per-request work is left to the moves (about one per request in a step) and the
-    appends."""
+    """`assign_rows` for G requests at once: beam i of request g (best first) continues
+    row `parents[g, i]` with `tokens[g, i]` ([G, W] each, W beams from W rows). Array
+    operations over the whole group: the host's per-request work is left to the moves
+    (about one per request in a step) and the appends."""
     groups, width = parents.shape
     earlier = np.tri(width, width, -1, dtype=bool)  # [i, j]: j before i
     moves = ((parents[:, :, None] == parents[:, None, :]) & earlier).any(2)  # [G, W]

@@ -13,7 +13,13 @@ from collections.abc import Callable
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from pipeline.engine.beam import BeamState, HostCandidates, Hypothesis, place_beams
+from pipeline.engine.beam import (
+    BeamState,
+    HostCandidates,
+    Hypothesis,
+    assign_rows,
+    place_beams,
+)
 from pipeline.engine.decide import Decision, StepPlan
 from pipeline.engine.outputs import CompletionOutput, RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
@@ -210,33 +216,23 @@ class Postprocessor:
         """The next beams, best first: beam i continues row `parent_of[i]` (of
         `request.seqs`) with `tokens[i]`, its cumulative score `scores[i]`.
 
-        Rows stay where they are, so the scheduler's batch (its sequences and their order)
-        stays valid across steps: the first beam to continue a row takes that row over;
-        every other beam moves into a row that no beam continues (`Scheduler.rebase`: a
-        copy of its parent's tokens, blocks shared copy-on-write), or, when none is left
-        (the first step fans one sequence out), into a sequence forked and appended. Rows
-        left over (fewer beams) are released. The running scores follow the rows."""
+        Rows stay where they are (`assign_rows`), so the scheduler's batch (its sequences
+        and their order) stays valid across steps: a beam moved into a row that no beam
+        continues takes a copy of its parent there (`Scheduler.rebase`: tokens copied,
+        blocks shared copy-on-write); one past the last row (the first step fans one
+        sequence out) is a sequence forked and appended. Rows left over (fewer beams) are
+        released. The running scores follow the rows."""
         rows = request.seqs
         state = request.beam
         assert state is not None
         # Read from the parents as they are: rows taken over grow below.
         new_texts = None if texts is None else list(map(texts.new_text, parent_of, tokens))
-        row_of = [-1] * len(parent_of)  # the row each beam ends up in
-        taken = [False] * len(rows)
-        for i, parent in enumerate(parent_of):
-            if not taken[parent]:
-                taken[parent] = True
-                row_of[i] = parent
-        spare = [row for row, used in enumerate(taken) if not used]
-        spare.reverse()  # pop() hands out the lowest first
-        for i, parent in enumerate(parent_of):  # every copy made before any parent grows
-            if row_of[i] < 0:
-                if spare:
-                    row_of[i] = spare.pop()
-                    self.scheduler.rebase(rows[row_of[i]], rows[parent])
-                else:
-                    row_of[i] = len(rows)
-                    rows.append(self.scheduler.fork(rows[parent], len(rows)))
+        row_of, unused = assign_rows(parent_of, len(rows))
+        for row, parent in zip(row_of, parent_of, strict=True):  # copies before rows grow
+            if row == len(rows):  # moved rows past the end come in order
+                rows.append(self.scheduler.fork(rows[parent], row))
+            elif row != parent:
+                self.scheduler.rebase(rows[row], rows[parent])
         running = [0.0] * len(rows)
         for i, row in enumerate(row_of):
             seq = rows[row]
@@ -244,7 +240,7 @@ class Postprocessor:
             if new_texts is not None:
                 _advance_text(seq, new_texts[i])
             running[row] = scores[i]
-        for row in spare:  # highest first: the rows below keep their places while deleting
+        for row in reversed(unused):  # highest first: the rows below keep their places
             self.scheduler.release(rows.pop(row))
             del running[row]
         state.running_scores = running
