@@ -246,8 +246,9 @@ def _prefill_arrays(
 class DecodeRows:
     """A decode batch's context lengths and block tables, kept across steps while its
     sequences stay the same (`ScheduledBatch.version`): then every sequence grew by one
-    token, so only the lengths, the rows that crossed into a new block and the rows the
-    scheduler lists as changed (copy-on-write, beams moved into a row) change."""
+    token, so only the lengths, the rows that crossed into a new block, the last block of
+    rows copied on write, and the rows the scheduler lists as changed (a beam moved in)
+    change."""
 
     def __init__(self) -> None:
         self.version = -1
@@ -268,8 +269,8 @@ class DecodeRows:
             return
         self.lengths = self.lengths + 1
         grew = np.flatnonzero((self.lengths - 1) % block_size == 0)  # new token, new block
-        changed = batch.changed_rows
-        if not len(grew) and not changed:
+        changed, copied = batch.changed_rows, batch.copy_rows
+        if not len(grew) and not changed and not copied:
             return
         counts = self.counts.copy()  # copies: last step's arrays may still be in use
         counts[grew] += 1
@@ -281,6 +282,8 @@ class DecodeRows:
                 tables = _widened(tables, fresh.shape[1])
             tables[changed] = 0
             tables[changed, : fresh.shape[1]] = fresh
+        if copied:  # the private copy in place of the shared last block
+            tables[copied, counts[copied] - 1] = [dst for _, dst, _ in batch.copies]
         self.tables, self.counts = tables, counts
 
 

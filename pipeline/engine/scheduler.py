@@ -27,8 +27,10 @@ class ScheduledBatch:
     # copy-on-write: (src, dst, filled) - copy the first `filled` positions of src to dst
     copies: list[tuple[int, int, int]] = field(default_factory=list)
     version: int = -1  # the scheduler's `version` for a decode batch: same sequences, same order
-    # decode: rows whose block table changed other than by a new last block (copy-on-write,
-    # `Scheduler.rebase`): within one version, the runner refreshes only these
+    # decode, within one version (the runner keeps the batch's block tables): the row of
+    # each copy-on-write (its last block replaced by `copies`' dst), and the rows whose
+    # whole table was replaced (`Scheduler.rebase`)
+    copy_rows: list[int] = field(default_factory=list)
     changed_rows: list[int] = field(default_factory=list)
     lane: int | None = None  # decode of one lane's requests only (see `Scheduler.schedule`)
     source_tokens: int = 0  # prefill of an encoder-decoder model: source tokens to encode
@@ -187,14 +189,15 @@ class Scheduler:
         if not seqs:
             return None
         batch = ScheduledBatch(False, seqs, requests, version=self.version, lane=lane)
-        append_slot, changed = self.blocks.append_slot, batch.changed_rows
+        append_slot = self.blocks.append_slot
         for row, seq in enumerate(seqs):
             copy = append_slot(seq)
             if copy is not None:
                 batch.copies.append(copy)
-            if copy is not None or seq.new_table:
+                batch.copy_rows.append(row)
+            if seq.new_table:
                 seq.new_table = False
-                changed.append(row)
+                batch.changed_rows.append(row)
         return batch
 
     def prefill_due(self, min_seqs: int = 1) -> bool:
