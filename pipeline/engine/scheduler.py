@@ -79,8 +79,8 @@ class Scheduler:
     def schedule(self, lane: int | None = None) -> ScheduledBatch | None:
         """A prefill if one is due, else a decode of every running sequence, or of those of
         `lane`'s requests only. Lanes (0 and 1; an admitted request joins the one with
-        fewer sequences) let the engine keep one half of a beam search on the device while the host
-        updates the other (`LLMEngine.step`)."""
+        fewer sequences) let the engine keep one half of a beam search on the device while
+        the host updates the other (`LLMEngine.step`)."""
         return self._schedule_prefill() or self.schedule_decode(lane)
 
     def lane_running(self, lane: int) -> bool:
@@ -94,8 +94,8 @@ class Scheduler:
         return child
 
     def rebase(self, seq: Sequence, source: Sequence) -> None:
-        """`seq`, a beam no beam continues, becomes a copy of `source` in place: its tokens,
-        text and blocks (shared copy-on-write). The batch keeps its sequences and order (no
+        """`seq`, a row that no beam continues, becomes a copy of `source` in place: its
+        tokens, text and blocks (shared copy-on-write). The batch keeps its sequences and order (no
         new version); the next decode lists its row in `changed_rows`."""
         self.blocks.share(seq, source)
         seq.copy_history(source)
