@@ -92,18 +92,21 @@ def paged_decode_attention_cpu(
     return out.to(q.dtype)
 
 
-def row_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """[N, W] fp32 (unit column stride) -> [N]: log(sum(exp(x))) per row in one pass over
-    the row after its max (-inf for a row of -inf)."""
+def row_lse_topk(
+    x: torch.Tensor,
+    k: int,
+    banned: torch.Tensor,
+    ban_rows: torch.Tensor,
+    ban_columns: torch.Tensor,
+    bans_first: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [N, W] fp32 or bf16 logits (unit column stride) -> ([N] log(sum(exp(x))) per row,
+    -inf for a row of -inf; [N, k] each row's k best values, fp32, best first; [N, k] their
+    columns, int64, ties lower first), each row visited once for all of it. Bans, int64:
+    columns `banned` [B] in every row, and (row, column) pairs `ban_rows`, `ban_columns` [P]
+    (rows sorted). They are written into x as -inf before the log-sum-exp when `bans_first`,
+    else after it; the top-k never picks them."""
     module = _module()
     assert module is not None, "check cpu_kernels_available() first"
-    return module.row_logsumexp(x)
-
-
-def row_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, W] fp32 (unit column stride) -> each row's k best values [N, k] and columns [N, k]
-    int64, best first (ties: the lower column first), in one pass."""
-    module = _module()
-    assert module is not None, "check cpu_kernels_available() first"
-    values, ids = module.row_topk(x, k)
-    return values, ids
+    lse, values, ids = module.row_lse_topk(x, k, banned, ban_rows, ban_columns, bans_first)
+    return lse, values, ids

@@ -1,4 +1,4 @@
-"""The compiled CPU decode-attention kernel against its torch reference."""
+"""The compiled CPU kernels (decode attention, the head's row reductions) against torch."""
 
 from __future__ import annotations
 
@@ -92,36 +92,80 @@ def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
     torch.testing.assert_close(actual, expected.bfloat16(), atol=0, rtol=0.008)
 
 
+NO_BANS = torch.empty(0, dtype=torch.int64)
+
+
+def lse_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return cpu.row_lse_topk(x, k, NO_BANS, NO_BANS, NO_BANS, False)
+
+
 @needs_kernels
 @pytest.mark.parametrize("width", [4096, 300, 17])
 @pytest.mark.parametrize("k", [1, 8, 3])
-def test_row_reductions_match_torch(width: int, k: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_reductions_match_torch(width: int, k: int, dtype: torch.dtype) -> None:
     """Log-sum-exp and top-k of logits-like rows, with banned (-inf) columns, a row banned
-    whole, a row with fewer finite values than k, and ties."""
+    whole, a row with fewer finite values than k, and ties; bf16 rows are reduced in fp32."""
     gen = torch.Generator().manual_seed(width + k)
-    x = torch.randn(9, width, generator=gen) * 4
+    x = (torch.randn(9, width, generator=gen) * 4).to(dtype)
     x[0, ::3] = float("-inf")
     x[1] = float("-inf")
     x[2, 2:] = float("-inf")  # two finite values
     x[3, 5] = x[3, 9] = x[3].max() + 1  # a tie for the best
-    torch.testing.assert_close(cpu.row_logsumexp(x), torch.logsumexp(x, dim=1))
-    values, ids = cpu.row_topk(x, k)
-    expected = torch.topk(x, k, dim=1)
+    wide = x.float()
+    lse, values, ids = lse_topk(x, k)
+    torch.testing.assert_close(lse, torch.logsumexp(wide, dim=1))
+    expected = torch.topk(wide, k, dim=1)
     torch.testing.assert_close(values, expected.values)
-    assert torch.equal(x.gather(1, ids), values)  # ids point at their values
+    assert torch.equal(wide.gather(1, ids), values)  # ids point at their values
     assert torch.equal(ids[3, :2], torch.tensor([5, 9])[: min(k, 2)])  # ties: lower first
     assert ((ids >= 0) & (ids < width)).all()
-    plain = [0, 2, 4, 5, 6, 7, 8]  # no ties: the same columns where the values are finite
-    finite = torch.isfinite(expected.values[plain])
-    assert torch.equal(ids[plain][finite], expected.indices[plain][finite])
+    if dtype == torch.float32:  # no ties (bf16 rounding makes some): the same columns
+        plain = [0, 2, 4, 5, 6, 7, 8]
+        finite = torch.isfinite(expected.values[plain])
+        assert torch.equal(ids[plain][finite], expected.indices[plain][finite])
+
+
+@needs_kernels
+@pytest.mark.parametrize("bans_first", [True, False])
+def test_row_reductions_ban_before_or_after_the_log_sum_exp(bans_first: bool) -> None:
+    """Bans in every row and per row (several in one row, none in others): written as -inf,
+    out of the top-k either way, and out of the log-sum-exp only when they come first."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 100, generator=gen) * 3
+    x[:, 40] = x[4, 41] = x[4, 3] = x[1, 60] = 50.0  # the banned places would be the best
+    banned, rows, columns = torch.tensor([40]), torch.tensor([1, 4, 4]), torch.tensor([60, 41, 3])
+    expected = x.clone()
+    lse, values, ids = cpu.row_lse_topk(x, 4, banned, rows, columns, bans_first)
+    expected_lse = torch.logsumexp(expected, dim=1)
+    expected[:, 40] = expected[rows, columns] = float("-inf")
+    if bans_first:
+        expected_lse = torch.logsumexp(expected, dim=1)
+    torch.testing.assert_close(lse, expected_lse)
+    best = expected.topk(4, dim=1)
+    torch.testing.assert_close(values, best.values)
+    assert torch.equal(ids, best.indices)
+    assert torch.equal(x, expected)  # the bans were written into x
+
+
+@needs_kernels
+def test_row_reductions_refuse_bans_outside_the_stage() -> None:
+    x = torch.randn(3, 10)
+    with pytest.raises(RuntimeError, match="outside the row"):
+        cpu.row_lse_topk(x, 2, torch.tensor([10]), NO_BANS, NO_BANS, False)
+    with pytest.raises(RuntimeError, match="outside x"):
+        cpu.row_lse_topk(x, 2, NO_BANS, torch.tensor([3]), torch.tensor([0]), False)
+    with pytest.raises(RuntimeError, match="unsorted"):
+        cpu.row_lse_topk(x, 2, NO_BANS, torch.tensor([2, 1]), torch.tensor([0, 0]), False)
 
 
 @needs_kernels
 def test_row_reductions_read_a_column_block_with_its_stride() -> None:
     x = torch.randn(5, 64)
     view = x[:, 16:48]
-    torch.testing.assert_close(cpu.row_logsumexp(view), torch.logsumexp(view, dim=1))
-    assert torch.equal(cpu.row_topk(view, 4)[0], torch.topk(view, 4, dim=1).values)
+    lse, values, _ = lse_topk(view, 4)
+    torch.testing.assert_close(lse, torch.logsumexp(view, dim=1))
+    assert torch.equal(values, torch.topk(view, 4, dim=1).values)
 
 
 def test_switched_off_the_engine_keeps_torch_ops(monkeypatch: pytest.MonkeyPatch) -> None:

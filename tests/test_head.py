@@ -61,16 +61,21 @@ def test_top_logprobs_match_full_log_softmax(
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_bfloat16_head_reduces_in_float32(bias: bool, reductions: str) -> None:
-    """A bf16 model's head: products in bf16, the reduction over fp32 logits."""
-    hidden, weight = torch.randn(5, 16).bfloat16(), torch.randn(700, 16).bfloat16()
-    offset = torch.randn(700).bfloat16() if bias else None
-    logits = (hidden @ weight.t()).float() + (0 if offset is None else offset.float())
-    expected = logits.log_softmax(dim=-1).topk(3, dim=-1)
+    """A bf16 model's head: products in bf16 (the logits rounded to bf16, as the model's
+    dtype gives them; the compiled path keeps its stage in bf16), reductions in fp32."""
+    gen = torch.Generator().manual_seed(3)
+    hidden = torch.randn(5, 16, generator=gen).bfloat16()
+    weight = torch.randn(700, 16, generator=gen).bfloat16()
+    offset = torch.randn(700, generator=gen).bfloat16() if bias else None
+    exact = hidden.float() @ weight.float().t() + (0 if offset is None else offset.float())
+    logprobs = exact.log_softmax(dim=-1)
+    expected = logprobs.topk(3, dim=-1)
     top = top_logprobs(hidden, weight, offset, HeadQuery(3, True))
     assert top.values.dtype == torch.float32
-    torch.testing.assert_close(top.values, expected.values)
+    # Logits up to ~12 rounded to bf16 (spacing 1/16 there), at most twice: within 0.07.
+    torch.testing.assert_close(top.values, expected.values, atol=0.07, rtol=0)
     # bf16 products tie often, and the order of tied tokens is the implementation's
-    assert torch.equal(logits.gather(1, top.ids), logits.gather(1, expected.indices))
+    torch.testing.assert_close(logprobs.gather(1, top.ids), expected.values, atol=0.07, rtol=0)
 
 
 @pytest.mark.parametrize("stage, k", [(300, 2), (1024, 1)])

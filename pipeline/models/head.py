@@ -77,32 +77,38 @@ def top_logprobs(
     rows, vocab, k = hidden.shape[0], weight.shape[0], query.k
     width = min(STAGE, vocab)
     stages = -(-vocab // width)
-    stage = torch.empty(rows, width, device=hidden.device)
-    scratch = torch.empty_like(stage)  # exp(stage - row max), for the log-sum-exp
+    # The compiled row reductions (kernels/cpu.py) visit each row of a stage once for its
+    # log-sum-exp, bans and best k, and read bf16: a bf16 model's stage stays in bf16 (the
+    # head's output dtype, as in transformers, which widens its bf16 logits after the
+    # product), one product per stage (on a CPU with AMX, [256, 512] x [512, 4,096]: 1.0 ms
+    # where eight 512-column products and the widening copy took 2.2).
+    compiled = hidden.device.type == "cpu" and cpu_kernels.cpu_kernels_available()
+    low_precision = compiled and hidden.dtype == weight.dtype == torch.bfloat16
+    stage = torch.empty(
+        rows, width, device=hidden.device, dtype=torch.bfloat16 if low_precision else None
+    )
+    chunk = width if low_precision else LOGITS_CHUNK
     lse = torch.empty(stages, rows, device=hidden.device)  # each stage's log-sum-exp
     best = torch.empty(stages, rows, k, device=hidden.device)
     best_ids = torch.empty(stages, rows, k, dtype=torch.int64, device=hidden.device)
     bans = _bans_by_stage(query, width, stages)
-    # The compiled row reductions (kernels/cpu.py): a [256, 4,096] stage's log-sum-exp and
-    # best 8 in 1.7 ms where the torch ops below take 2.5 (best 1: 1.3 vs 1.6).
-    compiled = hidden.device.type == "cpu" and cpu_kernels.cpu_kernels_available()
+    scratch = None if compiled else torch.empty_like(stage)  # exp(stage - row max)
     for s in range(stages):
         start, end = s * width, min(vocab, (s + 1) * width)
-        # In LOGITS_CHUNK-column products (one [N, 4096] product runs ~20% slower here),
+        # In `chunk`-column products (for fp32, one [N, 4096] product runs ~20% slower),
         # each written in place: a column block of the stage is a BLAS matrix with its stride.
-        for a in range(start, end, LOGITS_CHUNK):
-            b = min(end, a + LOGITS_CHUNK)
+        for a in range(start, end, chunk):
+            b = min(end, a + chunk)
             part = None if bias is None else bias[a:b]
             _project(hidden, weight[a:b], part, stage[:, a - start : b - start])
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
-        if query.before_norm:
-            _ban(stage, bans[s])
-        if compiled:  # one pass each, in C++
-            lse[s] = cpu_kernels.row_logsumexp(stage)
-            if not query.before_norm:
-                _ban(stage, bans[s])
-            best[s], best_ids[s] = cpu_kernels.row_topk(stage, k)
+        if scratch is None:  # one visit per row, in C++
+            lse[s], best[s], best_ids[s] = cpu_kernels.row_lse_topk(
+                stage, k, *bans[s].tensors(), query.before_norm
+            )
         else:
+            if query.before_norm:
+                _ban(stage, bans[s])
             _reduce_stage(
                 stage, bans[s], query.before_norm, k, scratch, lse[s], best[s], best_ids[s]
             )
@@ -121,7 +127,7 @@ def top_logprobs(
 
 def _reduce_stage(
     stage: torch.Tensor,
-    bans: tuple[list[int], list[int], list[int]],
+    bans: StageBans,
     before_norm: bool,
     k: int,
     scratch: torch.Tensor,
@@ -212,25 +218,39 @@ def _project(
         out += bias
 
 
-def _bans_by_stage(
-    query: HeadQuery, width: int, stages: int
-) -> list[tuple[list[int], list[int], list[int]]]:
-    """Per stage: banned columns in every row, and (rows, columns) of the per-row bans,
-    columns relative to the stage."""
-    out: list[tuple[list[int], list[int], list[int]]] = [([], [], []) for _ in range(stages)]
+@dataclass
+class StageBans:
+    """A stage's banned places, columns relative to the stage: `columns` in every row, and
+    (row, column) pairs sorted by row."""
+
+    columns: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    row_columns: list[int] = field(default_factory=list)
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three lists as int64 tensors (the compiled reductions' arguments)."""
+        columns, rows, row_columns = (
+            torch.tensor(x, dtype=torch.int64) for x in (self.columns, self.rows, self.row_columns)
+        )
+        return columns, rows, row_columns
+
+
+def _bans_by_stage(query: HeadQuery, width: int, stages: int) -> list[StageBans]:
+    """Per stage: banned columns in every row, and the (row, column) pairs of the per-row
+    bans, sorted by row."""
+    out = [StageBans() for _ in range(stages)]
     for token in query.banned:
-        out[token // width][0].append(token % width)
-    for row, token in query.row_bans:
-        out[token // width][1].append(row)
-        out[token // width][2].append(token % width)
+        out[token // width].columns.append(token % width)
+    for row, token in sorted(query.row_bans):
+        out[token // width].rows.append(row)
+        out[token // width].row_columns.append(token % width)
     return out
 
 
-def _ban(stage: torch.Tensor, bans: tuple[list[int], list[int], list[int]]) -> bool:
+def _ban(stage: torch.Tensor, bans: StageBans) -> bool:
     """Set the banned columns to -inf; whether there were any."""
-    columns, rows, row_columns = bans
-    if columns:
-        stage[:, columns] = float("-inf")
-    if rows:
-        stage[rows, row_columns] = float("-inf")
-    return bool(columns or rows)
+    if bans.columns:
+        stage[:, bans.columns] = float("-inf")
+    if bans.rows:
+        stage[bans.rows, bans.row_columns] = float("-inf")
+    return bool(bans.columns or bans.rows)
