@@ -29,6 +29,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in ("cpu_decode_attention.cpp", "cpu_head_reduce.cpp", "cpu_bindings.cpp")
 ]
+HEADERS = [Path(__file__).with_name("cpu_math.h")]  # included by the sources
 # -fno-trapping-math lets the compiler vectorise the float -> int steps of exp_nonpositive.
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-trapping-math"]
 
@@ -48,7 +49,7 @@ def _module() -> Any | None:
     if os.environ.get("PIPELINE_CPU_KERNELS", "1") == "0":
         log.info("compiled CPU kernels off (PIPELINE_CPU_KERNELS=0)")
         return None
-    text = "".join(source.read_text() for source in SOURCES)
+    text = "".join(source.read_text() for source in SOURCES + HEADERS)
     key = hashlib.sha1((_cpu_signature() + text).encode()).hexdigest()[:12]
     name = f"pipeline_cpu_kernels_{key}"
     log.info("CPU kernels %s: loading (the first build on a machine takes ~45 s)", name)

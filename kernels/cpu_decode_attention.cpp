@@ -16,38 +16,47 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu_math.h"
+
 namespace {
 
-// Cache elements to fp32: a float as it is, a bfloat16 as the top half of one (exact).
-inline float widen(float x) { return x; }
-inline float widen(at::BFloat16 x) {
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
+using pipeline_cpu::exp_nonpositive, pipeline_cpu::widen;
 
 struct Shapes {
   int64_t heads, group, kv_heads, head_dim, block_size, table_width;
 };
 
+// Per-thread scratch: scores [H, len], the output accumulator [H, D], and where each
+// cached position's row starts in the pool.
+struct Scratch {
+  std::vector<float> scores, acc;
+  std::vector<int64_t> rows;
+};
+
 // One sequence: all its query heads against its context, a cached position's [KVH, D]
 // keys (then values) read together, in the order they lie in the block.
-// q, out: [H, D] fp32; caches of T (float or bfloat16); scores: [H, len], acc: [H, D] scratch.
-template <typename T>
+// q, out: [H, D] fp32; caches of T (float or bfloat16). kD: the head dim when it is known at
+// compile time (the loops over it unroll into whole vectors), else 0 (s.head_dim).
+template <typename T, int64_t kD>
 void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
-            int64_t len, const Shapes& s, float scale, float* out, std::vector<float>& scores,
-            std::vector<float>& acc) {
-  const int64_t H = s.heads, G = s.group, D = s.head_dim, BS = s.block_size;
+            int64_t len, const Shapes& s, float scale, float* out, Scratch& scratch) {
+  const int64_t H = s.heads, G = s.group, D = kD ? kD : s.head_dim, BS = s.block_size;
   const int64_t row_size = s.kv_heads * D;  // one position's K (or V) of all KV heads
   if (len <= 0) {  // nothing to attend: zeros, as the reference gives
     std::fill(out, out + H * D, 0.f);
     return;
   }
+  std::vector<float>& scores = scratch.scores;
+  std::vector<float>& acc = scratch.acc;
   scores.resize(H * len);
-  auto row = [&](const T* cache, int64_t t) {
-    return cache + (table[t / BS] * BS + t % BS) * row_size;
-  };
+  // Each position's offset in the pool, block by block (no division per position).
+  scratch.rows.resize(len);
+  for (int64_t t = 0; t < len; t += BS) {
+    const int64_t start = table[t / BS] * BS * row_size;
+    for (int64_t i = t; i < std::min(len, t + BS); ++i) scratch.rows[i] = start + (i - t) * row_size;
+  }
+  const int64_t* rows = scratch.rows.data();
+  auto row = [&](const T* cache, int64_t t) { return cache + rows[t]; };
   // Four positions at a time: four independent sums per query head, where one running
   // sum would wait on each fused multiply-add's latency.
   int64_t t = 0;
@@ -84,8 +93,9 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
     float* sh = scores.data() + h * len;
     const float top = *std::max_element(sh, sh + len);
     float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
     for (int64_t t = 0; t < len; ++t) {
-      sh[t] = std::exp(sh[t] - top);
+      sh[t] = exp_nonpositive(sh[t] - top);  // vectorised (std::exp is a library call)
       sum += sh[t];
     }
     const float inv = 1.f / sum;
@@ -112,13 +122,16 @@ void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tabl
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
   // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
   // contiguous ranges would give one thread all the long contexts.
+  auto attend_row = s.head_dim == 64    ? attend<T, 64>
+                    : s.head_dim == 128 ? attend<T, 128>
+                                        : attend<T, 0>;
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-    std::vector<float> scores, acc;
+    Scratch scratch;
     for (int64_t tid = first; tid < last; ++tid) {
       for (int64_t b = tid; b < batch; b += threads) {
         const int64_t offset = b * s.heads * s.head_dim;
-        attend(q + offset, k_cache, v_cache, tables + b * s.table_width, lens[b], s, scale,
-               out + offset, scores, acc);
+        attend_row(q + offset, k_cache, v_cache, tables + b * s.table_width, lens[b], s, scale,
+                   out + offset, scratch);
       }
     }
   });

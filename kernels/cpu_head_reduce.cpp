@@ -19,44 +19,19 @@
 #include <cstring>
 #include <limits>
 
+#include "cpu_math.h"
+
 #if (defined(__AVX512F__)) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
 namespace {
 
+using pipeline_cpu::exp_nonpositive, pipeline_cpu::widen;
+using pipeline_cpu::kExpLow, pipeline_cpu::kExpPoly, pipeline_cpu::kLn2High,
+    pipeline_cpu::kLn2Low, pipeline_cpu::kLog2e;
+
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// exp(x) for x <= 0 (logits minus their row max), in a form the compiler vectorises (a
-// library expf call is not): 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r) by
-// Cephes' degree-6 polynomial (about 1 ulp). Below -87.3 (and for -inf, a banned token)
-// it is 0.
-constexpr float kExpLow = -87.3f;  // exp of anything below is 0 here
-constexpr float kLog2e = 1.44269504f;
-constexpr float kLn2High = 0.693359375f, kLn2Low = 2.12194440e-4f;  // ln 2 in two parts
-constexpr float kExpPoly[] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
-                              4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
-
-inline float widen(float x) { return x; }
-inline float widen(at::BFloat16 x) {  // the top half of an fp32 (exact)
-  const uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-
-inline float exp_nonpositive(float x) {
-  const float clamped = std::max(x, kExpLow);
-  const float n = std::floor(clamped * kLog2e + 0.5f);
-  const float r = clamped - n * kLn2High + n * kLn2Low;
-  float p = kExpPoly[0];
-  for (int j = 1; j < 6; ++j) p = p * r + kExpPoly[j];
-  const float e = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return x < kExpLow ? 0.f : e * scale;
-}
 
 // The vector primitives the passes below need, over kLanes fp32 lanes: AVX-512 where the
 // compiler targets it, else AVX2 (GCC, tuned for some AVX2 CPUs such as AMD Zen 1,

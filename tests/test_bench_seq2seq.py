@@ -22,6 +22,7 @@ def run(model_dir, out, systems: str) -> dict:
     argv = ["--systems", systems, "--modes", "greedy,beam4", "--num-sentences", "6"]
     argv += ["--new-tokens", "5", "--max-len", "24", "--dtypes", "float32"]
     argv += ["--ct2-batches", "examples:4,tokens:64", "--model-dir", str(model_dir)]
+    argv += ["--max-num-seqs", "4,8", "--ours-tune-sentences", "3"]  # tuned on 3, run on 6
     result = seq2seq.main([*argv, "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
     return result
@@ -36,6 +37,10 @@ def test_hf_and_ours(model_dir, tmp_path) -> None:
     for row in rows.values():
         assert row["tok_s"] == pytest.approx(6 * 5 / row["wall_s"])
         assert row["floor_frac"] > 0 and row["vs_ct2_float32"] is None
+    for mode in ("greedy", "beam4"):  # the best candidate on the subset ran the whole set
+        tuning = rows["ours", mode]["ours_tuning_s"]
+        assert set(tuning) == {"4", "8"}
+        assert rows["ours", mode]["batch"] == f"max_num_seqs {min(tuning, key=tuning.get)}"
     floor = result["floor_gflop"]
     assert floor["beam4"]["decoder"] == pytest.approx(4 * floor["greedy"]["decoder"])
     assert floor["beam4"]["encoder"] == floor["greedy"]["encoder"]

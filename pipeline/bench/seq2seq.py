@@ -27,7 +27,9 @@ Systems (--systems), each in this process, one after another:
 CTranslate2's max_batch_size / batch_type is tuned per mode and compute type: every
 candidate (--ct2-batches) is timed, on the whole set when it has at most
 --ct2-tune-sentences (128) sources (its best time is the result), else on that many
-sources spread over it, the best one then running the whole set. Threads:
+sources spread over it, the best one then running the whole set. Ours is tuned the same
+way per mode and dtype over --max-num-seqs (256,512,1,024 decoder rows in a step), on
+--ours-tune-sentences (256: with fewer, a beam-4 subset cannot fill 1,024 rows). Threads:
 torch.set_num_threads and CTranslate2's intra_threads = --threads (default: all cores).
 
 Reported per system and mode: wall seconds, tokens/s (sentences x new tokens: the returned
@@ -376,12 +378,17 @@ def run_ct2(translator, tokens, rows: int, new_tokens: int, batch_type: str, siz
     return seconds
 
 
+def spread(items: list, count: int) -> list:
+    """`count` of `items` taken evenly over the list (all of them when it is no longer)."""
+    step = max(len(items) // count, 1)
+    return items[::step][:count]
+
+
 def tune_ct2(translator, tokens, rows, new_tokens, candidates, tune_n) -> tuple[tuple, dict]:
     """Time each (batch_type, max_batch_size) candidate; return the best and every
     candidate's seconds. On the whole set when it has at most `tune_n` sources (the best
     time is then the measurement), else on `tune_n` sources spread evenly over it."""
-    step = max(len(tokens) // tune_n, 1)
-    subset = tokens[::step][:tune_n]
+    subset = spread(tokens, tune_n)
     timings = {}
     for batch_type, size in candidates:
         timings[f"{batch_type}:{size}"] = run_ct2(
@@ -428,7 +435,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-len", type=int, default=5)
     p.add_argument("--max-len", type=int, default=120)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--quick", action="store_true", help="16 sentences, 1 CT2 candidate")
+    p.add_argument("--quick", action="store_true", help="16 sentences, 1 candidate each")
     p.add_argument("--threads", type=int, default=0, help="0: all cores")
     p.add_argument(
         "--repeats", type=int, default=1, help="time each system and mode N times, keep the best"
@@ -436,14 +443,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--ct2-batches", default=DEFAULT_CT2_BATCHES)
     p.add_argument("--ct2-tune-sentences", type=int, default=128)
-    p.add_argument("--max-num-seqs", type=int, default=256, help="ours")
-    p.add_argument("--kv-cache-memory", default="2GiB", help="ours")
+    p.add_argument(
+        "--max-num-seqs", default="256,512,1024", help="ours: the candidates tuned over"
+    )
+    p.add_argument("--ours-tune-sentences", type=int, default=256)
+    p.add_argument("--kv-cache-memory", default="4GiB", help="ours (1,024 fp32 beams fit)")
     p.add_argument("--model-dir", type=Path, default=Path("outputs/bench_models/opus_mt_shape"))
     p.add_argument("--out", type=Path, default=Path("outputs/bench_seq2seq.json"))
     args = p.parse_args(argv)
     if args.quick:
         args.num_sentences = min(args.num_sentences, 16)
         args.ct2_batches = "examples:32"
+        args.max_num_seqs = "256"
     if args.dtypes == "auto":
         args.dtypes = "float32,bfloat16" if cpu_has_bf16() else "float32"
     unknown = set(args.systems.split(",")) - set(ALL_SYSTEMS)
@@ -515,24 +526,52 @@ def run_system(
             row = _row(name, compute, mode, seconds, f"{best[0]}:{best[1]}")
             emit(row | {"ct2_tuning_s": timings})
     elif name == "ours":
-        from pipeline.engine.config import EngineConfig, ModelConfig
-        from pipeline.engine.engine import LLMEngine
-
+        sizes = [int(size) for size in str(args.max_num_seqs).split(",")]
         for dtype in args.dtypes.split(","):
-            engine = LLMEngine.from_config(
-                ModelConfig(path=str(model_dir)),
-                EngineConfig(
-                    device="cpu",
-                    dtype=dtype,
-                    max_num_seqs=args.max_num_seqs,
-                    kv_cache_memory=args.kv_cache_memory,
-                    num_threads=args.threads,
-                ),
-            )
             for mode in modes:
-                seconds = best_of(args.repeats, run_ours, engine, sources, MODES[mode], new)
-                emit(_row("ours", dtype, mode, seconds, f"max_num_seqs {args.max_num_seqs}"))
-            del engine
+                best, timings = tune_ours(args, model_dir, dtype, sources, mode, sizes)
+                if len(sources) <= args.ours_tune_sentences:
+                    seconds = timings[str(best)]
+                else:
+                    engine = ours_engine(args, model_dir, dtype, best)
+                    seconds = best_of(args.repeats, run_ours, engine, sources, MODES[mode], new)
+                    del engine
+                row = _row("ours", dtype, mode, seconds, f"max_num_seqs {best}")
+                emit(row | {"ours_tuning_s": timings})
+
+
+def ours_engine(args: argparse.Namespace, model_dir: Path, dtype: str, max_num_seqs: int):
+    from pipeline.engine.config import EngineConfig, ModelConfig
+    from pipeline.engine.engine import LLMEngine
+
+    config = EngineConfig(
+        device="cpu",
+        dtype=dtype,
+        max_num_seqs=max_num_seqs,
+        kv_cache_memory=args.kv_cache_memory,
+        num_threads=args.threads,
+    )
+    return LLMEngine.from_config(ModelConfig(path=str(model_dir)), config)
+
+
+def tune_ours(
+    args: argparse.Namespace,
+    model_dir: Path,
+    dtype: str,
+    sources: list[list[int]],
+    mode: str,
+    sizes: list[int],
+) -> tuple[int, dict]:
+    """Time each max_num_seqs candidate on --ours-tune-sentences sources spread over the
+    set (all of them when it is no larger: the best time is then the measurement); return
+    the best and every candidate's seconds."""
+    subset = spread(sources, args.ours_tune_sentences)
+    timings = {}
+    for size in sizes:
+        engine = ours_engine(args, model_dir, dtype, size)
+        timings[str(size)] = run_ours(engine, subset, MODES[mode], args.new_tokens)
+        del engine
+    return min(sizes, key=lambda size: timings[str(size)]), timings
 
 
 def add_ratios(rows: list[dict], tokens: int, flops: dict, peaks: dict) -> None:
