@@ -443,9 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hf-batch", type=int, default=32)
     p.add_argument("--ct2-batches", default=DEFAULT_CT2_BATCHES)
     p.add_argument("--ct2-tune-sentences", type=int, default=128)
-    p.add_argument(
-        "--max-num-seqs", default="256,512,1024", help="ours: the candidates tuned over"
-    )
+    p.add_argument("--max-num-seqs", default="256,512,1024", help="ours: the candidates tuned over")
     p.add_argument("--ours-tune-sentences", type=int, default=256)
     p.add_argument("--kv-cache-memory", default="4GiB", help="ours (1,024 fp32 beams fit)")
     p.add_argument("--model-dir", type=Path, default=Path("outputs/bench_models/opus_mt_shape"))
@@ -529,14 +527,14 @@ def run_system(
         sizes = [int(size) for size in str(args.max_num_seqs).split(",")]
         for dtype in args.dtypes.split(","):
             for mode in modes:
-                best, timings = tune_ours(args, model_dir, dtype, sources, mode, sizes)
+                size, timings = tune_ours(args, model_dir, dtype, sources, mode, sizes)
                 if len(sources) <= args.ours_tune_sentences:
-                    seconds = timings[str(best)]
+                    seconds = timings[str(size)]
                 else:
-                    engine = ours_engine(args, model_dir, dtype, best)
+                    engine = ours_engine(args, model_dir, dtype, size)
                     seconds = best_of(args.repeats, run_ours, engine, sources, MODES[mode], new)
                     del engine
-                row = _row("ours", dtype, mode, seconds, f"max_num_seqs {best}")
+                row = _row("ours", dtype, mode, seconds, f"max_num_seqs {size}")
                 emit(row | {"ours_tuning_s": timings})
 
 
