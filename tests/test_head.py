@@ -60,13 +60,14 @@ def test_top_logprobs_match_full_log_softmax(
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_bfloat16_head_reduces_in_float32(bias: bool, reductions: str) -> None:
+@pytest.mark.parametrize("vocab", [700, 2 * STAGE + 809])  # one stage; whole + partial last
+def test_bfloat16_head_reduces_in_float32(bias: bool, vocab: int, reductions: str) -> None:
     """A bf16 model's head: products in bf16 (the logits rounded to bf16, as the model's
     dtype gives them; the compiled path keeps its stage in bf16), reductions in fp32."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(5, 16, generator=gen).bfloat16()
-    weight = torch.randn(700, 16, generator=gen).bfloat16()
-    offset = torch.randn(700, generator=gen).bfloat16() if bias else None
+    weight = torch.randn(vocab, 16, generator=gen).bfloat16()
+    offset = torch.randn(vocab, generator=gen).bfloat16() if bias else None
     exact = hidden.float() @ weight.float().t() + (0 if offset is None else offset.float())
     logprobs = exact.log_softmax(dim=-1)
     expected = logprobs.topk(3, dim=-1)
