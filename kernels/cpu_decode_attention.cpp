@@ -14,24 +14,38 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
 
 namespace {
 
-using pipeline_cpu::exp_nonpositive, pipeline_cpu::widen;
+using namespace pipeline_cpu;  // NOLINT: widen, exp_nonpositive and the vector primitives
 
 struct Shapes {
   int64_t heads, group, kv_heads, head_dim, block_size, table_width;
 };
 
-// Per-thread scratch: scores [H, len], the output accumulator [H, D], and where each
-// cached position's row starts in the pool.
+// Per-thread scratch: scores [H, len], the output accumulator [H, D], where each cached
+// position's row starts in the pool, and (vector path) a tile of kLanes K or V rows widened
+// to fp32 [kLanes, D] and one KV head's scaled queries [G, D].
 struct Scratch {
-  std::vector<float> scores, acc;
+  std::vector<float> scores, acc, tile, queries;
   std::vector<int64_t> rows;
 };
+
+// Each cached position's offset in the pool (its [KVH, D] row), block by block: no division
+// per position.
+void position_rows(const int64_t* table, int64_t len, int64_t block_size, int64_t row_size,
+                   std::vector<int64_t>& rows) {
+  rows.resize(len);
+  for (int64_t t = 0; t < len; t += block_size) {
+    const int64_t start = table[t / block_size] * block_size * row_size;
+    for (int64_t i = t; i < std::min(len, t + block_size); ++i) rows[i] = start + (i - t) * row_size;
+  }
+}
 
 // One sequence: all its query heads against its context, a cached position's [KVH, D]
 // keys (then values) read together, in the order they lie in the block.
@@ -49,12 +63,7 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
   std::vector<float>& scores = scratch.scores;
   std::vector<float>& acc = scratch.acc;
   scores.resize(H * len);
-  // Each position's offset in the pool, block by block (no division per position).
-  scratch.rows.resize(len);
-  for (int64_t t = 0; t < len; t += BS) {
-    const int64_t start = table[t / BS] * BS * row_size;
-    for (int64_t i = t; i < std::min(len, t + BS); ++i) scratch.rows[i] = start + (i - t) * row_size;
-  }
+  position_rows(table, len, BS, row_size, scratch.rows);
   const int64_t* rows = scratch.rows.data();
   auto row = [&](const T* cache, int64_t t) { return cache + rows[t]; };
   // Four positions at a time: four independent sums per query head, where one running
@@ -115,6 +124,117 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
   std::copy(acc.begin(), acc.end(), out);
 }
 
+#ifdef PIPELINE_CPU_VECTOR
+// Pointers to the fp32 rows of positions t0 .. t0 + kLanes - 1 of one KV head (`head` is its
+// offset in a row): the cache's own rows (fp32), or copies widened into `tile` (bf16, once
+// per tile for all the head's queries). Lanes past `count` repeat row t0: they are computed
+// and never used (slots past a context may hold NaN).
+template <typename T, int64_t kD>
+void tile_rows(const T* cache, const int64_t* rows, int64_t t0, int64_t count, int64_t len,
+               int64_t head, float* tile, const float** out) {
+  // The next tile's rows are requested now, so that they arrive while this one is computed.
+  for (int64_t i = t0 + kLanes; i < std::min(len, t0 + 2 * kLanes); ++i) {
+    const char* row = reinterpret_cast<const char*>(cache + rows[i] + head);
+    for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(row + b);
+  }
+  for (int64_t i = 0; i < kLanes; ++i) {
+    const T* row = cache + rows[t0 + (i < count ? i : 0)] + head;
+    if constexpr (std::is_same_v<T, float>) {
+      out[i] = row;
+    } else {
+      float* wide = tile + i * kD;
+      for (int64_t c = 0; c < kD; c += kLanes) vstore(wide + c, vload(row + c));
+      out[i] = wide;
+    }
+  }
+}
+
+// One sequence, vectorised over lanes, KV head by KV head. Its G query heads' scores come
+// kLanes positions at a time: kLanes dot products per query head accumulate lane-wise and are
+// summed together (vsum_lanes), where one horizontal sum per (head, position) cost more
+// than the products. The weighted values accumulate in registers per query head over a tile
+// (no load and store of the accumulator per position). kD: the head dim, a multiple of
+// kLanes. Same arguments as `attend`.
+template <typename T, int64_t kD>
+void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                   int64_t len, const Shapes& s, float scale, float* out, Scratch& scratch) {
+  constexpr int64_t kChunks = kD / kLanes;
+  const int64_t G = s.group, padded = (len + kLanes - 1) / kLanes * kLanes;
+  if (len <= 0) {
+    std::fill(out, out + s.heads * kD, 0.f);
+    return;
+  }
+  position_rows(table, len, s.block_size, s.kv_heads * kD, scratch.rows);
+  scratch.scores.resize(G * padded);
+  scratch.tile.resize(kLanes * kD);
+  scratch.queries.resize(G * kD);
+  const int64_t* rows = scratch.rows.data();
+  float *scores = scratch.scores.data(), *queries = scratch.queries.data();
+  const float* tile[kLanes];
+  for (int64_t kv = 0; kv < s.kv_heads; ++kv) {
+    const int64_t head = kv * kD;                   // the KV head's offset in a position's row
+    for (int64_t i = 0; i < G * kD; ++i) queries[i] = q[kv * G * kD + i] * scale;  // [G, D]
+    for (int64_t t0 = 0; t0 < len; t0 += kLanes) {  // scores [G, padded]
+      tile_rows<T, kD>(k_cache, rows, t0, std::min(kLanes, len - t0), len, head,
+                       scratch.tile.data(), tile);
+      for (int64_t g = 0; g < G; ++g) {
+        vfloat acc[kLanes];
+        for (auto& a : acc) a = vset(0.f);
+        for (int64_t c = 0; c < kD; c += kLanes) {
+          const vfloat qc = vload(queries + g * kD + c);
+          for (int64_t i = 0; i < kLanes; ++i) acc[i] = vfma(qc, vload(tile[i] + c), acc[i]);
+        }
+        vstore(scores + g * padded + t0, vsum_lanes(acc));
+      }
+    }
+    float inverse_sums[64];  // G <= 64, checked by the caller
+    for (int64_t g = 0; g < G; ++g) {  // unnormalised softmax in place, 0 past the context
+      float* sg = scores + g * padded;
+      std::fill(sg + len, sg + padded, -std::numeric_limits<float>::infinity());
+      vfloat top = vload(sg);
+      for (int64_t t = kLanes; t < padded; t += kLanes) top = vmax(top, vload(sg + t));
+      const vfloat shift = vset(-hmax(top));
+      vfloat sum = vset(0.f);
+      for (int64_t t = 0; t < padded; t += kLanes) {
+        const vfloat e = vexp_nonpositive(vadd(vload(sg + t), shift));
+        vstore(sg + t, e);
+        sum = vadd(sum, e);
+      }
+      inverse_sums[g] = 1.f / hsum(sum);
+    }
+    float* o = out + kv * G * kD;  // this KV head's query heads' outputs [G, D]
+    std::fill(o, o + G * kD, 0.f);
+    for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+      const int64_t count = std::min(kLanes, len - t0);
+      tile_rows<T, kD>(v_cache, rows, t0, count, len, head, scratch.tile.data(), tile);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* p = scores + g * padded + t0;
+        vfloat acc[kChunks], odd[kChunks];  // even and odd positions: two chains per chunk
+        for (int64_t c = 0; c < kChunks; ++c) acc[c] = vload(o + g * kD + c * kLanes);
+        for (auto& a : odd) a = vset(0.f);
+        int64_t i = 0;
+        for (; i + 2 <= count; i += 2) {
+          const vfloat p0 = vset(p[i]), p1 = vset(p[i + 1]);
+          for (int64_t c = 0; c < kChunks; ++c) {
+            acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
+            odd[c] = vfma(p1, vload(tile[i + 1] + c * kLanes), odd[c]);
+          }
+        }
+        if (i < count) {
+          const vfloat p0 = vset(p[i]);
+          for (int64_t c = 0; c < kChunks; ++c) acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
+        }
+        for (int64_t c = 0; c < kChunks; ++c) vstore(o + g * kD + c * kLanes, vadd(acc[c], odd[c]));
+      }
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      const vfloat inv = vset(inverse_sums[g]);
+      for (int64_t c = 0; c < kD; c += kLanes) vstore(o + g * kD + c, vmul(vload(o + g * kD + c), inv));
+    }
+  }
+}
+#endif
+
 // Every sequence of the batch, spread over torch's intra-op threads.
 template <typename T>
 void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tables,
@@ -122,9 +242,13 @@ void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tabl
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
   // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
   // contiguous ranges would give one thread all the long contexts.
-  auto attend_row = s.head_dim == 64    ? attend<T, 64>
-                    : s.head_dim == 128 ? attend<T, 128>
-                                        : attend<T, 0>;
+  auto attend_row = attend<T, 0>;
+  if (s.head_dim == 64) attend_row = attend<T, 64>;
+  if (s.head_dim == 128) attend_row = attend<T, 128>;
+#ifdef PIPELINE_CPU_VECTOR
+  if (s.group <= 64 && s.head_dim == 64) attend_row = attend_vector<T, 64>;
+  if (s.group <= 64 && s.head_dim == 128) attend_row = attend_vector<T, 128>;
+#endif
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     Scratch scratch;
     for (int64_t tid = first; tid < last; ++tid) {

@@ -21,103 +21,17 @@
 
 #include "cpu_math.h"
 
-#if (defined(__AVX512F__)) || (defined(__AVX2__) && defined(__FMA__))
-#include <immintrin.h>
-#endif
-
 namespace {
 
-using pipeline_cpu::exp_nonpositive, pipeline_cpu::widen;
-using pipeline_cpu::kExpLow, pipeline_cpu::kExpPoly, pipeline_cpu::kLn2High,
-    pipeline_cpu::kLn2Low, pipeline_cpu::kLog2e;
+using namespace pipeline_cpu;  // NOLINT: widen, exp_nonpositive and the vector primitives
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-// The vector primitives the passes below need, over kLanes fp32 lanes: AVX-512 where the
-// compiler targets it, else AVX2 (GCC, tuned for some AVX2 CPUs such as AMD Zen 1,
-// vectorises the scalar exp only 4 lanes wide with one accumulator: a [256, 4,096] stage's
-// exp-sum took 2.3 ms on one core, 1.35 ms in AVX2 intrinsics), else none (scalar loops).
-#if defined(__AVX512F__)
-#define HEAD_REDUCE_VECTOR 1
-constexpr int64_t kLanes = 16;
-using vfloat = __m512;
-inline vfloat vload(const float* p) { return _mm512_loadu_ps(p); }
-inline vfloat vload(const at::BFloat16* p) {
-  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
-inline vfloat vset(float x) { return _mm512_set1_ps(x); }
-inline vfloat vmax(vfloat a, vfloat b) { return _mm512_max_ps(a, b); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm512_add_ps(a, b); }
-inline float hmax(vfloat v) { return _mm512_reduce_max_ps(v); }
-inline float hsum(vfloat v) { return _mm512_reduce_add_ps(v); }
-inline uint32_t above_mask(vfloat v, float t) {
-  return _mm512_cmp_ps_mask(v, _mm512_set1_ps(t), _CMP_GT_OQ);
-}
-inline vfloat vexp_nonpositive(vfloat x) {  // exp_nonpositive, lane by lane
-  const vfloat low = _mm512_set1_ps(kExpLow);
-  const vfloat clamped = _mm512_max_ps(x, low);
-  const vfloat n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(clamped, _mm512_set1_ps(kLog2e), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  vfloat r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), clamped);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Low), r);
-  vfloat p = _mm512_set1_ps(kExpPoly[0]);
-  for (int j = 1; j < 6; ++j) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[j]));
-  const vfloat e = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  const __m512i two_n = _mm512_slli_epi32(
-      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  const __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);  // 0 below and for -inf
-  return _mm512_maskz_mul_ps(keep, e, _mm512_castsi512_ps(two_n));
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-#define HEAD_REDUCE_VECTOR 1
-constexpr int64_t kLanes = 8;
-using vfloat = __m256;
-inline vfloat vload(const float* p) { return _mm256_loadu_ps(p); }
-inline vfloat vload(const at::BFloat16* p) {
-  const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-}
-inline vfloat vset(float x) { return _mm256_set1_ps(x); }
-inline vfloat vmax(vfloat a, vfloat b) { return _mm256_max_ps(a, b); }
-inline vfloat vadd(vfloat a, vfloat b) { return _mm256_add_ps(a, b); }
-inline float hmax(vfloat v) {
-  __m128 half = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_max_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_max_ss(half, _mm_movehdup_ps(half)));
-}
-inline float hsum(vfloat v) {
-  __m128 half = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  half = _mm_add_ps(half, _mm_movehl_ps(half, half));
-  return _mm_cvtss_f32(_mm_add_ss(half, _mm_movehdup_ps(half)));
-}
-inline uint32_t above_mask(vfloat v, float t) {
-  return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_set1_ps(t), _CMP_GT_OQ)));
-}
-inline vfloat vexp_nonpositive(vfloat x) {  // exp_nonpositive, lane by lane
-  const vfloat low = _mm256_set1_ps(kExpLow);
-  const vfloat clamped = _mm256_max_ps(x, low);
-  const vfloat n = _mm256_round_ps(
-      _mm256_fmadd_ps(clamped, _mm256_set1_ps(kLog2e), _mm256_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  vfloat r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), clamped);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Low), r);
-  vfloat p = _mm256_set1_ps(kExpPoly[0]);
-  for (int j = 1; j < 6; ++j) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[j]));
-  const vfloat e = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
-  const __m256i two_n = _mm256_slli_epi32(
-      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  const vfloat keep = _mm256_cmp_ps(x, low, _CMP_GE_OQ);  // 0 below kExpLow and for -inf
-  return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(two_n)), keep);
-}
-#endif
 
 template <typename T>
 float row_max(const T* x, int64_t n) {
   float m = -kInf;
   int64_t i = 0;
-#ifdef HEAD_REDUCE_VECTOR
+#ifdef PIPELINE_CPU_VECTOR
   vfloat a = vset(m), b = a;  // two chains: max's latency is not the bound
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
     a = vmax(a, vload(x + i));
@@ -134,7 +48,7 @@ template <typename T>
 float sum_exp_below(const T* x, int64_t n, float m) {
   float sum = 0.f;
   int64_t i = 0;
-#ifdef HEAD_REDUCE_VECTOR
+#ifdef PIPELINE_CPU_VECTOR
   const vfloat shift = vset(-m);
   vfloat a = vset(0.f), b = a;
   for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
@@ -150,7 +64,7 @@ float sum_exp_below(const T* x, int64_t n, float m) {
 // Bit j set where x[j] > t, over x[0, 16) (NaN is not above).
 template <typename T>
 inline uint32_t above16(const T* x, float t) {
-#ifdef HEAD_REDUCE_VECTOR
+#ifdef PIPELINE_CPU_VECTOR
   if constexpr (kLanes == 16) {
     return above_mask(vload(x), t);
   } else {

@@ -39,7 +39,7 @@ def paged_cache(
 @needs_kernels
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
-@pytest.mark.parametrize("head_dim", [64, 24])
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_decode_attention_matches_reference(block_size: int, group: int, head_dim: int) -> None:
     lengths = [1, 0, 17, 33, block_size, 2 * block_size + 1, 250, 5]
     kv_heads = 2
