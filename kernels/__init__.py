@@ -12,6 +12,7 @@ import os
 
 import torch
 
+from kernels import cpu
 from kernels._triton import triton
 from kernels.decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from kernels.greedy import greedy_pick_ref, greedy_pick_triton
@@ -67,10 +68,15 @@ def compiled(t: torch.Tensor) -> bool:
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(RMSNorm(x + residual), x + residual): Triton for rows of a CUDA tensor (one kernel
-    where torch launches nine), the torch reference elsewhere (the CPU; per-head q/k norms)."""
-    if compiled(x) and x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype:
+    """(RMSNorm(x + residual), x + residual): for rows of one dtype, Triton on CUDA (one
+    kernel where torch launches nine) or the compiled CPU kernel (one visit per row); the
+    torch reference elsewhere (per-head q/k norms, mixed dtypes, no compiler)."""
+    rows = x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype
+    if rows and compiled(x):
         return rms_norm_triton(x, weight, eps, residual)
+    if rows and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if cpu.cpu_kernels_available() and (residual is None or residual.stride(-1) == 1):
+            return cpu.rms_norm_cpu(x, weight.contiguous(), eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 

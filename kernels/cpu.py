@@ -1,6 +1,7 @@
 """The compiled CPU kernels, built at first use: paged decode attention
-(`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`) and the LM
-head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k).
+(`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`), the LM
+head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k) and RMSNorm of a
+residual sum (`cpu_norm.cpp`, as `rms_norm_ref`).
 
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~45 s once; the
 library is kept under torch's extensions directory, one build per CPU model and flags, so
@@ -27,7 +28,12 @@ log = logging.getLogger(__name__)
 
 SOURCES = [
     Path(__file__).with_name(name)
-    for name in ("cpu_decode_attention.cpp", "cpu_head_reduce.cpp", "cpu_bindings.cpp")
+    for name in (
+        "cpu_decode_attention.cpp",
+        "cpu_head_reduce.cpp",
+        "cpu_norm.cpp",
+        "cpu_bindings.cpp",
+    )
 ]
 HEADERS = [Path(__file__).with_name("cpu_math.h")]  # included by the sources
 # -fno-trapping-math lets the compiler vectorise the float -> int steps of exp_nonpositive.
@@ -111,3 +117,16 @@ def row_lse_topk(
     assert module is not None, "check cpu_kernels_available() first"
     lse, values, ids = module.row_lse_topk(x, k, banned, ban_rows, ban_columns, bans_first)
     return lse, values, ids
+
+
+def rms_norm_cpu(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rms_norm_ref` in one visit per row: x [T, N] with unit column stride, weight [N] and
+    residual [T, N] (or None) all fp32 or all bf16. Raises RuntimeError where the kernel is not
+    built or the arguments do not fit it."""
+    module = _module()
+    if module is None:
+        raise RuntimeError("the compiled CPU kernels are not available")
+    out, stream = module.rms_norm(x, weight, eps, residual)
+    return out, stream

@@ -2,6 +2,7 @@
 
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
@@ -10,10 +11,13 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
 std::vector<torch::Tensor> row_lse_topk(torch::Tensor x, int64_t k, torch::Tensor banned,
                                         torch::Tensor ban_rows, torch::Tensor ban_columns,
                                         bool bans_first);
+std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
+                                    std::optional<torch::Tensor> residual);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "paged decode attention on the CPU, fp32 or bf16 caches (block tables read in place)");
   m.def("row_lse_topk", &row_lse_topk,
         "log-sum-exp and k best of each row, with bans (CPU, fp32 or bf16 logits)");
+  m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual) by rows (CPU, fp32 or bf16)");
 }

@@ -24,6 +24,24 @@ inline float widen(at::BFloat16 x) {
   return out;
 }
 
+// fp32 to the element type, as torch rounds it: a float as it is; a bfloat16 to nearest,
+// ties to even (NaN stays NaN). Plain integer steps, so loops over rows vectorise.
+template <typename T>
+inline T narrow(float x);
+template <>
+inline float narrow<float>(float x) {
+  return x;
+}
+template <>
+inline at::BFloat16 narrow<at::BFloat16>(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  at::BFloat16 out;
+  out.x = static_cast<uint16_t>(x != x ? 0x7FC0u : rounded);
+  return out;
+}
+
 // exp(x) for x <= 0 (logits or scores minus their max), in a form the compiler vectorises
 // (a library expf call is not): 2^n * exp(r), n = round(x / ln 2), |r| <= ln 2 / 2, exp(r)
 // by Cephes' degree-6 polynomial (about 1 ulp). Below -87.3 (and for -inf) it is 0.

@@ -7,6 +7,7 @@ import torch
 
 from kernels import cpu
 from kernels.decode_attention import paged_decode_attention_ref
+from kernels.rms_norm import rms_norm_ref
 
 needs_kernels = pytest.mark.skipif(
     not cpu.cpu_kernels_available(), reason="the CPU kernels could not be built here"
@@ -204,3 +205,53 @@ def test_a_failed_build_is_logged_and_keeps_torch_ops(
         assert "command not found" in caplog.text
     finally:
         cpu._module.cache_clear()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize(("rows", "cols"), [(37, 512), (3, 100), (0, 64)])
+def test_rms_norm_matches_reference(
+    rows: int, cols: int, with_residual: bool, dtype: torch.dtype
+) -> None:
+    """x a strided view (rows of a wider buffer), odd widths, no rows: the residual stream
+    exactly torch's x + residual; the norm within one rounding (the sum of squares is added
+    in another order than torch's mean)."""
+    gen = torch.Generator().manual_seed(rows + cols)
+    wide = torch.randn(rows, cols + 7, generator=gen).to(dtype)
+    x = wide[:, 3 : 3 + cols]
+    weight = (1 + torch.randn(cols, generator=gen) / 4).to(dtype)
+    residual = torch.randn(rows, cols, generator=gen).to(dtype) if with_residual else None
+    expected, expected_stream = rms_norm_ref(x, weight, 1e-6, residual)
+    actual, stream = cpu.rms_norm_cpu(x, weight, 1e-6, residual)
+    assert actual.dtype == stream.dtype == dtype and actual.shape == (rows, cols)
+    assert torch.equal(stream, expected_stream)
+    if dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-6)
+    else:  # at most one bf16 step apart, and rarely
+        step = expected.float().abs() * 2**-7 + 1e-30
+        assert ((actual.float() - expected.float()).abs() <= step).all()
+        assert (actual == expected).sum() >= 0.99 * actual.numel()
+
+
+@needs_kernels
+def test_rms_norm_refuses_mixed_dtypes() -> None:
+    x = torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        cpu.rms_norm_cpu(x, torch.ones(8, dtype=torch.bfloat16), 1e-6)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        cpu.rms_norm_cpu(x, torch.ones(8), 1e-6, torch.randn(4, 8).bfloat16())
+
+
+def test_rms_norm_dispatch_takes_the_kernel_only_for_rows_of_one_dtype() -> None:
+    """kernels.rms_norm on the CPU: the compiled kernel for [T, N] rows of one dtype; per-head
+    norms ([T, H, D]) and a weight of another dtype keep the reference (same results)."""
+    from kernels import rms_norm
+
+    x = torch.randn(5, 3, 16)
+    weight = torch.rand(16) + 0.5
+    expected, _ = rms_norm_ref(x, weight, 1e-6)
+    assert torch.equal(rms_norm(x, weight, 1e-6)[0], expected)  # 3-d: the reference, exactly
+    mixed = rms_norm(x[:, 0].bfloat16(), weight, 1e-6)[0]  # fp32 weight: torch promotes
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(rms_norm(x[:, 0], weight, 1e-6)[0], expected[:, 0])
