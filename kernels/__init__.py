@@ -74,9 +74,9 @@ def rms_norm(
     rows = x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype
     if rows and compiled(x):
         return rms_norm_triton(x, weight, eps, residual)
-    if rows and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        if cpu.cpu_kernels_available() and (residual is None or residual.stride(-1) == 1):
-            return cpu.rms_norm_cpu(x, weight.contiguous(), eps, residual)
+    cpu_rows = rows and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    if cpu_rows and (residual is None or residual.stride(-1) == 1) and cpu.cpu_kernels_available():
+        return cpu.rms_norm_cpu(x, weight.contiguous(), eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 
