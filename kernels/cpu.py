@@ -74,6 +74,14 @@ def _module() -> Any | None:
     return module
 
 
+def _built(kernel: str) -> Any:
+    """The built extension, or RuntimeError naming `kernel` where it cannot be had."""
+    module = _module()
+    if module is None:
+        raise RuntimeError(f"the compiled CPU {kernel} kernel is not available")
+    return module
+
+
 def cpu_kernels_available() -> bool:
     """Whether the compiled CPU kernels can be used (builds them on the first call)."""
     return _module() is not None
@@ -90,10 +98,7 @@ def paged_decode_attention_cpu(
     """One query per sequence against its paged context, read in place (see
     `paged_decode_attention_ref`): CPU tensors, caches fp32 or bf16, computed in fp32, the
     result [B, H, D] in q's dtype. Raises RuntimeError where the kernel is not built."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("the compiled CPU decode-attention kernel is not available")
-    out = module.paged_decode_attention(
+    out = _built("decode-attention").paged_decode_attention(
         q.float().contiguous(), k_cache, v_cache, block_tables, context_lens, scale
     )
     return out.to(q.dtype)
@@ -125,8 +130,5 @@ def rms_norm_cpu(
     """`rms_norm_ref` in one visit per row: x [T, N] with unit column stride, weight [N] and
     residual [T, N] (or None) all fp32 or all bf16. Raises RuntimeError where the kernel is not
     built or the arguments do not fit it."""
-    module = _module()
-    if module is None:
-        raise RuntimeError("the compiled CPU kernels are not available")
-    out, stream = module.rms_norm(x, weight, eps, residual)
+    out, stream = _built("RMSNorm").rms_norm(x, weight, eps, residual)
     return out, stream

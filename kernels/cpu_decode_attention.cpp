@@ -43,7 +43,8 @@ void position_rows(const int64_t* table, int64_t len, int64_t block_size, int64_
   rows.resize(len);
   for (int64_t t = 0; t < len; t += block_size) {
     const int64_t start = table[t / block_size] * block_size * row_size;
-    for (int64_t i = t; i < std::min(len, t + block_size); ++i) rows[i] = start + (i - t) * row_size;
+    const int64_t end = std::min(len, t + block_size);
+    for (int64_t i = t; i < end; ++i) rows[i] = start + (i - t) * row_size;
   }
 }
 
@@ -135,7 +136,9 @@ void tile_rows(const T* cache, const int64_t* rows, int64_t t0, int64_t count, i
   // The next tile's rows are requested now, so that they arrive while this one is computed.
   for (int64_t i = t0 + kLanes; i < std::min(len, t0 + 2 * kLanes); ++i) {
     const char* row = reinterpret_cast<const char*>(cache + rows[i] + head);
-    for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(T)); b += 64) __builtin_prefetch(row + b);
+    for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(T)); b += 64) {
+      __builtin_prefetch(row + b);  // one 64-byte line at a time
+    }
   }
   for (int64_t i = 0; i < kLanes; ++i) {
     const T* row = cache + rows[t0 + (i < count ? i : 0)] + head;
@@ -222,14 +225,17 @@ void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int
         }
         if (i < count) {
           const vfloat p0 = vset(p[i]);
-          for (int64_t c = 0; c < kChunks; ++c) acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
+          for (int64_t c = 0; c < kChunks; ++c) {
+            acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
+          }
         }
         for (int64_t c = 0; c < kChunks; ++c) vstore(o + g * kD + c * kLanes, vadd(acc[c], odd[c]));
       }
     }
     for (int64_t g = 0; g < G; ++g) {
       const vfloat inv = vset(inverse_sums[g]);
-      for (int64_t c = 0; c < kD; c += kLanes) vstore(o + g * kD + c, vmul(vload(o + g * kD + c), inv));
+      float* og = o + g * kD;
+      for (int64_t c = 0; c < kD; c += kLanes) vstore(og + c, vmul(vload(og + c), inv));
     }
   }
 }

@@ -64,9 +64,11 @@ inline float exp_nonpositive(float x) {
   return x < kExpLow ? 0.f : e * scale;
 }
 
-// Vector primitives over kLanes fp32 lanes: AVX-512 where the compiler targets it, else AVX2 (GCC, tuned for some AVX2 CPUs such as AMD Zen 1,
-// vectorises the scalar exp only 4 lanes wide with one accumulator: a [256, 4,096] stage's
-// exp-sum took 2.3 ms on one core, 1.35 ms in AVX2 intrinsics), else none (scalar loops).
+// Vector primitives over kLanes fp32 lanes, one set per instruction set with the same names:
+// AVX-512 where the compiler targets it, else AVX2 (GCC, tuned for some AVX2 CPUs such as AMD
+// Zen 1, vectorises the scalar exp only 4 lanes wide with one accumulator: a [256, 4,096]
+// stage's exp-sum took 2.3 ms on one core, 1.35 ms in AVX2 intrinsics), else none (scalar
+// loops; PIPELINE_CPU_VECTOR is then undefined).
 #if defined(__AVX512F__)
 #define PIPELINE_CPU_VECTOR 1
 constexpr int64_t kLanes = 16;

@@ -35,7 +35,8 @@ void norm_row(const T* x, const T* residual, const T* weight, T* out, T* stream,
     wide[i] = sum;
     squares += sum * sum;
   }
-  if constexpr (kResidual) {  // a loop of its own: stores of T inside the one above do not vectorise
+  // The stream in a loop of its own: stores of T inside the loop above kept it from vectorising.
+  if constexpr (kResidual) {
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) stream[i] = narrow<T>(wide[i]);  // exact: wide holds Ts
   }
