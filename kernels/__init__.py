@@ -12,15 +12,15 @@ import os
 
 import torch
 
-from kernels import cpu
-from kernels._triton import triton
-from kernels.decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
-from kernels.greedy import greedy_pick_ref, greedy_pick_triton
-from kernels.kv_write import write_kv_ref, write_kv_triton
-from kernels.prefill_attention import prefill_attention_ref, prefill_attention_triton
-from kernels.rms_norm import rms_norm_ref, rms_norm_triton
-from kernels.rope import rope_ref, rope_triton
-from kernels.silu_mul import silu_mul_ref, silu_mul_triton
+from . import cpu
+from ._triton import triton
+from .decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from .greedy import greedy_pick_ref, greedy_pick_triton
+from .kv_write import write_kv_ref, write_kv_triton
+from .prefill_attention import prefill_attention_ref, prefill_attention_triton
+from .rms_norm import rms_norm_ref, rms_norm_triton
+from .rope import rope_ref, rope_triton
+from .silu_mul import silu_mul_ref, silu_mul_triton
 
 __all__ = [
     "compiled",

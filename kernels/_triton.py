@@ -1,4 +1,4 @@
-"""Optional Triton import, so that `import kernels` works where Triton is not installed.
+"""Optional Triton import, so that `pipeline.kernels` imports where Triton is not installed.
 
 Kernel modules define their `@triton.jit` functions only when `triton` is not None; their
 `*_triton` launchers call `require_triton()` first, which fails with a clear message.
@@ -28,6 +28,6 @@ def require_triton() -> None:
 
 # @triton.jit reads TRITON_INTERPRET when a kernel is defined (at import), so this does too.
 if triton is not None and os.environ.get("TRITON_INTERPRET") == "1":
-    from kernels import _interpreter
+    from . import _interpreter
 
     _interpreter.apply()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from ._triton import require_triton, tl, triton
 
 _BLOCK_N = 32  # cached tokens per inner-loop step (gathered from one or more cache blocks)
 _MIN_SPLIT_TOKENS = 256  # shorter splits cost more in scratch traffic than they gain

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from ._triton import require_triton, tl, triton
 
 _BLOCK = 4096  # vocabulary entries per loop step
 

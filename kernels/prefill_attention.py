@@ -16,7 +16,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import require_triton, tl, triton
+from ._triton import require_triton, tl, triton
 
 _BLOCK_M = 64  # query rows per program
 _BLOCK_N = 64  # keys per inner-loop step (32 when head_dim > 128, to bound shared memory)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._triton import require_triton, tl, triton
+from ._triton import require_triton, tl, triton
 
 
 def rms_norm_ref(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import require_triton, tl, triton
+from ._triton import require_triton, tl, triton
 
 _BLOCK = 1024  # columns per program
 

@@ -1,6 +1,7 @@
 """Offline batch generation for large language models."""
 
 import os
+from pathlib import Path
 
 # The engine shares the CPU with tokenization workers (and whatever else runs there). With
 # OpenMP's default spin-waiting, one busy core stalls every parallel region of the other
@@ -12,3 +13,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __version__ = "0.1.0"
+
+# Our kernels are imported as `pipeline.kernels`, never as a top-level `kernels`: that name
+# belongs to Hugging Face's hub-kernels package, which transformers and bitsandbytes import
+# and which users install; whichever of the two came first on sys.path would hide the other.
+# An installed wheel holds them in pipeline/kernels (pyproject's package-dir). In the source
+# tree (an editable install, or the repository on PYTHONPATH) they sit at the top level,
+# beside this package: let its submodule search look there too.
+_source_tree = Path(__file__).resolve().parent.parent
+if not Path(__file__).with_name("kernels").is_dir() and (_source_tree / "kernels").is_dir():
+    __path__.append(str(_source_tree))

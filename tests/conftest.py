@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 # Triton kernels run on CPU tensors under its interpreter. Triton reads this when a kernel
-# module is imported, so it is set before any test imports `kernels`.
+# module is imported, so it is set before any test imports `pipeline.kernels`.
 if os.environ.get("PIPELINE_TEST_DEVICE", "cpu") == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Callable

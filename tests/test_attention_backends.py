@@ -68,7 +68,7 @@ def test_batch_buckets_cover_every_batch_size():
 
 
 def test_forcing_triton_without_cuda_or_interpreter_fails_clearly(monkeypatch):
-    import kernels
+    from pipeline import kernels
     from pipeline.models.attention import make_backend
 
     monkeypatch.setattr(kernels, "triton_available", lambda device: False)

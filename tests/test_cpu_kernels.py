@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import cpu
-from kernels.decode_attention import paged_decode_attention_ref
-from kernels.rms_norm import rms_norm_ref
+from pipeline.kernels import cpu
+from pipeline.kernels.decode_attention import paged_decode_attention_ref
+from pipeline.kernels.rms_norm import rms_norm_ref
 
 needs_kernels = pytest.mark.skipif(
     not cpu.cpu_kernels_available(), reason="the CPU kernels could not be built here"
@@ -200,7 +200,7 @@ def test_a_failed_build_is_logged_and_keeps_torch_ops(
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     cpu._module.cache_clear()
     try:
-        with caplog.at_level("WARNING", logger="kernels.cpu"):
+        with caplog.at_level("WARNING", logger="pipeline.kernels.cpu"):
             assert not cpu.cpu_kernels_available()
         assert "command not found" in caplog.text
     finally:
@@ -246,7 +246,7 @@ def test_rms_norm_refuses_mixed_dtypes() -> None:
 def test_rms_norm_dispatch_takes_the_kernel_only_for_rows_of_one_dtype() -> None:
     """kernels.rms_norm on the CPU: the compiled kernel for [T, N] rows of one dtype; per-head
     norms ([T, H, D]) and a weight of another dtype keep the reference (same results)."""
-    from kernels import rms_norm
+    from pipeline.kernels import rms_norm
 
     x = torch.randn(5, 3, 16)
     weight = torch.rand(16) + 0.5

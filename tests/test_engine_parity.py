@@ -9,13 +9,13 @@ import pytest
 import torch
 from tiny_models import EOS, FAMILIES, build_model
 
-from kernels.cpu import cpu_kernels_available
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
 from pipeline.engine.params import BeamParams, SamplingParams
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import ScheduledBatch
 from pipeline.engine.sequence import Sequence
+from pipeline.kernels.cpu import cpu_kernels_available
 from pipeline.models.attention import make_backend
 from pipeline.models.loader import load_model, read_spec
 

@@ -11,7 +11,7 @@ from pipeline.models.head import STAGE, HeadQuery, top_logprobs
 @pytest.fixture(params=["compiled", "torch"])
 def reductions(request, monkeypatch: pytest.MonkeyPatch) -> str:
     """The stages reduced by the compiled CPU kernels (where they build) or by torch ops."""
-    from kernels import cpu
+    from pipeline.kernels import cpu
 
     if request.param == "torch":
         monkeypatch.setattr(cpu, "cpu_kernels_available", lambda: False)

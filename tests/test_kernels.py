@@ -29,7 +29,7 @@ def _load_kernels() -> ModuleType:
     """The kernels package; on the CPU its kernels must be interpreted."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    import kernels
+    from pipeline import kernels
 
     if DEVICE.type == "cpu" and not isinstance(
         kernels.kv_write._write_kv_kernel, InterpretedFunction
@@ -91,10 +91,10 @@ def test_select_follows_device_and_interpreter(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_import_without_triton() -> None:
-    """`import kernels` works without Triton; the Triton kernels then raise a clear error."""
+    """`pipeline.kernels` imports without Triton; the Triton kernels then raise a clear error."""
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import torch, kernels\n"
+        "import torch\nfrom pipeline import kernels\n"
         "assert kernels.select(torch.device('cuda')) == 'torch'\n"
         "try:\n"
         "    kernels.write_kv_triton(*[torch.zeros(1)] * 5)\n"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.decode_attention import paged_decode_attention_ref
 from pipeline.engine.step_meta import block_tables, metadata
+from pipeline.kernels.decode_attention import paged_decode_attention_ref
 from pipeline.models.attention import (
     DECODE_GROUP_ROWS,
     HostStep,

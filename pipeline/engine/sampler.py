@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kernels import compiled, greedy_pick_triton
 from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.token_mask import TokenMask
+from pipeline.kernels import compiled, greedy_pick_triton
 from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-import kernels
-from kernels.cpu import cpu_kernels_available, paged_decode_attention_cpu
+from pipeline import kernels
+from pipeline.kernels.cpu import cpu_kernels_available, paged_decode_attention_cpu
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kernels import paged_decode_attention_triton, prefill_attention_triton, write_kv_triton
+from pipeline.kernels import (
+    paged_decode_attention_triton,
+    prefill_attention_triton,
+    write_kv_triton,
+)
 from pipeline.models.attention import AttentionMetadata, HostStep
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kernels import cpu as cpu_kernels
+from pipeline.kernels import cpu as cpu_kernels
 
 LOGITS_CHUNK = 512  # vocabulary columns per LM-head product on the CPU
 STAGE = 4096  # vocabulary columns reduced together by `top_logprobs` ([256, 4096] fp32: 4 MB)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import rms_norm, silu_mul
+from pipeline.kernels import rms_norm, silu_mul
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import lm_logits, plain_weight
 from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kernels import rope
+from pipeline.kernels import rope
 from pipeline.models.spec import ModelSpec
 
 
