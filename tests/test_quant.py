@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import bitsandbytes as bnb
 import pytest
@@ -231,3 +233,25 @@ def test_quant_config_errors_say_what_to_use():
         QuantConfig(method="int4")
     with pytest.raises(ConfigError, match="only bitsandbytes"):
         resolve_quant("none", torch.float32, {"quantization_config": {"quant_method": "gptq"}})
+
+
+def test_unquantized_runs_never_import_bitsandbytes():
+    """bitsandbytes is imported at the first quantized layer: it costs ~3 s of start-up (and a
+    warning on some CPUs) that an unquantized run does without; a quantized one still works."""
+    code = (
+        "import sys\n"
+        "from pipeline.assets import demo_model_dir\n"
+        "from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig\n"
+        "from pipeline.engine.engine import LLMEngine\n"
+        "from pipeline.engine.params import SamplingParams\n"
+        "model = ModelConfig(path=str(demo_model_dir()))\n"
+        "params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)\n"
+        "engine = LLMEngine.from_config(model, EngineConfig(device='cpu'))\n"
+        "assert len(engine.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 3\n"
+        "assert 'bitsandbytes' not in sys.modules, 'imported without quantization'\n"
+        "engine = LLMEngine.from_config(model, EngineConfig(device='cpu'), QuantConfig('nf4'))\n"
+        "assert 'bitsandbytes' in sys.modules\n"
+        "assert len(engine.generate([[1, 2, 3]], params)[0].outputs[0].token_ids) == 3\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)

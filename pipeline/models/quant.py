@@ -18,18 +18,36 @@ for comparison and as the reference in tests.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-try:
+from pipeline.engine.config import ConfigError
+
+
+class _OnFirstUse:
+    """A module imported when one of its attributes is first read. bitsandbytes takes ~3 s
+    to import (and on CPUs with avx512_bf16 logs a warning about a hub kernel it looks for);
+    a run without quantization needs none of it."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        module: ModuleType = importlib.import_module(self._name)
+        return getattr(module, attr)
+
+
+if TYPE_CHECKING:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
-except ImportError:  # a machine without it still runs unquantized models (see resolve_quant)
-    bnb = bnbf = None  # type: ignore[assignment]
-
-from pipeline.engine.config import ConfigError
+else:
+    bnb, bnbf = _OnFirstUse("bitsandbytes"), _OnFirstUse("bitsandbytes.functional")
 
 METHODS = ("none", "int8", "nf4", "fp4")
 BLOCKSIZE = 64  # values per 4-bit absmax block (bitsandbytes' default, as transformers saves)
@@ -279,7 +297,7 @@ def resolve_quant(
     chosen = saved or method
     if chosen == "none":
         return None
-    if bnb is None:
+    if importlib.util.find_spec("bitsandbytes") is None:  # unquantized runs go without it
         raise ConfigError(f"quant.method={chosen} needs bitsandbytes: pip install bitsandbytes")
     return QuantSpec(chosen, compute_dtype, double_quant, skip_modules, matmul)
 
