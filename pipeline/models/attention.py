@@ -157,7 +157,7 @@ class PrefillGroup:
     gather: torch.Tensor  # [batch * length] packed index of each slot (padding: any token)
     slots: torch.Tensor  # [n] the padded slots that hold real tokens
     targets: torch.Tensor  # [n] their packed indices
-    mask: torch.Tensor | None  # [batch, 1, length, length] causal and in-prompt; None: 1 prompt
+    mask: torch.Tensor | None  # [batch, 1, 1, length] keys in the prompt; None: causal
     causal: bool = True
 
 
@@ -288,14 +288,15 @@ def _prefill_groups(
     extra, groups = meta.extra, []
     lengths = extra["sorted_lengths"]
     for g, (a, b, longest) in enumerate(plan):
+        # Causal: no mask. Prompts are padded on the right, so a real query (i < length)
+        # sees keys j <= i, all inside its prompt; the padding's rows are dropped. SDPA then
+        # skips the blocks above the diagonal (half the work) and no [b, 1, L, L] mask is
+        # built. Bidirectional (an encoder): keys past each prompt's end are masked.
         mask = None
-        if b - a > 1:
+        if b - a > 1 and not meta.causal:
             j = torch.arange(longest, device=lengths.device)
             valid = j[None, :] < lengths[a:b, None]  # [b, L]
             mask = valid[:, None, None, :]  # [b, 1, 1, L]: keys inside the prompt
-            if meta.causal:
-                causal = j[None, :] <= j[:, None]  # [L(query), L(key)]
-                mask = (causal[None] & valid[:, None, :])[:, None]  # [b, 1, L, L]
         groups.append(
             PrefillGroup(
                 b - a,
@@ -356,9 +357,8 @@ def prefill_attention(
             _padded(x, g, workspace.get(n, len(g.gather), x))
             for n, x in zip("qkv", (q, k, v), strict=True)
         )
-        causal = g.mask is None and g.causal
         o = F.scaled_dot_product_attention(
-            qg, kg, vg, attn_mask=g.mask, is_causal=causal, scale=scale, enable_gqa=True
+            qg, kg, vg, attn_mask=g.mask, is_causal=g.causal, scale=scale, enable_gqa=True
         )
         o = o.transpose(1, 2).reshape(g.batch * g.length, *q.shape[1:])
         out.index_copy_(0, g.targets, o.index_select(0, g.slots))
