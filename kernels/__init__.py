@@ -74,24 +74,45 @@ def rms_norm(
     rows = x.dim() == 2 and x.stride(-1) == 1 and weight.dtype == x.dtype
     if rows and compiled(x):
         return rms_norm_triton(x, weight, eps, residual)
-    cpu_rows = rows and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
-    if cpu_rows and (residual is None or residual.stride(-1) == 1) and cpu.cpu_kernels_available():
+    stream = () if residual is None else (residual,)
+    if rows and all(r.stride(-1) == 1 for r in stream) and _cpu_elementwise(x, weight, *stream):
         return cpu.rms_norm_cpu(x, weight.contiguous(), eps, residual)
     return rms_norm_ref(x, weight, eps, residual)
 
 
+def _cpu_elementwise(*tensors: torch.Tensor) -> bool:
+    """Whether the compiled CPU kernels take elementwise work on `tensors`: CPU tensors of one
+    dtype, fp32 or bf16, and the kernels built."""
+    first = tensors[0]
+    return (
+        first.device.type == "cpu"
+        and first.dtype in (torch.float32, torch.bfloat16)
+        and all(t.dtype == first.dtype for t in tensors)
+        and cpu.cpu_kernels_available()
+    )
+
+
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """Rotate x [T, heads, D] in place: Triton on CUDA (one kernel where torch launches six),
-    the torch reference elsewhere."""
+    the compiled CPU kernel (one pass), the torch reference elsewhere."""
     if compiled(x):
         rope_triton(x, cos, sin)
+    elif (
+        x.stride(-1) == 1
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and _cpu_elementwise(x, cos, sin)
+    ):
+        cpu.rope_cpu(x, cos, sin)
     else:
         rope_ref(x, cos, sin)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of a fused [T, 2 * I] projection: Triton on CUDA (one pass), the
-    torch reference elsewhere."""
+    """silu(gate) * up of a fused [T, 2 * I] projection: Triton on CUDA or the compiled CPU
+    kernel (one pass each), the torch reference elsewhere."""
     if compiled(gate_up):
         return silu_mul_triton(gate_up)
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and _cpu_elementwise(gate_up):
+        return cpu.silu_mul_cpu(gate_up)
     return silu_mul_ref(gate_up)

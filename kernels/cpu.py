@@ -1,7 +1,8 @@
 """The compiled CPU kernels, built at first use: paged decode attention
 (`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`), the LM
-head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k) and RMSNorm of a
-residual sum (`cpu_norm.cpp`, as `rms_norm_ref`).
+head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k), RMSNorm of a
+residual sum (`cpu_norm.cpp`, as `rms_norm_ref`), and SiLU-and-multiply and RoPE
+(`cpu_elementwise.cpp`, as `silu_mul_ref` and `rope_ref`).
 
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~45 s once; the
 library is kept under torch's extensions directory, one build per CPU model and flags, so
@@ -32,6 +33,7 @@ SOURCES = [
         "cpu_decode_attention.cpp",
         "cpu_head_reduce.cpp",
         "cpu_norm.cpp",
+        "cpu_elementwise.cpp",
         "cpu_bindings.cpp",
     )
 ]
@@ -132,3 +134,18 @@ def rms_norm_cpu(
     built or the arguments do not fit it."""
     out, stream = _built("RMSNorm").rms_norm(x, weight, eps, residual)
     return out, stream
+
+
+def silu_mul_cpu(gate_up: torch.Tensor) -> torch.Tensor:
+    """`silu_mul_ref` in one pass, in place as it is: gate_up [T, 2I] fp32 or bf16 with unit
+    column stride -> the gate half [T, I] (a view), overwritten with the result. Raises
+    RuntimeError where the kernel is not built or the input does not fit it."""
+    out: torch.Tensor = _built("SiLU-and-multiply").silu_mul(gate_up)
+    return out
+
+
+def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """`rope_ref` in one pass, in place: x [T, heads, D] fp32 or bf16 (unit stride within a
+    head), cos and sin contiguous [T, 1, D / 2] in x's dtype. Raises RuntimeError where the
+    kernel is not built or the arguments do not fit it."""
+    _built("RoPE").rope(x, cos, sin)

@@ -13,6 +13,8 @@ std::vector<torch::Tensor> row_lse_topk(torch::Tensor x, int64_t k, torch::Tenso
                                         bool bans_first);
 std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
                                     std::optional<torch::Tensor> residual);
+torch::Tensor silu_mul(torch::Tensor gate_up);
+void rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -20,4 +22,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_lse_topk", &row_lse_topk,
         "log-sum-exp and k best of each row, with bans (CPU, fp32 or bf16 logits)");
   m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual) by rows (CPU, fp32 or bf16)");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (CPU)");
+  m.def("rope", &rope, "rotary embedding of x [T, heads, D] in place (CPU)");
 }

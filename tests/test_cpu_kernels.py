@@ -1,4 +1,5 @@
-"""The compiled CPU kernels (decode attention, the head's row reductions) against torch."""
+"""The compiled CPU kernels (decode attention, the head's row reductions, RMSNorm,
+SiLU-and-multiply, RoPE) against their torch references."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch
 from pipeline.kernels import cpu
 from pipeline.kernels.decode_attention import paged_decode_attention_ref
 from pipeline.kernels.rms_norm import rms_norm_ref
+from pipeline.kernels.rope import rope_ref
+from pipeline.kernels.silu_mul import silu_mul_ref
 
 needs_kernels = pytest.mark.skipif(
     not cpu.cpu_kernels_available(), reason="the CPU kernels could not be built here"
@@ -226,12 +229,7 @@ def test_rms_norm_matches_reference(
     actual, stream = cpu.rms_norm_cpu(x, weight, 1e-6, residual)
     assert actual.dtype == stream.dtype == dtype and actual.shape == (rows, cols)
     assert torch.equal(stream, expected_stream)
-    if dtype == torch.float32:
-        torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-6)
-    else:  # at most one bf16 step apart, and rarely
-        step = expected.float().abs() * 2**-7 + 1e-30
-        assert ((actual.float() - expected.float()).abs() <= step).all()
-        assert (actual == expected).sum() >= 0.99 * actual.numel()
+    assert_within_one_rounding(actual, expected, 0.99)
 
 
 @needs_kernels
@@ -255,3 +253,82 @@ def test_rms_norm_dispatch_takes_the_kernel_only_for_rows_of_one_dtype() -> None
     mixed = rms_norm(x[:, 0].bfloat16(), weight, 1e-6)[0]  # fp32 weight: torch promotes
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(rms_norm(x[:, 0], weight, 1e-6)[0], expected[:, 0])
+
+
+def assert_within_one_rounding(actual: torch.Tensor, expected: torch.Tensor, share: float) -> None:
+    """fp32: close; bf16: at most one bf16 step apart, and at least `share` of them equal."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    if actual.dtype == torch.float32:
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+        return
+    step = expected.float().abs() * 2**-7 + 1e-30
+    assert ((actual.float() - expected.float()).abs() <= step).all()
+    assert (actual == expected).sum() >= share * actual.numel()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows, inner", [(1, 7), (3, 40), (257, 1536), (0, 8)])
+def test_silu_mul_matches_reference(dtype, rows: int, inner: int) -> None:
+    """Odd widths, one row, no rows; strided rows (every other row of a wider tensor);
+    values from -100 to 100, where exp would overflow if taken of the wrong sign."""
+    gen = torch.Generator().manual_seed(rows * inner)
+    wide = torch.randn(2 * rows, 2 * inner, generator=gen) * 4
+    wide[:, :3] = torch.tensor([-100.0, 100.0, 0.0])
+    gate_up = wide[::2].to(dtype)
+    expected = silu_mul_ref(gate_up.clone())
+    actual = cpu.silu_mul_cpu(gate_up)
+    # In place as the reference: the gate half holds the result, the up half is untouched.
+    assert actual.data_ptr() == gate_up.data_ptr() and actual.stride() == gate_up.stride()
+    assert torch.equal(gate_up[:, inner:], wide[::2, inner:].to(dtype))
+    assert_within_one_rounding(actual, expected, 0.99)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tokens, heads, dim", [(1, 1, 2), (5, 10, 64), (300, 3, 128), (0, 4, 8)])
+def test_rope_matches_reference(dtype, tokens: int, heads: int, dim: int) -> None:
+    """In place on a strided view (q and k side by side in a wider fused projection, as the
+    model rotates them); the columns past the view stay untouched. bf16: bit for bit."""
+    gen = torch.Generator().manual_seed(tokens * heads + dim)
+    qkv = (torch.randn(tokens, (heads + 1) * dim, generator=gen) * 3).to(dtype)
+    angles = torch.rand(tokens, 1, dim // 2, generator=gen) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    expected, actual = qkv.clone(), qkv.clone()
+    rope_ref(expected[:, : heads * dim].view(tokens, heads, dim), cos, sin)
+    cpu.rope_cpu(actual[:, : heads * dim].view(tokens, heads, dim), cos, sin)
+    assert torch.equal(actual[:, heads * dim :], qkv[:, heads * dim :])
+    if dtype == torch.bfloat16:
+        assert torch.equal(actual, expected)
+    else:
+        assert_within_one_rounding(actual, expected, 0.0)
+
+
+@needs_kernels
+def test_elementwise_kernels_refuse_what_they_cannot_take() -> None:
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        cpu.silu_mul_cpu(torch.randn(2, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="unit column stride"):
+        cpu.silu_mul_cpu(torch.randn(8, 2).t())
+    x = torch.randn(3, 2, 8)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu.rope_cpu(x, torch.randn(3, 1, 4).bfloat16(), torch.randn(3, 1, 4))
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        cpu.rope_cpu(x, torch.randn(3, 1, 4), torch.randn(3, 1, 3))
+
+
+def test_elementwise_dispatch_falls_back_to_the_reference() -> None:
+    """kernels.silu_mul / kernels.rope on the CPU: the kernel where it fits, else the torch
+    reference (fp64, mixed dtypes), with the reference's results either way."""
+    from pipeline.kernels import rope, silu_mul
+
+    gate_up = torch.randn(4, 16, dtype=torch.float64)
+    assert torch.equal(silu_mul(gate_up.clone()), silu_mul_ref(gate_up.clone()))
+    x = torch.randn(4, 2, 8)
+    cos, sin = torch.rand(4, 1, 4), torch.rand(4, 1, 4)
+    for dtypes in [(torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32)]:
+        args = [t.to(d) for t, d in zip((x, cos, sin), dtypes, strict=True)]
+        expected, actual = args[0].clone(), args[0].clone()
+        rope_ref(expected, *args[1:])
+        rope(actual, *args[1:])
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
