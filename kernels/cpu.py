@@ -1,8 +1,9 @@
 """The compiled CPU kernels, built at first use: paged decode attention
 (`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`), the LM
 head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k), RMSNorm of a
-residual sum (`cpu_norm.cpp`, as `rms_norm_ref`), and SiLU-and-multiply and RoPE
-(`cpu_elementwise.cpp`, as `silu_mul_ref` and `rope_ref`).
+residual sum (`cpu_norm.cpp`, as `rms_norm_ref`), SiLU-and-multiply and RoPE
+(`cpu_elementwise.cpp`, as `silu_mul_ref` and `rope_ref`), and the sampler's whole-vocabulary
+draw (`cpu_sample.cpp`, as `pipeline/engine/sampler.py`'s unfiltered path).
 
 `torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~45 s once; the
 library is kept under torch's extensions directory, one build per CPU model and flags, so
@@ -34,6 +35,7 @@ SOURCES = [
         "cpu_head_reduce.cpp",
         "cpu_norm.cpp",
         "cpu_elementwise.cpp",
+        "cpu_sample.cpp",
         "cpu_bindings.cpp",
     )
 ]
@@ -149,3 +151,15 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     head), cos and sin contiguous [T, 1, D / 2] in x's dtype. Raises RuntimeError where the
     kernel is not built or the arguments do not fit it."""
     _built("RoPE").rope(x, cos, sin)
+
+
+def sample_rows(
+    logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token per row of logits [R, V] (fp32, unit column stride, penalties and bans
+    applied): drawn by inverse CDF at the uniform `u` [R] fp64 from the distribution at
+    `temperature` [R] fp32 with `min_p` [R] fp32 (0: off), or the first maximum where the
+    temperature is <= 0. Returns (tokens [R] int64, their log-probs [R] fp32 at temperature
+    1). Raises RuntimeError where the kernel is not built or the arguments do not fit it."""
+    tokens, logprobs = _built("sampling").sample_rows(logits, temperature, min_p, u)
+    return tokens, logprobs

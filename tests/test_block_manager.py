@@ -34,3 +34,53 @@ def test_append_at_a_block_boundary_takes_a_new_block_without_copy():
     assert blocks.blocks_needed_to_append(seq) == 1
     assert blocks.append_slot(seq) is None
     assert len(seq.block_table) == 2
+
+
+def test_beams_moving_rows_keep_reference_counts_exact():
+    """Beams forking, growing, moving into each other's rows (`share`) and ending, at random:
+    every block's count is the number of tables holding it, and all come back at the end.
+    One move hands over a table that is no prefix-sharing sibling (`share` then counts all)."""
+    import random
+
+    rng = random.Random(0)
+    blocks = BlockManager(num_blocks=400, block_size=4)
+    root = seq_of(9)
+    blocks.allocate(root)
+    beams = [root]
+    for step in range(200):
+        if len(beams) < 4:
+            child = rng.choice(beams).child(len(beams))
+            blocks.fork(child)
+            beams.append(child)
+        for seq in beams:
+            seq.token_ids.append(step)
+            blocks.append_slot(seq)
+        for _ in range(rng.randrange(3)):
+            row, parent = rng.sample(beams, 2)
+            blocks.share(row, parent)
+            row.token_ids = list(parent.token_ids)
+        if step == 100:  # a table that shares nothing with the row's
+            stranger = seq_of(13)
+            blocks.allocate(stranger)
+            blocks.share(beams[0], stranger)
+            beams[0].token_ids = list(stranger.token_ids)
+            blocks.free(stranger)
+        held = [b for seq in beams for b in seq.block_table]
+        assert blocks.ref_counts == [held.count(b) for b in range(400)]
+    for seq in beams:
+        blocks.free(seq)
+    assert blocks.num_free == 400 and set(blocks.ref_counts) == {0}
+
+
+def test_share_counts_whole_tables_that_agree_only_at_the_end():
+    """Tables equal in their last block but not before (no shared prefix): every block
+    changes owner, not just the differing tail."""
+    blocks = BlockManager(num_blocks=8, block_size=4)
+    row, source = seq_of(12), seq_of(12)
+    row.block_table, source.block_table = [0, 1, 2], [3, 4, 2]
+    blocks.ref_counts[:5] = [1, 1, 2, 1, 1]
+    blocks.free_blocks = [7, 6, 5]
+    blocks.share(row, source)
+    assert row.block_table == [3, 4, 2]
+    assert blocks.ref_counts[:5] == [0, 0, 2, 2, 2]
+    assert sorted(blocks.free_blocks) == [0, 1, 5, 6, 7]

@@ -7,6 +7,7 @@ import torch
 from test_engine_parity import make_engine, random_prompts
 from tiny_models import build_model
 
+from pipeline.engine import sampler
 from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
 from pipeline.engine.random import signed_seed, uniform
@@ -14,6 +15,7 @@ from pipeline.engine.sampler import RowKinds, plan_sampling, resample_exact, sam
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.step_meta import block_tables
 from pipeline.engine.transfer import HostToDevice
+from pipeline.kernels.cpu import cpu_kernels_available
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +237,38 @@ def test_top_p_keeps_the_nucleus_only():
     params = SamplingParams(temperature=1.0, top_p=0.8)
     drawn = set(draw(logits.repeat(2000, 1), params, range(2000)))
     assert drawn == {0, 1}
+
+
+@pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")
+def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
+    """The compiled CPU draw (unfiltered rows) against the torch path on the same plan: greedy,
+    tempered and min-p rows mixed, a vocabulary of 32,768 with bans. Greedy rows are the
+    same; draws the same but where the sums' rounding moves a boundary (rare)."""
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab = 96, 32768
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    logits[:, 5] = float("-inf")  # a banned token
+    logits[0, 7] = logits[0, 9] = 100.0  # a tie: the first maximum
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8)]
+    kinds.append(SamplingParams(temperature=1.2, min_p=0.05))
+    params = [kinds[i % 3] for i in range(rows)]
+    seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
+    plan = plan_sampling(
+        RowKinds.of(params, vocab), seqs, [signed_seed(i) for i in range(rows)], [], vocab
+    )
+    tensors = HostToDevice(logits.device).to_device(plan.arrays)
+    fused = sample(logits.clone(), plan, tensors)
+    assert fused.scaled is None  # the compiled path ran
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    reference = sample(logits.clone(), plan, tensors)
+    same = fused.tokens == reference.tokens
+    assert same[::3].all() and fused.tokens[0] == 7
+    assert same.sum() >= rows - 2
+    assert (fused.tokens != 5).all()
+    torch.testing.assert_close(fused.logprobs[same], reference.logprobs[same], atol=2e-5, rtol=0)
+    min_p_rows = logits[2::3].div(1.2).softmax(-1)
+    chosen = min_p_rows.gather(1, fused.tokens[2::3, None]).squeeze(1)
+    assert (chosen >= 0.05 * min_p_rows.max(-1).values).all()
 
 
 def test_uniform_is_a_pure_function_in_range():

@@ -27,6 +27,7 @@ from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.token_mask import TokenMask
 from pipeline.kernels import compiled, greedy_pick_triton
+from pipeline.kernels import cpu as cpu_kernels
 from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 
@@ -193,6 +194,8 @@ def sample(
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
+    if _compiled_cpu_draw(logits, plan):
+        return _sample_cpu(logits, tensors)
     greedy_only = not plan.any_random and plan.max_logprobs is None
     if greedy_only and compiled(logits):
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
@@ -215,6 +218,36 @@ def sample(
     if plan.max_logprobs is not None:
         top_lp, top_ids = torch.topk(log_probs, max(plan.max_logprobs, 1), dim=-1)
     return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, log_probs)
+
+
+def _compiled_cpu_draw(logits: torch.Tensor, plan: SamplingPlan) -> bool:
+    """Whether the compiled CPU kernel takes the step's rows: fp32 CPU logits, no top-k /
+    top-p row (their prefilter and exact redraw stay here) and no top log-probs asked for."""
+    return (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32
+        and logits.stride(-1) == 1
+        and not plan.any_filtered
+        and plan.max_logprobs is None
+        and cpu_kernels.cpu_kernels_available()
+    )
+
+
+def _sample_cpu(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> SampleOutput:
+    """`sample`'s result for unfiltered rows, a row at a time while it is in cache (see
+    kernels/cpu_sample.cpp): the same draws as below up to the sums' rounding."""
+    rows = logits.shape[0]
+    params = t["params"]
+    if "random" in t:
+        sis = t["seed_index_step"]
+        u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
+        temperature = torch.where(t["random"].bool(), params[:, 0], 0.0).float()
+    else:  # greedy rows only
+        u = torch.zeros(rows, dtype=torch.float64)
+        temperature = torch.zeros(rows)
+    min_p = params[:, 3].float().contiguous()
+    tokens, chosen = cpu_kernels.sample_rows(logits, temperature.contiguous(), min_p, u)
+    return SampleOutput(tokens, chosen, None, None, None, None, None)
 
 
 def greedy_from_top(
