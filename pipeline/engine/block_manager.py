@@ -50,22 +50,11 @@ class BlockManager:
             self.ref_counts[block] += 1
 
     def share(self, seq: Sequence, source: Sequence) -> None:
-        """`seq` gives up its blocks and shares `source`'s (a beam moving into its row).
-
-        Beams of one request share a prefix of their tables (the prompt's blocks and those
-        filled before they parted) and own what follows, so only the two tails change owners:
-        a few blocks, where counting both tables in full cost ~60 steps a move (beam search
-        moves dozens of rows a step)."""
-        old, new = seq.block_table, source.block_table
-        same = min(len(old), len(new))
-        while same and old[same - 1] != new[same - 1]:
-            same -= 1
-        if old[:same] != new[:same]:  # not a shared prefix after all: count everything
-            same = 0
-        for block in new[same:]:  # first: blocks the two share never reach 0
+        """`seq` gives up its blocks and shares `source`'s (a beam moving into its row)."""
+        for block in source.block_table:  # first: blocks the two share never reach 0
             self.ref_counts[block] += 1
-        self.release(old[same:])
-        seq.block_table = list(new)
+        self.release(seq.block_table)
+        seq.block_table = list(source.block_table)
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
