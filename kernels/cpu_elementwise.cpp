@@ -40,11 +40,21 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
   }
 }
 
+// GCC fuses a product and a sum into one FMA across statements (-ffp-contract=fast, its
+// default), which rounds once where torch's separate ops round twice: off for RoPE, so that
+// fp32 matches torch bit for bit too. (Clang fuses only within one source expression, and the
+// products here are rounded by narrow() calls first.)
+#if defined(__GNUC__) && !defined(__clang__)
+#define PIPELINE_NO_FMA_CONTRACTION __attribute__((optimize("fp-contract=off")))
+#else
+#define PIPELINE_NO_FMA_CONTRACTION
+#endif
+
 // One token's heads, rotated in place: halves x1, x2 of each head -> x1 cos - x2 sin and
-// x2 cos + x1 sin, each product and each sum rounded to T as torch's ops round them. (In fp32
-// the compiler may fuse a product into the sum's FMA: then within one rounding of torch.)
+// x2 cos + x1 sin, each product and each sum rounded to T as torch's ops round them (bit for
+// bit, fp32 and bf16).
 template <typename T>
-void rope_token(T* x, const T* cos, const T* sin, int64_t heads, int64_t head_stride,
+PIPELINE_NO_FMA_CONTRACTION void rope_token(T* x, const T* cos, const T* sin, int64_t heads, int64_t head_stride,
                 int64_t half) {
   for (int64_t h = 0; h < heads; ++h) {
     T* first = x + h * head_stride;
