@@ -19,7 +19,7 @@
 
 namespace {
 
-using namespace pipeline_cpu;  // NOLINT: widen, narrow, exp_nonpositive
+using namespace pipeline_cpu;  // NOLINT: widen, narrow, exp_nonpositive, fp32_or_bf16
 
 constexpr int64_t kGrainElements = 32768;  // per thread at least: below, one thread does all
 
@@ -54,8 +54,8 @@ void silu_mul_row(const T* gate, const T* up, T* out, int64_t n) {
 // x2 cos + x1 sin, each product and each sum rounded to T as torch's ops round them (bit for
 // bit, fp32 and bf16).
 template <typename T>
-PIPELINE_NO_FMA_CONTRACTION void rope_token(T* x, const T* cos, const T* sin, int64_t heads, int64_t head_stride,
-                int64_t half) {
+PIPELINE_NO_FMA_CONTRACTION void rope_token(T* x, const T* cos, const T* sin, int64_t heads,
+                                            int64_t head_stride, int64_t half) {
   for (int64_t h = 0; h < heads; ++h) {
     T* first = x + h * head_stride;
     T* second = first + half;
@@ -68,10 +68,6 @@ PIPELINE_NO_FMA_CONTRACTION void rope_token(T* x, const T* cos, const T* sin, in
       second[i] = narrow<T>(widen(narrow<T>(x2 * c)) + x1_sin);
     }
   }
-}
-
-bool fp32_or_bf16(const torch::Tensor& t) {
-  return t.scalar_type() == torch::kFloat || t.scalar_type() == torch::kBFloat16;
 }
 
 template <typename T>

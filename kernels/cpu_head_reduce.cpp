@@ -27,40 +27,6 @@ using namespace pipeline_cpu;  // NOLINT: widen, exp_nonpositive and the vector 
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
-template <typename T>
-float row_max(const T* x, int64_t n) {
-  float m = -kInf;
-  int64_t i = 0;
-#ifdef PIPELINE_CPU_VECTOR
-  vfloat a = vset(m), b = a;  // two chains: max's latency is not the bound
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    a = vmax(a, vload(x + i));
-    b = vmax(b, vload(x + i + kLanes));
-  }
-  m = hmax(vmax(a, b));
-#endif
-  for (; i < n; ++i) m = std::max(m, widen(x[i]));  // the tail, or the whole row
-  return m;
-}
-
-// sum(exp(x[i] - m)) over x[0, n), m >= every x[i].
-template <typename T>
-float sum_exp_below(const T* x, int64_t n, float m) {
-  float sum = 0.f;
-  int64_t i = 0;
-#ifdef PIPELINE_CPU_VECTOR
-  const vfloat shift = vset(-m);
-  vfloat a = vset(0.f), b = a;
-  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
-    a = vadd(a, vexp_nonpositive(vadd(vload(x + i), shift)));
-    b = vadd(b, vexp_nonpositive(vadd(vload(x + i + kLanes), shift)));
-  }
-  sum = hsum(vadd(a, b));
-#endif
-  for (; i < n; ++i) sum += exp_nonpositive(widen(x[i]) - m);
-  return sum;
-}
-
 // Bit j set where x[j] > t, over x[0, 16) (NaN is not above).
 template <typename T>
 inline uint32_t above16(const T* x, float t) {

@@ -1,5 +1,5 @@
-// Scalar and vector helpers shared by the CPU kernels (header-only; kernels/cpu.py hashes it with the
-// sources, so a change here rebuilds them).
+// Scalar and vector helpers shared by the CPU kernels, and the row max and exp-sum built on
+// them (header-only; kernels/cpu.py hashes it with the sources, so a change here rebuilds them).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if (defined(__AVX512F__)) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
@@ -185,5 +186,45 @@ inline vfloat vexp_nonpositive(vfloat x) {  // exp_nonpositive, lane by lane
   return _mm256_and_ps(_mm256_mul_ps(e, _mm256_castsi256_ps(two_n)), keep);
 }
 #endif
+
+// A row's maximum, fp32 or bf16 (vector lanes: GCC leaves a float max reduction scalar).
+template <typename T>
+float row_max(const T* x, int64_t n) {
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+#ifdef PIPELINE_CPU_VECTOR
+  vfloat a = vset(m), b = a;  // two chains: max's latency is not the bound
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    a = vmax(a, vload(x + i));
+    b = vmax(b, vload(x + i + kLanes));
+  }
+  m = hmax(vmax(a, b));
+#endif
+  for (; i < n; ++i) m = std::max(m, widen(x[i]));  // the tail, or the whole row
+  return m;
+}
+
+// sum(exp(x[i] - m)) over x[0, n), m >= every x[i].
+template <typename T>
+float sum_exp_below(const T* x, int64_t n, float m) {
+  float sum = 0.f;
+  int64_t i = 0;
+#ifdef PIPELINE_CPU_VECTOR
+  const vfloat shift = vset(-m);
+  vfloat a = vset(0.f), b = a;
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    a = vadd(a, vexp_nonpositive(vadd(vload(x + i), shift)));
+    b = vadd(b, vexp_nonpositive(vadd(vload(x + i + kLanes), shift)));
+  }
+  sum = hsum(vadd(a, b));
+#endif
+  for (; i < n; ++i) sum += exp_nonpositive(widen(x[i]) - m);
+  return sum;
+}
+
+// The dtypes the kernels take.
+inline bool fp32_or_bf16(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16;
+}
 
 }  // namespace pipeline_cpu

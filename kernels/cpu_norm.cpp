@@ -19,7 +19,7 @@
 
 namespace {
 
-using namespace pipeline_cpu;  // NOLINT: widen, narrow
+using namespace pipeline_cpu;  // NOLINT: widen, narrow, fp32_or_bf16
 
 // One row of N: stream = x + residual rounded to T (x itself without a residual), then
 // out = narrow(weight * narrow(stream * rsqrt(mean(stream^2) + eps))), as rms_norm_ref.
@@ -79,8 +79,7 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, doubl
                                     std::optional<torch::Tensor> residual) {
   const bool has_residual = residual.has_value();
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, N] with unit column stride");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
-              "x must be fp32 or bf16");
+  TORCH_CHECK(fp32_or_bf16(x), "x must be fp32 or bf16");
   TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.is_contiguous() &&
                   weight.dim() == 1 && weight.size(0) == x.size(1),
               "weight must be [N] in x's dtype");

@@ -25,7 +25,7 @@
 
 namespace {
 
-using namespace pipeline_cpu;  // NOLINT: exp_nonpositive, the vector primitives
+using namespace pipeline_cpu;  // NOLINT: row_max, sum_exp_below, exp_nonpositive
 
 constexpr int64_t kDrawBlock = 256;  // tokens per block of the two-level draw (as the sampler)
 
@@ -33,21 +33,6 @@ struct RowDraw {
   int64_t token;
   float logprob;
 };
-
-// The row's maximum (GCC leaves a max reduction over floats scalar: vector lanes here).
-float row_max(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  int64_t i = 0;
-#ifdef PIPELINE_CPU_VECTOR
-  if (n >= kLanes) {
-    vfloat lanes = vset(m);
-    for (; i + kLanes <= n; i += kLanes) lanes = vmax(lanes, vload(x + i));
-    m = hmax(lanes);
-  }
-#endif
-  for (; i < n; ++i) m = std::max(m, x[i]);
-  return m;
-}
 
 // The first index of the row's maximum (NaN-free logits; -inf entries are banned tokens).
 int64_t first_max(const float* x, int64_t n, float best) {
@@ -86,11 +71,8 @@ int64_t inverse_cdf(const float* w, const std::vector<float>& block_sums, int64_
 RowDraw draw_row(const float* x, int64_t n, float temperature, float min_p, double u,
                  float* weights, std::vector<float>& block_sums) {
   const float m = row_max(x, n);
-  float s = 0.f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += exp_nonpositive(x[i] - m);
   if (m == -std::numeric_limits<float>::infinity()) return {0, m};  // every token banned
-  const float log_norm = m + std::log(s);
+  const float log_norm = m + std::log(sum_exp_below(x, n, m));
   if (!(temperature > 0.f)) {
     const int64_t token = first_max(x, n, m);
     return {token, x[token] - log_norm};
