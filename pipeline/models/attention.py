@@ -289,9 +289,10 @@ def _prefill_groups(
     lengths = extra["sorted_lengths"]
     for g, (a, b, longest) in enumerate(plan):
         # Causal: no mask. Prompts are padded on the right, so a real query (i < length)
-        # sees keys j <= i, all inside its prompt; the padding's rows are dropped. SDPA then
-        # skips the blocks above the diagonal (half the work) and no [b, 1, L, L] mask is
-        # built. Bidirectional (an encoder): keys past each prompt's end are masked.
+        # sees keys j <= i, all inside its prompt; the padding's rows are dropped. No
+        # [b, 1, L, L] mask is built and SDPA may skip blocks above the diagonal (5-10% per
+        # call on 300-400-token groups here). Bidirectional (an encoder): keys past each
+        # prompt's end are masked.
         mask = None
         if b - a > 1 and not meta.causal:
             j = torch.arange(longest, device=lengths.device)
