@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pipeline.models.head import STAGE, HeadQuery, top_logprobs
+from pipeline.models.packed import PackedPanels, mkl_packing_available
 
 
 @pytest.fixture(params=["compiled", "torch"])
@@ -23,8 +24,9 @@ def reductions(request, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.mark.parametrize("vocab", [300, STAGE, 2 * STAGE + 809])  # one, exact, partial last
 @pytest.mark.parametrize("before_norm", [True, False], ids=["sampling", "beams"])
 @pytest.mark.parametrize("k", [6, 1])  # k=1: the two-level row max
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "mkl-packed"])
 def test_top_logprobs_match_full_log_softmax(
-    vocab: int, before_norm: bool, k: int, reductions: str
+    vocab: int, before_norm: bool, k: int, packed: bool, reductions: str
 ) -> None:
     gen = torch.Generator().manual_seed(vocab)
     hidden = torch.randn(7, 32, generator=gen)
@@ -51,7 +53,10 @@ def test_top_logprobs_match_full_log_softmax(
     logprobs[4, 7] = 0.0
     expected, expected_ids = logprobs.topk(k, dim=-1)
 
-    top = top_logprobs(hidden, weight, bias, query)
+    if packed and not mkl_packing_available():
+        pytest.skip("torch without MKL's packed GEMM")
+    panels = PackedPanels(weight, min(STAGE, vocab)) if packed else None  # last one padded
+    top = top_logprobs(hidden, weight, bias, panels, query)
 
     torch.testing.assert_close(top.values, expected, atol=1e-5, rtol=1e-5)
     free = [0, 1, 2, 3, 5, 6]  # row 4's ids past its forced token are arbitrary (-inf)
@@ -71,7 +76,7 @@ def test_bfloat16_head_reduces_in_float32(bias: bool, vocab: int, reductions: st
     exact = hidden.float() @ weight.float().t() + (0 if offset is None else offset.float())
     logprobs = exact.log_softmax(dim=-1)
     expected = logprobs.topk(3, dim=-1)
-    top = top_logprobs(hidden, weight, offset, HeadQuery(3, True))
+    top = top_logprobs(hidden, weight, offset, None, HeadQuery(3, True))
     assert top.values.dtype == torch.float32
     # Logits up to ~12 rounded to bf16 (spacing 1/16 there), at most twice: within 0.07.
     torch.testing.assert_close(top.values, expected.values, atol=0.07, rtol=0)
@@ -86,7 +91,7 @@ def test_a_stage_banned_whole_adds_nothing(
     """Every token of the first stage banned before the norm: the rest is the distribution."""
     monkeypatch.setattr("pipeline.models.head.STAGE", stage)
     hidden, weight = torch.randn(3, 8), torch.randn(2 * stage, 8)
-    top = top_logprobs(hidden, weight, None, HeadQuery(k, True, banned=list(range(stage))))
+    top = top_logprobs(hidden, weight, None, None, HeadQuery(k, True, banned=list(range(stage))))
     expected = (hidden @ weight.t())[:, stage:].log_softmax(dim=-1).topk(k, dim=-1)
     torch.testing.assert_close(top.values, expected.values)
     assert torch.equal(top.ids, expected.indices + stage)

@@ -17,10 +17,15 @@ import torch
 from torch import nn
 
 from pipeline.kernels import cpu as cpu_kernels
+from pipeline.models.packed import PackedPanels
 
 LOGITS_CHUNK = 512  # vocabulary columns per LM-head product on the CPU
 STAGE = 4096  # vocabulary columns reduced together by `top_logprobs` ([256, 4096] fp32: 4 MB)
 MAX_BLOCK = 64  # columns per block of `_row_max`'s first level (64 ran fastest of 32..512)
+
+
+# What `top_logprobs` needs of a model's head: weight [V, hidden], bias [V], packed panels.
+HeadParts = tuple[torch.Tensor, torch.Tensor | None, PackedPanels | None]
 
 
 def plain_weight(lm_head: nn.Module) -> torch.Tensor | None:
@@ -28,8 +33,17 @@ def plain_weight(lm_head: nn.Module) -> torch.Tensor | None:
     return lm_head.weight if type(lm_head) is nn.Linear else None
 
 
-def lm_logits(hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-    """[N, hidden] -> [N, vocab] in fp32 through `lm_head` (a linear layer without bias)."""
+def lm_logits(
+    hidden: torch.Tensor, lm_head: nn.Module, panels: PackedPanels | None = None
+) -> torch.Tensor:
+    """[N, hidden] -> [N, vocab] in fp32 through `lm_head` (a linear layer without bias),
+    or through its MKL-packed `panels` (an fp32 model on the CPU)."""
+    if panels is not None:
+        out = torch.empty(hidden.shape[0], panels.vocab)
+        for s, start in enumerate(range(0, panels.vocab, panels.width)):
+            end = min(panels.vocab, start + panels.width)
+            out[:, start:end] = panels.product(hidden, s)[:, : end - start]
+        return out
     weight = plain_weight(lm_head)
     if hidden.device.type != "cpu" or weight is None or weight.shape[0] <= 4 * LOGITS_CHUNK:
         return lm_head(hidden).float()
@@ -70,12 +84,15 @@ def top_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
+    panels: PackedPanels | None,
     query: HeadQuery,
 ) -> TopLogprobs:
     """The `query.k` (<= V) best log-probs of each row of `hidden` [N, hidden] under the LM
-    head `weight` [V, hidden] (+ `bias` [V]), with the query's bans and forced rows."""
+    head `weight` [V, hidden] (+ `bias` [V]), with the query's bans and forced rows. With
+    `panels` (the weight MKL-packed in stages, fp32), each stage is one packed product."""
     rows, vocab, k = hidden.shape[0], weight.shape[0], query.k
     width = min(STAGE, vocab)
+    assert panels is None or panels.width == width, "panels packed for another stage width"
     stages = -(-vocab // width)
     # The compiled row reductions (kernels/cpu.py) visit each row of a stage once for its
     # log-sum-exp, bans and best k, and read bf16: a bf16 model's stage stays in bf16 (the
@@ -95,12 +112,18 @@ def top_logprobs(
     scratch = None if compiled else torch.empty_like(stage)  # exp(stage - row max)
     for s in range(stages):
         start, end = s * width, min(vocab, (s + 1) * width)
-        # In `chunk`-column products (for fp32, one [N, 4096] product runs ~20% slower),
-        # each written in place: a column block of the stage is a BLAS matrix with its stride.
-        for a in range(start, end, chunk):
-            b = min(end, a + chunk)
-            part = None if bias is None else bias[a:b]
-            _project(hidden, weight[a:b], part, stage[:, a - start : b - start])
+        if panels is not None:
+            stage = panels.product(hidden, s)
+            if bias is not None:
+                stage[:, : end - start] += bias[start:end]
+        else:
+            # In `chunk`-column products (for fp32, one unpacked [N, 4096] product runs ~20%
+            # slower), each written in place: a column block of the stage is a BLAS matrix
+            # with its stride.
+            for a in range(start, end, chunk):
+                b = min(end, a + chunk)
+                part = None if bias is None else bias[a:b]
+                _project(hidden, weight[a:b], part, stage[:, a - start : b - start])
         stage[:, end - start :] = float("-inf")  # the last stage's columns past the vocabulary
         if scratch is None:  # one visit per row, in C++
             lse[s], best[s], best_ids[s] = cpu_kernels.row_lse_topk(

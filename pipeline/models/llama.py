@@ -12,7 +12,8 @@ from torch import nn
 
 from pipeline.kernels import rms_norm, silu_mul
 from pipeline.models.attention import AttentionMetadata
-from pipeline.models.head import lm_logits, plain_weight
+from pipeline.models.head import HeadParts, lm_logits, plain_weight
+from pipeline.models.packed import PackedPanels
 from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_
 from pipeline.models.rows import by_row_chunks
 from pipeline.models.spec import ModelSpec
@@ -136,6 +137,7 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.model = LlamaModel(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.head_panels: PackedPanels | None = None  # set by `pack_for_cpu` (loader.py)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -161,9 +163,9 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> [N, vocab] in fp32 (sampling and beam scores need the precision)."""
-        return lm_logits(hidden, self.lm_head)
+        return lm_logits(hidden, self.lm_head, self.head_panels)
 
-    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def head_parts(self) -> HeadParts | None:
         """The LM head's weight [V, hidden] and bias, for `top_logprobs`; None if quantized."""
         weight = plain_weight(self.lm_head)
-        return None if weight is None else (weight, None)
+        return None if weight is None else (weight, None, self.head_panels)

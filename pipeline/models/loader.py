@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from pipeline.assets import demo_model_dir
+from pipeline.models.head import STAGE, plain_weight
 from pipeline.models.llama import LlamaForCausalLM
+from pipeline.models.packed import PackedPanels, mkl_packing_available, pack_linears
 from pipeline.models.quant import QuantLinear, QuantSpec, fuse_4bit, load_state, quantize_modules
 from pipeline.models.rope import RotaryEmbedding
 from pipeline.models.safetensors_io import SafetensorsFile, read_header
@@ -115,7 +117,20 @@ def load_model(
     missing |= {f"{n}.weight" for n, m in model.named_modules() if _empty_quant(m)}
     if missing:
         raise ValueError(f"{model_dir}: weights missing from the checkpoint: {sorted(missing)[:8]}")
+    if device.type == "cpu" and dtype == torch.float32:
+        _pack_for_cpu(model)
     return model.eval()
+
+
+def _pack_for_cpu(model: Model) -> None:
+    """An fp32 model on the CPU: its linear layers and LM head in MKL's packed layout, so
+    that no product repacks a weight (see packed.py). Nothing without MKL."""
+    if not mkl_packing_available():
+        return
+    pack_linears(model)
+    weight = plain_weight(model.lm_head)
+    if weight is not None:
+        model.head_panels = PackedPanels(weight, min(STAGE, weight.shape[0]))
 
 
 def _weight_files(model_dir: Path) -> list[Path]:

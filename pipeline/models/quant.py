@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.engine.config import ConfigError
+from pipeline.models.packed import PackedLinear
 
 
 class _OnFirstUse:
@@ -303,10 +304,18 @@ def resolve_quant(
 
 
 def model_weight_bytes(model: nn.Module) -> int:
-    """Bytes of all weights as loaded: parameters (shared ones once) and quantized layers."""
+    """Bytes of all weights as loaded: parameters (shared ones once), quantized and packed
+    layers, and the packed copy of the LM head."""
     params = {id(p): p for p in model.parameters()}.values()
     dense = sum(p.numel() * p.element_size() for p in params)
-    return dense + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    packed = sum(m.weight_bytes() for m in model.modules() if isinstance(m, PackedLinear))
+    panels = getattr(model, "head_panels", None)  # a packed copy beside the (tied) head
+    packed += 0 if panels is None else panels.weight_bytes()
+    return (
+        dense
+        + packed
+        + sum(m.weight_bytes() for m in model.modules() if isinstance(m, QuantLinear))
+    )
 
 
 def checkpoint_method(config: dict) -> str | None:

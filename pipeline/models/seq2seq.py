@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models.attention import AttentionMetadata
-from pipeline.models.head import lm_logits, plain_weight
+from pipeline.models.head import HeadParts, lm_logits, plain_weight
 from pipeline.models.llama import KVCache
+from pipeline.models.packed import PackedPanels
 from pipeline.models.rows import by_row_chunks
 from pipeline.models.seq2seq_spec import Seq2SeqSpec
 
@@ -251,6 +252,7 @@ class Seq2SeqForGeneration(nn.Module):
         self.spec = spec
         self.model = Seq2SeqModel(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.head_panels: PackedPanels | None = None  # set by `pack_for_cpu` (loader.py)
         if spec.final_logits_bias:
             self.final_logits_bias = nn.Parameter(torch.zeros(1, spec.vocab_size))
         self.embed_scale = math.sqrt(spec.hidden_size) if spec.scale_embedding else 1.0
@@ -295,13 +297,13 @@ class Seq2SeqForGeneration(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, d_model] -> [N, vocab] fp32."""
-        logits = lm_logits(hidden, self.lm_head)
+        logits = lm_logits(hidden, self.lm_head, self.head_panels)
         if self.spec.final_logits_bias:
             logits += self.final_logits_bias.float()
         return logits
 
-    def head_parts(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    def head_parts(self) -> HeadParts | None:
         """The LM head's weight [V, d_model] and bias, for `top_logprobs`; None if quantized."""
         weight = plain_weight(self.lm_head)
         bias = self.final_logits_bias[0] if self.spec.final_logits_bias else None  # [V]
-        return None if weight is None else (weight, bias)
+        return None if weight is None else (weight, bias, self.head_panels)
