@@ -154,12 +154,19 @@ def rope_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 def sample_rows(
-    logits: torch.Tensor, temperature: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    min_p: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    u: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A token per row of logits [R, V] (fp32, unit column stride, penalties and bans
     applied): drawn by inverse CDF at the uniform `u` [R] fp64 from the distribution at
-    `temperature` [R] fp32 with `min_p` [R] fp32 (0: off), or the first maximum where the
-    temperature is <= 0. Returns (tokens [R] int64, their log-probs [R] fp32 at temperature
-    1). Raises RuntimeError where the kernel is not built or the arguments do not fit it."""
-    tokens, logprobs = _built("sampling").sample_rows(logits, temperature, min_p, u)
+    `temperature` [R] fp32 with `min_p` [R] fp32 (0: off), `top_k` [R] int64 (0: off) and
+    `top_p` [R] fp32 (1: off), or the first maximum where the temperature is <= 0. Returns
+    (tokens [R] int64, their log-probs [R] fp32 at temperature 1). Raises RuntimeError where
+    the kernel is not built or the arguments do not fit it."""
+    kernel = _built("sampling").sample_rows
+    tokens, logprobs = kernel(logits, temperature, min_p, top_k, top_p, u)
     return tokens, logprobs

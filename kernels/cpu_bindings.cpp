@@ -16,7 +16,8 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, doubl
 torch::Tensor silu_mul(torch::Tensor gate_up);
 void rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin);
 std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature,
-                                       torch::Tensor min_p, torch::Tensor u);
+                                       torch::Tensor min_p, torch::Tensor top_k,
+                                       torch::Tensor top_p, torch::Tensor u);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
@@ -27,5 +28,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused [T, 2I] projection (CPU)");
   m.def("rope", &rope, "rotary embedding of x [T, heads, D] in place (CPU)");
   m.def("sample_rows", &sample_rows,
-        "a token per row of fp32 logits: drawn (temperature, min-p) or greedy, with its log-prob");
+        "a token per row of fp32 logits: drawn (temperature, top-k, top-p, min-p) or greedy, with "
+        "its log-prob");
 }

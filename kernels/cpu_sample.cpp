@@ -1,15 +1,25 @@
-// Sampling from whole-vocabulary distributions on the CPU, a row at a time while it is in
-// cache: the CPU twin of pipeline/engine/sampler.py's unfiltered path (temperature and min-p;
-// greedy rows too), which makes five passes over the [R, V] logits (two log-softmaxes, a
-// division, an exp, block sums), each a fresh trip through memory: ~27 ms a step for
-// [256, 32768] in fp32 on a 2-core Xeon.
+// Sampling from a row's distribution on the CPU, a row at a time while it is in cache: the
+// CPU twin of pipeline/engine/sampler.py (temperature, top-k, top-p, min-p; greedy rows too),
+// which makes five or more passes over the [R, V] logits (two log-softmaxes, a division, an
+// exp, block sums or a top-k), each a fresh trip through memory: ~27 ms a step for
+// [256, 32768] in fp32 on a 2-core Xeon without top-p, ~84 ms with it.
 //
 // Per row of logits x (penalties and bans already applied): its max m and s = sum(exp(x - m))
 // give the chosen token's log-prob x[t] - m - log(s). A random row draws by inverse CDF over
-// the tempered weights w = exp((x - m) / T), those under min_p (relative to the largest, 1)
-// set to 0, as the torch path does: the blocks of kDrawBlock tokens are summed, the block
-// where u times the total falls is found, then the token inside it. Sums are fp32 within a
-// block and fp64 across blocks. A greedy row takes the first maximum, as torch.max does.
+// the tempered weights w = exp((x - m) / T) (the largest is 1).
+//
+// Without top-k or top-p the draw runs in vocabulary order, those under min_p set to 0, as
+// the torch path does: the blocks of kDrawBlock tokens are summed, the block where u times
+// the total falls is found, then the token inside it. Sums are fp32 within a block and fp64
+// across blocks.
+//
+// With top-k or top-p it runs in descending order of weight over the row's nucleus, as the
+// torch path (and its exact redraw) does: the tokens with a weight of at least kCandidateFloor
+// are collected and sorted (all tokens when those hold too little mass or too few tokens),
+// masses are relative to the whole row (to the top k with top-k), a token is kept while the
+// mass before it is under top_p and its weight is at least min_p. Sums are fp64.
+//
+// A greedy row takes the first maximum, as torch.max does.
 
 #include <torch/extension.h>
 
@@ -19,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <cstring>
 #include <vector>
 
 #include "cpu_math.h"
@@ -28,6 +39,17 @@ namespace {
 using namespace pipeline_cpu;  // NOLINT: row_max, sum_exp_below, exp_nonpositive
 
 constexpr int64_t kDrawBlock = 256;  // tokens per block of the two-level draw (as the sampler)
+// Weights at least this (relative to the largest) are a filtered row's first candidates:
+// a trained model's nucleus lies well above it, and collecting is one compare per token.
+constexpr float kCandidateFloor = 3.0e-4f;
+
+struct Filters {
+  float temperature;  // <= 0: greedy
+  float min_p;        // 0: off
+  int64_t top_k;      // 0: off
+  float top_p;        // 1: off
+  bool filtered() const { return top_k > 0 || top_p < 1.f; }
+};
 
 struct RowDraw {
   int64_t token;
@@ -66,24 +88,8 @@ int64_t inverse_cdf(const float* w, const std::vector<float>& block_sums, int64_
   return 0;
 }
 
-// One row: x [n] logits; temperature > 0 for a random row (else greedy); weights [n] and
-// block_sums scratch.
-RowDraw draw_row(const float* x, int64_t n, float temperature, float min_p, double u,
-                 float* weights, std::vector<float>& block_sums) {
-  const float m = row_max(x, n);
-  if (m == -std::numeric_limits<float>::infinity()) return {0, m};  // every token banned
-  const float log_norm = m + std::log(sum_exp_below(x, n, m));
-  if (!(temperature > 0.f)) {
-    const int64_t token = first_max(x, n, m);
-    return {token, x[token] - log_norm};
-  }
-  const float inverse_t = 1.f / temperature;
-  // Weights relative to the largest (1); min_p keeps those at least min_p of it.
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const float w = exp_nonpositive((x[i] - m) * inverse_t);
-    weights[i] = w >= min_p ? w : 0.f;
-  }
+// The row's sum of weights: fp32 within blocks of kDrawBlock (kept in block_sums), fp64 across.
+double block_total(const float* weights, int64_t n, std::vector<float>& block_sums) {
   double total = 0.0;
   for (size_t b = 0; b < block_sums.size(); ++b) {
     const int64_t start = static_cast<int64_t>(b) * kDrawBlock;
@@ -94,31 +100,134 @@ RowDraw draw_row(const float* x, int64_t n, float temperature, float min_p, doub
     block_sums[b] = sum;
     total += sum;
   }
-  const int64_t token = inverse_cdf(weights, block_sums, n, u * total);
+  return total;
+}
+
+// A candidate as one sortable key: the weight's bits inverted above the token id, so that
+// ascending keys run by weight descending, then id ascending (weights are >= 0, whose bits
+// order as the floats do).
+uint64_t candidate_key(float w, int64_t token) {
+  uint32_t bits;
+  std::memcpy(&bits, &w, sizeof bits);
+  return (static_cast<uint64_t>(~bits) << 32) | static_cast<uint64_t>(token);
+}
+
+float candidate_weight(uint64_t key) {
+  const uint32_t bits = ~static_cast<uint32_t>(key >> 32);
+  float w;
+  std::memcpy(&w, &bits, sizeof w);
+  return w;
+}
+
+int64_t candidate_token(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
+
+// The tokens whose weight is at least `floor`, best first (ties: lower id first). Returns
+// their mass.
+double sorted_candidates(const float* w, int64_t n, float floor, std::vector<uint64_t>& out) {
+  out.clear();
+  double mass = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (w[i] >= floor) {
+      out.push_back(candidate_key(w[i], i));
+      mass += w[i];
+    }
+  }
+  std::sort(out.begin(), out.end());
+  return mass;
+}
+
+// A filtered row's draw over its candidates (best first) with the torch path's rule: with
+// top-k only the first k count, their masses relative to their sum; a token is kept while
+// the mass before it is under top_p and its weight is at least min_p.
+int64_t nucleus_draw(const std::vector<uint64_t>& candidates, double total, const Filters& f,
+                     double u) {
+  const size_t count = f.top_k > 0 ? std::min<size_t>(f.top_k, candidates.size())
+                                   : candidates.size();
+  double norm = total;
+  if (f.top_k > 0) {
+    norm = 0.0;
+    for (size_t j = 0; j < count; ++j) norm += candidate_weight(candidates[j]);
+  }
+  double before = 0.0, kept = 0.0;
+  size_t end = 0;  // candidates [0, end) are in the nucleus
+  for (; end < count && before < f.top_p; ++end) {
+    const float w = candidate_weight(candidates[end]);
+    if (w >= f.min_p) kept += w / norm;
+    before += w / norm;
+  }
+  const double target = u * kept;
+  double cum = 0.0;
+  int64_t last_kept = candidate_token(candidates[0]);
+  for (size_t j = 0; j < end; ++j) {
+    const float w = candidate_weight(candidates[j]);
+    if (w < f.min_p || !(w > 0.f)) continue;
+    cum += w / norm;
+    last_kept = candidate_token(candidates[j]);
+    if (cum > target) return last_kept;
+  }
+  return last_kept;  // rounding left the target past the last kept weight
+}
+
+// One row: x [n] logits; weights [n], block_sums and candidates scratch.
+RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* weights,
+                 std::vector<float>& block_sums,
+                 std::vector<uint64_t>& candidates) {
+  const float m = row_max(x, n);
+  if (m == -std::numeric_limits<float>::infinity()) return {0, m};  // every token banned
+  const float log_norm = m + std::log(sum_exp_below(x, n, m));
+  if (!(f.temperature > 0.f)) {
+    const int64_t token = first_max(x, n, m);
+    return {token, x[token] - log_norm};
+  }
+  const float inverse_t = 1.f / f.temperature;
+  // Weights relative to the largest (1). Unfiltered: min_p keeps those at least min_p of it
+  // (a filtered row applies min_p inside its nucleus, after the masses are taken).
+  const float floor = f.filtered() ? 0.f : f.min_p;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float w = exp_nonpositive((x[i] - m) * inverse_t);
+    weights[i] = w >= floor ? w : 0.f;
+  }
+  const double total = block_total(weights, n, block_sums);
+  if (!f.filtered()) {
+    const int64_t token = inverse_cdf(weights, block_sums, n, u * total);
+    return {token, x[token] - log_norm};
+  }
+  const double mass = sorted_candidates(weights, n, kCandidateFloor, candidates);
+  const bool enough = f.top_k > 0 ? static_cast<int64_t>(candidates.size()) >= f.top_k
+                                  : mass >= f.top_p * total;
+  if (!enough) sorted_candidates(weights, n, 0.f, candidates);  // a flat row: every token
+  const int64_t token = nucleus_draw(candidates, total, f, u);
   return {token, x[token] - log_norm};
 }
 
 }  // namespace
 
-// logits [R, V] fp32 with unit column stride; temperature, min_p [R] fp32 (temperature <= 0:
-// greedy row; min_p 0: off); u [R] fp64 uniforms in [0, 1). Returns (tokens [R] int64, their
-// log-probs [R] fp32 under the untempered distribution).
+// logits [R, V] fp32 with unit column stride; temperature, min_p, top_p [R] fp32
+// (temperature <= 0: greedy row; min_p 0, top_p 1: off); top_k [R] int64 (0: off); u [R] fp64
+// uniforms in [0, 1). Returns (tokens [R] int64, their log-probs [R] fp32 under the untempered
+// distribution).
 std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature,
-                                       torch::Tensor min_p, torch::Tensor u) {
+                                       torch::Tensor min_p, torch::Tensor top_k,
+                                       torch::Tensor top_p, torch::Tensor u) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == torch::kFloat,
               "logits must be fp32 [R, V] with unit column stride");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "logits must have a vocabulary");
-  for (const auto* t : {&temperature, &min_p}) {
+  for (const auto* t : {&temperature, &min_p, &top_p}) {
     TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->numel() == rows,
-                "temperature and min_p must be fp32 [R]");
+                "temperature, min_p and top_p must be fp32 [R]");
   }
+  TORCH_CHECK(top_k.scalar_type() == torch::kLong && top_k.is_contiguous() && top_k.numel() == rows,
+              "top_k must be int64 [R]");
   TORCH_CHECK(u.scalar_type() == torch::kDouble && u.is_contiguous() && u.numel() == rows,
               "u must be fp64 [R]");
   auto tokens = torch::empty({rows}, logits.options().dtype(torch::kLong));
   auto logprobs = torch::empty({rows}, logits.options());
   const float* x = logits.data_ptr<float>();
   const float *temps = temperature.data_ptr<float>(), *floors = min_p.data_ptr<float>();
+  const float* nucleus = top_p.data_ptr<float>();
+  const int64_t* ks = top_k.data_ptr<int64_t>();
   const double* us = u.data_ptr<double>();
   int64_t* out_tokens = tokens.data_ptr<int64_t>();
   float* out_logprobs = logprobs.data_ptr<float>();
@@ -126,9 +235,11 @@ std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor tempe
   at::parallel_for(0, rows, 1, [&](int64_t first, int64_t last) {
     std::vector<float> weights(vocab);
     std::vector<float> block_sums((vocab + kDrawBlock - 1) / kDrawBlock);
+    std::vector<uint64_t> candidates;
     for (int64_t r = first; r < last; ++r) {
-      const RowDraw d = draw_row(x + r * stride, vocab, temps[r], floors[r], us[r],
-                                 weights.data(), block_sums);
+      const Filters f{temps[r], floors[r], ks[r], nucleus[r]};
+      const RowDraw d = draw_row(x + r * stride, vocab, f, us[r], weights.data(), block_sums,
+                                 candidates);
       out_tokens[r] = d.token;
       out_logprobs[r] = d.logprob;
     }

@@ -13,6 +13,10 @@ Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` b
 nucleus reaches further down; such a row is flagged, and `resample_exact` redraws it from the
 full sort after the step's copy to the host - rare for a trained model, and exact either way.
 Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
+
+On the CPU (fp32 logits, no top log-probs asked for) the compiled kernel takes every row, a
+row at a time while it is in cache, with the same draws up to the sums' rounding and no
+exact redraw left for later (kernels/cpu_sample.cpp).
 """
 
 from __future__ import annotations
@@ -221,21 +225,20 @@ def sample(
 
 
 def _compiled_cpu_draw(logits: torch.Tensor, plan: SamplingPlan) -> bool:
-    """Whether the compiled CPU kernel takes the step's rows: fp32 CPU logits, no top-k /
-    top-p row (their prefilter and exact redraw stay here) and no top log-probs asked for."""
+    """Whether the compiled CPU kernel takes the step's rows: fp32 CPU logits and no top
+    log-probs asked for."""
     return (
         logits.device.type == "cpu"
         and logits.dtype == torch.float32
         and logits.stride(-1) == 1
-        and not plan.any_filtered
         and plan.max_logprobs is None
         and cpu_kernels.cpu_kernels_available()
     )
 
 
 def _sample_cpu(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> SampleOutput:
-    """`sample`'s result for unfiltered rows, a row at a time while it is in cache (see
-    kernels/cpu_sample.cpp): the same draws as below up to the sums' rounding."""
+    """`sample`'s result, a row at a time while it is in cache (see kernels/cpu_sample.cpp):
+    the same draws as below (with the exact redraws) up to the sums' rounding."""
     rows = logits.shape[0]
     params = t["params"]
     if "random" in t:
@@ -245,8 +248,11 @@ def _sample_cpu(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> SampleOutpu
     else:  # greedy rows only
         u = torch.zeros(rows, dtype=torch.float64)
         temperature = torch.zeros(rows)
-    min_p = params[:, 3].float().contiguous()
-    tokens, chosen = cpu_kernels.sample_rows(logits, temperature.contiguous(), min_p, u)
+    top_k = params[:, 1].long().contiguous()
+    top_p, min_p = (params[:, c].float().contiguous() for c in (2, 3))
+    tokens, chosen = cpu_kernels.sample_rows(
+        logits, temperature.contiguous(), min_p, top_k, top_p, u
+    )
     return SampleOutput(tokens, chosen, None, None, None, None, None)
 
 
