@@ -14,10 +14,12 @@
 // across blocks.
 //
 // With top-k or top-p it runs in descending order of weight over the row's nucleus, as the
-// torch path (and its exact redraw) does: the tokens with a weight of at least kCandidateFloor
-// are collected and sorted (all tokens when those hold too little mass or too few tokens),
-// masses are relative to the whole row (to the top k with top-k), a token is kept while the
-// mass before it is under top_p and its weight is at least min_p. Sums are fp64.
+// torch path (and its exact redraw) does: masses are relative to the whole row (to the top k
+// with top-k), a token is kept while the mass before it is under top_p and its weight is at
+// least min_p. Sums are fp64. A trained model's nucleus is a few tokens: those with a weight
+// of at least kCandidateFloor are collected (one compare per token) and sorted. A flat row
+// (the nucleus reaches under that floor, or thousands of tokens are over it) is walked by
+// bins of weight instead, sorting only the two bins where the nucleus ends and the draw falls.
 //
 // A greedy row takes the first maximum, as torch.max does.
 
@@ -28,8 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -42,6 +44,14 @@ constexpr int64_t kDrawBlock = 256;  // tokens per block of the two-level draw (
 // Weights at least this (relative to the largest) are a filtered row's first candidates:
 // a trained model's nucleus lies well above it, and collecting is one compare per token.
 constexpr float kCandidateFloor = 3.0e-4f;
+constexpr int64_t kMaxSorted = 2048;  // more candidates than this: the binned draw (flat rows)
+
+// A flat row (its nucleus reaches under that floor, or too many tokens are over it) orders
+// its tokens by bins of weight, 16 per octave (the float's
+// exponent and top 4 mantissa bits), 64 octaves below the best (lighter weights share the
+// last bin), and sorts only the bins where its nucleus ends and where its draw falls.
+constexpr int kBinShift = 19;
+constexpr int64_t kBins = 1024;
 
 struct Filters {
   float temperature;  // <= 0: greedy
@@ -121,9 +131,8 @@ float candidate_weight(uint64_t key) {
 
 int64_t candidate_token(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
 
-// The tokens whose weight is at least `floor`, best first (ties: lower id first). Returns
-// their mass.
-double sorted_candidates(const float* w, int64_t n, float floor, std::vector<uint64_t>& out) {
+// The tokens whose weight is at least `floor`, unsorted. Returns their mass.
+double collect_candidates(const float* w, int64_t n, float floor, std::vector<uint64_t>& out) {
   out.clear();
   double mass = 0.0;
   for (int64_t i = 0; i < n; ++i) {
@@ -132,7 +141,6 @@ double sorted_candidates(const float* w, int64_t n, float floor, std::vector<uin
       mass += w[i];
     }
   }
-  std::sort(out.begin(), out.end());
   return mass;
 }
 
@@ -168,10 +176,113 @@ int64_t nucleus_draw(const std::vector<uint64_t>& candidates, double total, cons
   return last_kept;  // rounding left the target past the last kept weight
 }
 
+// The bin of a weight in (0, 1]: 0 for the heaviest.
+int64_t weight_bin(float w) {
+  const float unit = 1.f;
+  uint32_t bits, one;
+  std::memcpy(&bits, &w, sizeof bits);
+  std::memcpy(&one, &unit, sizeof one);
+  return std::min<int64_t>(kBins - 1, (one - bits) >> kBinShift);
+}
+
+// Per bin: the tokens' count, their weights' sum, and the sum of those at least min_p.
+struct WeightBins {
+  std::vector<int64_t> count = std::vector<int64_t>(kBins);
+  std::vector<double> mass = std::vector<double>(kBins), kept = std::vector<double>(kBins);
+
+  void fill(const float* w, int64_t n, float min_p) {
+    std::fill(count.begin(), count.end(), 0);
+    std::fill(mass.begin(), mass.end(), 0.0);
+    std::fill(kept.begin(), kept.end(), 0.0);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!(w[i] > 0.f)) continue;
+      const int64_t b = weight_bin(w[i]);
+      count[b] += 1;
+      mass[b] += w[i];
+      if (w[i] >= min_p) kept[b] += w[i];
+    }
+  }
+};
+
+// The tokens of bin b, best first (ties: lower id first).
+void bin_tokens(const float* w, int64_t n, int64_t b, std::vector<uint64_t>& out) {
+  out.clear();
+  for (int64_t i = 0; i < n; ++i) {
+    if (w[i] > 0.f && weight_bin(w[i]) == b) out.push_back(candidate_key(w[i], i));
+  }
+  std::sort(out.begin(), out.end());
+}
+
+// `nucleus_draw` for a row whose nucleus holds many tokens, without sorting them: whole
+// bins are summed, only the bin where the nucleus (or the top k) ends and the bin where
+// the draw falls are sorted. The same rule, so the same draw up to the sums' rounding.
+int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, double u,
+                    WeightBins& bins, std::vector<uint64_t>& tokens) {
+  bins.fill(w, n, f.min_p);
+  // Top-k: the bin holding the k-th best token, how many of it count, and their mass.
+  int64_t k_bin = kBins, k_in_bin = 0;
+  double norm = total;
+  if (f.top_k > 0) {
+    int64_t seen = 0;
+    double mass = 0.0;
+    for (int64_t b = 0; b < kBins && k_bin == kBins; ++b) {
+      if (seen + bins.count[b] >= f.top_k) {
+        k_bin = b, k_in_bin = f.top_k - seen;
+      } else {
+        seen += bins.count[b], mass += bins.mass[b];
+      }
+    }
+    if (k_bin < kBins) {
+      bin_tokens(w, n, k_bin, tokens);
+      for (int64_t j = 0; j < k_in_bin; ++j) mass += candidate_weight(tokens[j]);
+      norm = mass;
+    }
+  }
+  // Whole bins while the mass after them stays under top_p; then the end bin token by token.
+  double before = 0.0, kept = 0.0;
+  int64_t end_bin = 0;
+  for (; end_bin < kBins && end_bin != k_bin; ++end_bin) {
+    if (before + bins.mass[end_bin] / norm >= f.top_p) break;
+    before += bins.mass[end_bin] / norm;
+    kept += bins.kept[end_bin] / norm;
+  }
+  int64_t end_count = 0;  // tokens of the end bin in the nucleus
+  if (end_bin < kBins) {
+    bin_tokens(w, n, end_bin, tokens);
+    const int64_t limit = end_bin == k_bin ? k_in_bin : static_cast<int64_t>(tokens.size());
+    for (; end_count < limit && before < f.top_p; ++end_count) {
+      const float wj = candidate_weight(tokens[end_count]);
+      if (wj >= f.min_p) kept += wj / norm;
+      before += wj / norm;
+    }
+  }
+  // The draw: the bin where u times the kept mass falls, then the token inside it.
+  const double target = u * kept;
+  double cum = 0.0;
+  int64_t last_kept = -1;
+  for (int64_t b = 0; b <= std::min(end_bin, kBins - 1); ++b) {
+    const bool whole = b < end_bin;
+    if (whole && (bins.kept[b] == 0.0 || cum + bins.kept[b] / norm <= target)) {
+      cum += bins.kept[b] / norm;
+      continue;
+    }
+    bin_tokens(w, n, b, tokens);
+    const int64_t count = whole ? static_cast<int64_t>(tokens.size()) : end_count;
+    for (int64_t j = 0; j < count; ++j) {
+      const float wj = candidate_weight(tokens[j]);
+      if (wj < f.min_p) continue;
+      cum += wj / norm;
+      last_kept = candidate_token(tokens[j]);
+      if (cum > target) return last_kept;
+    }
+  }
+  return last_kept >= 0 ? last_kept : first_max(w, n, 1.f);  // rounding: the last kept
+}
+
 // One row: x [n] logits; weights [n], block_sums and candidates scratch.
 RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* weights,
-                 std::vector<float>& block_sums,
-                 std::vector<uint64_t>& candidates) {
+                 std::vector<float>& block_sums, std::vector<uint64_t>& candidates,
+                 WeightBins& bins) {
   const float m = row_max(x, n);
   if (m == -std::numeric_limits<float>::infinity()) return {0, m};  // every token banned
   const float log_norm = m + std::log(sum_exp_below(x, n, m));
@@ -193,11 +304,16 @@ RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* w
     const int64_t token = inverse_cdf(weights, block_sums, n, u * total);
     return {token, x[token] - log_norm};
   }
-  const double mass = sorted_candidates(weights, n, kCandidateFloor, candidates);
-  const bool enough = f.top_k > 0 ? static_cast<int64_t>(candidates.size()) >= f.top_k
-                                  : mass >= f.top_p * total;
-  if (!enough) sorted_candidates(weights, n, 0.f, candidates);  // a flat row: every token
-  const int64_t token = nucleus_draw(candidates, total, f, u);
+  const double mass = collect_candidates(weights, n, kCandidateFloor, candidates);
+  const int64_t count = static_cast<int64_t>(candidates.size());
+  const bool enough = f.top_k > 0 ? count >= f.top_k : mass >= f.top_p * total;
+  int64_t token;
+  if (enough && count <= kMaxSorted) {
+    std::sort(candidates.begin(), candidates.end());  // best first, ties: lower id first
+    token = nucleus_draw(candidates, total, f, u);
+  } else {  // a flat row
+    token = binned_draw(weights, n, total, f, u, bins, candidates);
+  }
   return {token, x[token] - log_norm};
 }
 
@@ -236,10 +352,11 @@ std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor tempe
     std::vector<float> weights(vocab);
     std::vector<float> block_sums((vocab + kDrawBlock - 1) / kDrawBlock);
     std::vector<uint64_t> candidates;
+    WeightBins bins;
     for (int64_t r = first; r < last; ++r) {
       const Filters f{temps[r], floors[r], ks[r], nucleus[r]};
       const RowDraw d = draw_row(x + r * stride, vocab, f, us[r], weights.data(), block_sums,
-                                 candidates);
+                                 candidates, bins);
       out_tokens[r] = d.token;
       out_logprobs[r] = d.logprob;
     }
