@@ -239,15 +239,16 @@ def test_top_p_keeps_the_nucleus_only():
     assert drawn == {0, 1}
 
 
-def torch_draws(logits: torch.Tensor, plan, tensors) -> tuple[list[int], list[float]]:
-    """The torch sampler's tokens and log-probs, its exact redraws made (the engine's order)."""
+def torch_draws(logits: torch.Tensor, plan, tensors) -> tuple[list[int], list[float], object]:
+    """The torch sampler's tokens and log-probs, its exact redraws made (the engine's order),
+    and its output."""
     out = sample(logits, plan, tensors)
     tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
     if out.needs_exact is not None and out.needs_exact.any():
         redo = out.needs_exact.nonzero().squeeze(1).tolist()
         for i, token, lp in zip(redo, *resample_exact(out, redo, tensors), strict=True):
             tokens[i], logprobs[i] = token, lp
-    return tokens, logprobs
+    return tokens, logprobs, out
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")
@@ -256,7 +257,7 @@ def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
     greedy, tempered, min-p, top-k, top-p and combined rows mixed, a vocabulary of 32,768
     with a ban; peaked rows (a nucleus of a few tokens) and flat ones (top-p reaches far
     past the torch prefilter). Greedy rows are the same; draws the same but where the sums'
-    rounding moves a boundary (rare)."""
+    rounding moves a boundary (rare). One kind asks for top log-probs: every row gets them."""
     gen = torch.Generator().manual_seed(3)
     rows, vocab = 120, 32768
     logits = torch.randn(rows, vocab, generator=gen) * 4
@@ -268,7 +269,7 @@ def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
     logits[6, 11], logits[8, 11] = 7.0, 10.0
     logits[:, 5] = float("-inf")  # a banned token
     logits[0, 7] = logits[0, 9] = 100.0  # a tie: the first maximum
-    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8)]
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, logprobs=3)]
     kinds.append(SamplingParams(temperature=1.2, min_p=0.05))
     kinds.append(SamplingParams(temperature=0.8, top_p=0.95))
     kinds.append(SamplingParams(temperature=1.0, top_k=40))
@@ -282,7 +283,10 @@ def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
     fused = sample(logits.clone(), plan, tensors)
     assert fused.scaled is None and fused.needs_exact is None  # the compiled path ran
     monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
-    tokens, logprobs = torch_draws(logits.clone(), plan, tensors)
+    tokens, logprobs, reference = torch_draws(logits.clone(), plan, tensors)
+    assert fused.top_ids is not None and reference.top_ids is not None
+    assert torch.equal(fused.top_ids[1:], reference.top_ids[1:])  # row 0: a tie, any order
+    torch.testing.assert_close(fused.top_logprobs, reference.top_logprobs, atol=2e-5, rtol=0)
     same = fused.tokens == torch.tensor(tokens)
     greedy = [i for i, p in enumerate(params) if p.temperature == 0]
     assert same[greedy].all() and fused.tokens[0] == 7

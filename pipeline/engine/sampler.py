@@ -14,8 +14,8 @@ nucleus reaches further down; such a row is flagged, and `resample_exact` redraw
 full sort after the step's copy to the host - rare for a trained model, and exact either way.
 Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
 
-On the CPU (fp32 logits, no top log-probs asked for) the compiled kernel takes every row, a
-row at a time while it is in cache, with the same draws up to the sums' rounding and no
+On the CPU (fp32 logits) the compiled kernels take every row, a row at a time while it is
+in cache, with the same draws up to the sums' rounding and no
 exact redraw left for later (kernels/cpu_sample.cpp).
 """
 
@@ -199,7 +199,7 @@ def sample(
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
     if _compiled_cpu_draw(logits, plan):
-        return _sample_cpu(logits, tensors)
+        return _sample_cpu(logits, tensors, plan.max_logprobs)
     greedy_only = not plan.any_random and plan.max_logprobs is None
     if greedy_only and compiled(logits):
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
@@ -225,20 +225,21 @@ def sample(
 
 
 def _compiled_cpu_draw(logits: torch.Tensor, plan: SamplingPlan) -> bool:
-    """Whether the compiled CPU kernel takes the step's rows: fp32 CPU logits and no top
-    log-probs asked for."""
+    """Whether the compiled CPU kernels take the step's rows: fp32 CPU logits."""
     return (
         logits.device.type == "cpu"
         and logits.dtype == torch.float32
         and logits.stride(-1) == 1
-        and plan.max_logprobs is None
         and cpu_kernels.cpu_kernels_available()
     )
 
 
-def _sample_cpu(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> SampleOutput:
+def _sample_cpu(
+    logits: torch.Tensor, t: dict[str, torch.Tensor], max_logprobs: int | None
+) -> SampleOutput:
     """`sample`'s result, a row at a time while it is in cache (see kernels/cpu_sample.cpp):
-    the same draws as below (with the exact redraws) up to the sums' rounding."""
+    the same draws as below (with the exact redraws) up to the sums' rounding. Top log-probs
+    from one more visit per row (the LM head's reduction: log-sum-exp and top-k together)."""
     rows = logits.shape[0]
     params = t["params"]
     if "random" in t:
@@ -253,7 +254,13 @@ def _sample_cpu(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> SampleOutpu
     tokens, chosen = cpu_kernels.sample_rows(
         logits, temperature.contiguous(), min_p, top_k, top_p, u
     )
-    return SampleOutput(tokens, chosen, None, None, None, None, None)
+    top_ids = top_lp = None
+    if max_logprobs is not None:
+        none = torch.empty(0, dtype=torch.int64)  # bans are in the logits already
+        k = min(max(max_logprobs, 1), logits.shape[1])
+        lse, top_lp, top_ids = cpu_kernels.row_lse_topk(logits, k, none, none, none, True)
+        top_lp -= lse[:, None]
+    return SampleOutput(tokens, chosen, None, top_ids, top_lp, None, None)
 
 
 def greedy_from_top(
