@@ -47,9 +47,9 @@ constexpr float kCandidateFloor = 3.0e-4f;
 constexpr int64_t kMaxSorted = 2048;  // more candidates than this: the binned draw (flat rows)
 
 // A flat row (its nucleus reaches under that floor, or too many tokens are over it) orders
-// its tokens by bins of weight, 16 per octave (the float's
-// exponent and top 4 mantissa bits), 64 octaves below the best (lighter weights share the
-// last bin), and sorts only the bins where its nucleus ends and where its draw falls.
+// its tokens by bins of weight, 16 per octave (the float's exponent and top 4 mantissa bits),
+// 64 octaves below the best (lighter weights share the last bin), and sorts only the bins
+// where its nucleus ends and where its draw falls.
 constexpr int kBinShift = 19;
 constexpr int64_t kBins = 1024;
 
@@ -176,13 +176,13 @@ int64_t nucleus_draw(const std::vector<uint64_t>& candidates, double total, cons
   return last_kept;  // rounding left the target past the last kept weight
 }
 
-// The bin of a weight in (0, 1]: 0 for the heaviest.
+// The bin of a weight in (0, 1]: 0 for the heaviest (and for any rounded above 1).
 int64_t weight_bin(float w) {
   const float unit = 1.f;
   uint32_t bits, one;
   std::memcpy(&bits, &w, sizeof bits);
   std::memcpy(&one, &unit, sizeof one);
-  return std::min<int64_t>(kBins - 1, (one - bits) >> kBinShift);
+  return bits >= one ? 0 : std::min<int64_t>(kBins - 1, (one - bits) >> kBinShift);
 }
 
 // Per bin: the tokens' count, their weights' sum, and the sum of those at least min_p.

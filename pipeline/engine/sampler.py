@@ -14,9 +14,9 @@ nucleus reaches further down; such a row is flagged, and `resample_exact` redraw
 full sort after the step's copy to the host - rare for a trained model, and exact either way.
 Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
 
-On the CPU (fp32 logits) the compiled kernels take every row, a row at a time while it is
-in cache, with the same draws up to the sums' rounding and no
-exact redraw left for later (kernels/cpu_sample.cpp).
+On the CPU (fp32 logits) the compiled kernels take every row, a row at a time while it is in
+cache: the same draws up to the sums' rounding, and no exact redraw left for later
+(kernels/cpu_sample.cpp).
 """
 
 from __future__ import annotations

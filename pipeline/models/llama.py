@@ -137,7 +137,7 @@ class LlamaForCausalLM(nn.Module):
         self.spec = spec
         self.model = LlamaModel(spec, max_positions)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.head_panels: PackedPanels | None = None  # set by `pack_for_cpu` (loader.py)
+        self.head_panels: PackedPanels | None = None  # set by the loader (`_pack_for_cpu`)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -166,6 +166,7 @@ class LlamaForCausalLM(nn.Module):
         return lm_logits(hidden, self.lm_head, self.head_panels)
 
     def head_parts(self) -> HeadParts | None:
-        """The LM head's weight [V, hidden] and bias, for `top_logprobs`; None if quantized."""
+        """The LM head's weight [V, hidden], bias and packed panels, for `top_logprobs`;
+        None if quantized."""
         weight = plain_weight(self.lm_head)
         return None if weight is None else (weight, None, self.head_panels)

@@ -8,7 +8,9 @@ torch's `mkl::_mkl_reorder_linear_weight`) and multiplies with `cblas_sgemm_comp
 (`mkl::_mkl_linear`): the same results bit for bit from 16 rows up, and each row's result no
 longer depends on how many rows share the product (torch's own path switches kernels below 16
 rows). The packed copy replaces the weight: resident memory stays the weight's size (MKL's
-buffer is over-allocated, but only the packed panels are ever touched).
+buffer is over-allocated, but only the packed panels are ever touched). A packed buffer must
+not be copied or moved (MKL keeps metadata that depends on its address): these modules hold
+it as a plain attribute, which `.to()` and `state_dict()` leave alone.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ PACK_ROWS_HINT = 256  # the product's row count MKL packs for (the layout is the
 
 def mkl_packing_available() -> bool:
     """Torch built with MKL and its packed-GEMM operators (x86 wheels)."""
-    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+    ops = ("_mkl_linear", "_mkl_reorder_linear_weight")
+    return torch.backends.mkl.is_available() and all(hasattr(torch.ops.mkl, op) for op in ops)
 
 
 class PackedLinear(nn.Module):
@@ -55,9 +58,9 @@ class PackedLinear(nn.Module):
 
 class PackedPanels:
     """An LM head's weight [V, d] fp32 packed in panels of `width` rows (the last padded
-    with zero rows): each panel's product is one [N, width] stage of the logits. One packed
-    [256, 512] x [512, 4096] product: ~41 ms for the 58M head where eight in-place
-    512-column products took ~51 (2-core Xeon)."""
+    with zero rows): each panel's product is one [N, width] stage of the logits. The 58M
+    head at 256 rows ([512] -> [32768], eight 4,096-row panels): ~41 ms where 512-column
+    products written in place took ~51 (2-core Xeon)."""
 
     def __init__(self, weight: torch.Tensor, width: int) -> None:
         self.vocab, self.hidden = weight.shape

@@ -252,7 +252,7 @@ class Seq2SeqForGeneration(nn.Module):
         self.spec = spec
         self.model = Seq2SeqModel(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.head_panels: PackedPanels | None = None  # set by `pack_for_cpu` (loader.py)
+        self.head_panels: PackedPanels | None = None  # set by the loader (`_pack_for_cpu`)
         if spec.final_logits_bias:
             self.final_logits_bias = nn.Parameter(torch.zeros(1, spec.vocab_size))
         self.embed_scale = math.sqrt(spec.hidden_size) if spec.scale_embedding else 1.0
@@ -303,7 +303,8 @@ class Seq2SeqForGeneration(nn.Module):
         return logits
 
     def head_parts(self) -> HeadParts | None:
-        """The LM head's weight [V, d_model] and bias, for `top_logprobs`; None if quantized."""
+        """The LM head's weight [V, d_model], bias and packed panels, for `top_logprobs`;
+        None if quantized."""
         weight = plain_weight(self.lm_head)
         bias = self.final_logits_bias[0] if self.spec.final_logits_bias else None  # [V]
         return None if weight is None else (weight, bias, self.head_panels)
