@@ -305,6 +305,52 @@ def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
             assert probs[probs > chosen].sum() < p.top_p
 
 
+def dense_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
+    """The penalties' definition as dense [P, V] masks and counts (the sampler's old form):
+    HF's repetition penalty once per seen token, then vLLM's frequency x count + presence."""
+    rows, seen, out = t["penalty_rows"], t["penalty_seen"], t["penalty_out"]
+    strength, vocab = t["penalty_strength"].float(), logits.shape[1]
+    sub = logits.index_select(0, rows)
+    was_seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool).scatter_(1, seen, True)
+    rep = strength[:, :1]
+    sub = torch.where(was_seen[:, :vocab], torch.where(sub < 0, sub * rep, sub / rep), sub)
+    counts = torch.zeros(len(rows), vocab + 1).scatter_add_(1, out, torch.ones(out.shape))
+    counts = counts[:, :vocab]
+    sub -= strength[:, 2:3] * counts + strength[:, 1:2] * (counts > 0)
+    logits.index_copy_(0, rows, sub)
+
+
+def test_penalties_touch_only_seen_tokens_as_the_dense_definition():
+    """The sampler's in-place penalties over seen ids equal the dense definition bit for bit:
+    mixed strengths, rows without penalties, repeats, rows with no output yet."""
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 40, 500
+    logits = torch.randn(rows, vocab, generator=gen) * 3
+    seqs = []
+    for _ in range(rows):
+        prompt_len, output_len = torch.randint(1, 30, (2,), generator=gen).tolist()
+        seq = Sequence(torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), 1)
+        seq.token_ids.extend(torch.randint(0, 40, (output_len - 1,), generator=gen).tolist())
+        seqs.append(seq)
+    kinds = [
+        SamplingParams(temperature=0.8),
+        SamplingParams(temperature=0.8, repetition_penalty=1.3, frequency_penalty=0.25),
+        SamplingParams(temperature=0, repetition_penalty=0.7, presence_penalty=0.5),
+        SamplingParams(temperature=1.0, presence_penalty=-0.4),
+    ]
+    params = [kinds[i % len(kinds)] for i in range(rows)]
+    plan = plan_sampling(
+        RowKinds.of(params, vocab), seqs, [signed_seed(i) for i in range(rows)], [], vocab
+    )
+    tensors = HostToDevice(logits.device).to_device(plan.arrays)
+    sparse, dense = logits.clone(), logits.clone()
+    sampler._apply_penalties(sparse, tensors)
+    dense_penalties(dense, tensors)
+    assert torch.equal(sparse, dense)
+    assert torch.equal(sparse[0::4], logits[0::4])  # rows without penalties untouched
+    assert (sparse != logits).sum() > rows
+
+
 def test_uniform_is_a_pure_function_in_range():
     values = [uniform(1, i, j) for i in range(4) for j in range(256)]
     assert values == [uniform(1, i, j) for i in range(4) for j in range(256)]

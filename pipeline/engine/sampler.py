@@ -298,25 +298,27 @@ def _log_softmax(x: torch.Tensor, workspace: Workspace | None, name: str) -> tor
 
 def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
     """HF's repetition penalty over prompt and output tokens; vLLM's presence and frequency
-    penalties over output tokens. Ids are padded with V, a dummy column dropped at the end."""
-    rows, seen, out, strength = (
-        t["penalty_rows"],
-        t["penalty_seen"],
-        t["penalty_out"],
-        t["penalty_strength"].float(),
-    )
+    penalties over output tokens. In place, touching only the penalised rows' seen tokens
+    ([256, 32768] with 210 tokens a row: 228 ms as dense [P, V] masks and counts, ~1 ms so).
+    Ids come padded with V (see `_plan_penalties`)."""
     vocab = logits.shape[1]
-    sub = logits.index_select(0, rows)  # [P, V]
-    was_seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=logits.device)
-    was_seen.scatter_(1, seen, True)
+    flat = logits.view(-1)  # [R * V]: the rows are contiguous
+    base = (t["penalty_rows"] * vocab)[:, None]  # [P, 1]
+    strength = t["penalty_strength"].float()
+    seen = t["penalty_seen"]
+    seen = base + torch.where(seen < vocab, seen, seen[:, :1])  # pads repeat the first id
+    values = flat[seen]  # [P, S]; a token seen twice is penalised once (equal writes)
     rep = strength[:, :1]
-    penalised = torch.where(sub < 0, sub * rep, sub / rep)
-    sub = torch.where(was_seen[:, :vocab], penalised, sub)
-    counts = torch.zeros(len(rows), vocab + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
-    counts = counts[:, :vocab]
-    sub -= strength[:, 2:3] * counts + strength[:, 1:2] * (counts > 0)
-    logits.index_copy_(0, rows, sub)
+    flat[seen] = torch.where(values < 0, values * rep, values / rep)
+    # Each output token's count, subtracted once at its first place in the sorted ids: the
+    # same arithmetic as the dense form, x - (frequency * count + presence).
+    out = t["penalty_out"].sort(dim=1).values  # [P, O], pads (V) last
+    counts = torch.searchsorted(out, out, right=True) - torch.searchsorted(out, out)
+    first = torch.ones_like(out, dtype=torch.bool)
+    first[:, 1:] = out[:, 1:] != out[:, :-1]
+    first &= out < vocab
+    delta = strength[:, 2:3] * counts.to(strength.dtype) + strength[:, 1:2]
+    flat.index_put_((base + out.clamp(max=vocab - 1),), -delta * first, accumulate=True)
 
 
 def _draw(
