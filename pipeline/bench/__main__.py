@@ -2,7 +2,8 @@
 
     python -m pipeline.bench --size 58M --num-prompts 512 --new-tokens 64 --dtype float32
 
-Prints output tokens/s for greedy, n=4 sampling and beam 4, for our engine and for
+Prints output tokens/s for greedy, n=4 sampling and beam 4 (and, with `--modes topp`, the
+`generate` job's T=0.8, top_p=0.95), for our engine and for
 `transformers.generate` (length-sorted batches of 32) run in the same process, and each as
 a fraction of the compute floor: the workload's FLOPs over this machine's measured matmul
 peak for the dtype.
@@ -53,6 +54,15 @@ MODES: dict[str, tuple[int, Callable[[int], SamplingParams | BeamParams], dict]]
         4,
         lambda t: BeamParams(width=4, max_tokens=t, min_tokens=t),
         {"do_sample": False, "num_beams": 4},
+    ),
+    # The `generate` job's default sampling (conf/job/generate.yaml): not in the default
+    # modes; a random model's flat rows make its nucleus thousands of tokens wide.
+    "topp": (
+        1,
+        lambda t: SamplingParams(
+            temperature=0.8, top_p=0.95, max_tokens=t, ignore_eos=True, seed=0
+        ),
+        {"do_sample": True, "temperature": 0.8, "top_p": 0.95},
     ),
 }
 
