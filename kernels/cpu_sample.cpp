@@ -144,36 +144,53 @@ double collect_candidates(const float* w, int64_t n, float floor, std::vector<ui
   return mass;
 }
 
+// Extends a nucleus over sorted candidates [0, limit): while the mass before a token is
+// under top_p it is in (added to `before`, and to `kept` when its weight is at least min_p).
+// Returns how many were taken. Masses are weights over `norm`.
+int64_t extend_nucleus(const std::vector<uint64_t>& sorted, int64_t limit, double norm,
+                       const Filters& f, double& before, double& kept) {
+  int64_t end = 0;
+  for (; end < limit && before < f.top_p; ++end) {
+    const float w = candidate_weight(sorted[end]);
+    if (w >= f.min_p) kept += w / norm;
+    before += w / norm;
+  }
+  return end;
+}
+
+// The draw's walk over sorted candidates [0, count): each kept weight (positive, at least
+// min_p) over `norm` is added to `cum`; returns the token where cum first passes target, or
+// -1 (then `last_kept` is the last kept token seen, for rounding past the end).
+int64_t walk_draw(const std::vector<uint64_t>& sorted, int64_t count, double norm, float min_p,
+                  double target, double& cum, int64_t& last_kept) {
+  for (int64_t j = 0; j < count; ++j) {
+    const float w = candidate_weight(sorted[j]);
+    if (w < min_p || !(w > 0.f)) continue;
+    cum += w / norm;
+    last_kept = candidate_token(sorted[j]);
+    if (cum > target) return last_kept;
+  }
+  return -1;
+}
+
 // A filtered row's draw over its candidates (best first) with the torch path's rule: with
 // top-k only the first k count, their masses relative to their sum; a token is kept while
 // the mass before it is under top_p and its weight is at least min_p.
 int64_t nucleus_draw(const std::vector<uint64_t>& candidates, double total, const Filters& f,
                      double u) {
-  const size_t count = f.top_k > 0 ? std::min<size_t>(f.top_k, candidates.size())
-                                   : candidates.size();
+  const int64_t size = static_cast<int64_t>(candidates.size());
+  const int64_t count = f.top_k > 0 ? std::min(f.top_k, size) : size;
   double norm = total;
   if (f.top_k > 0) {
     norm = 0.0;
-    for (size_t j = 0; j < count; ++j) norm += candidate_weight(candidates[j]);
+    for (int64_t j = 0; j < count; ++j) norm += candidate_weight(candidates[j]);
   }
   double before = 0.0, kept = 0.0;
-  size_t end = 0;  // candidates [0, end) are in the nucleus
-  for (; end < count && before < f.top_p; ++end) {
-    const float w = candidate_weight(candidates[end]);
-    if (w >= f.min_p) kept += w / norm;
-    before += w / norm;
-  }
-  const double target = u * kept;
+  const int64_t end = extend_nucleus(candidates, count, norm, f, before, kept);
   double cum = 0.0;
-  int64_t last_kept = candidate_token(candidates[0]);
-  for (size_t j = 0; j < end; ++j) {
-    const float w = candidate_weight(candidates[j]);
-    if (w < f.min_p || !(w > 0.f)) continue;
-    cum += w / norm;
-    last_kept = candidate_token(candidates[j]);
-    if (cum > target) return last_kept;
-  }
-  return last_kept;  // rounding left the target past the last kept weight
+  int64_t last_kept = candidate_token(candidates[0]);  // the best: weight 1, always kept
+  const int64_t token = walk_draw(candidates, end, norm, f.min_p, u * kept, cum, last_kept);
+  return token >= 0 ? token : last_kept;  // rounding left the target past the last weight
 }
 
 // The bin of a weight in (0, 1]: 0 for the heaviest (and for any rounded above 1).
@@ -250,11 +267,7 @@ int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, d
   if (end_bin < kBins) {
     bin_tokens(w, n, end_bin, tokens);
     const int64_t limit = end_bin == k_bin ? k_in_bin : static_cast<int64_t>(tokens.size());
-    for (; end_count < limit && before < f.top_p; ++end_count) {
-      const float wj = candidate_weight(tokens[end_count]);
-      if (wj >= f.min_p) kept += wj / norm;
-      before += wj / norm;
-    }
+    end_count = extend_nucleus(tokens, limit, norm, f, before, kept);
   }
   // The draw: the bin where u times the kept mass falls, then the token inside it.
   const double target = u * kept;
@@ -268,13 +281,8 @@ int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, d
     }
     bin_tokens(w, n, b, tokens);
     const int64_t count = whole ? static_cast<int64_t>(tokens.size()) : end_count;
-    for (int64_t j = 0; j < count; ++j) {
-      const float wj = candidate_weight(tokens[j]);
-      if (wj < f.min_p) continue;
-      cum += wj / norm;
-      last_kept = candidate_token(tokens[j]);
-      if (cum > target) return last_kept;
-    }
+    const int64_t token = walk_draw(tokens, count, norm, f.min_p, target, cum, last_kept);
+    if (token >= 0) return token;
   }
   return last_kept >= 0 ? last_kept : first_max(w, n, 1.f);  // rounding: the last kept
 }

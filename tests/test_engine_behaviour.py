@@ -239,7 +239,9 @@ def test_top_p_keeps_the_nucleus_only():
     assert drawn == {0, 1}
 
 
-def torch_draws(logits: torch.Tensor, plan, tensors) -> tuple[list[int], list[float], object]:
+def torch_draws(
+    logits: torch.Tensor, plan, tensors
+) -> tuple[list[int], list[float], sampler.SampleOutput]:
     """The torch sampler's tokens and log-probs, its exact redraws made (the engine's order),
     and its output."""
     out = sample(logits, plan, tensors)
