@@ -1,5 +1,6 @@
 """The compiled CPU kernels, built at first use: paged decode attention
-(`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`), the LM
+(`cpu_decode_attention.cpp`, same arguments as `paged_decode_attention_ref`), prefill
+attention over packed prompts (`cpu_prefill_attention.cpp`, as `prefill_attention_ref`), the LM
 head's row reductions (`cpu_head_reduce.cpp`: log-sum-exp, top-k), RMSNorm of a
 residual sum (`cpu_norm.cpp`, as `rms_norm_ref`), SiLU-and-multiply and RoPE
 (`cpu_elementwise.cpp`, as `silu_mul_ref` and `rope_ref`), and the sampler's draw
@@ -32,6 +33,7 @@ SOURCES = [
     Path(__file__).with_name(name)
     for name in (
         "cpu_decode_attention.cpp",
+        "cpu_prefill_attention.cpp",
         "cpu_head_reduce.cpp",
         "cpu_norm.cpp",
         "cpu_elementwise.cpp",
@@ -106,6 +108,25 @@ def paged_decode_attention_cpu(
         q.float().contiguous(), k_cache, v_cache, block_tables, context_lens, scale
     )
     return out.to(q.dtype)
+
+
+def prefill_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    scale: float,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Attention within each packed prompt (see `prefill_attention_ref`), causal or, for an
+    encoder, over the whole prompt: q [T, H, D], k and v [T, KVH, D], all fp32 or all bf16
+    with unit stride within a token's heads (views of a fused projection are fine);
+    cu_seqlens [B + 1] int64. Returns [T, H, D] in q's dtype, computed in fp32. Raises
+    RuntimeError where the kernel is not built or the arguments do not fit it."""
+    out: torch.Tensor = _built("prefill-attention").prefill_attention(
+        q, k, v, cu_seqlens, scale, causal
+    )
+    return out
 
 
 def row_lse_topk(

@@ -8,6 +8,8 @@
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
                                      torch::Tensor v_cache, torch::Tensor block_tables,
                                      torch::Tensor context_lens, double scale);
+torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                torch::Tensor cu_seqlens, double scale, bool causal);
 std::vector<torch::Tensor> row_lse_topk(torch::Tensor x, int64_t k, torch::Tensor banned,
                                         torch::Tensor ban_rows, torch::Tensor ban_columns,
                                         bool bans_first);
@@ -22,6 +24,8 @@ std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor tempe
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention,
         "paged decode attention on the CPU, fp32 or bf16 caches (block tables read in place)");
+  m.def("prefill_attention", &prefill_attention,
+        "attention within packed prompts on the CPU, causal or not, fp32 or bf16");
   m.def("row_lse_topk", &row_lse_topk,
         "log-sum-exp and k best of each row, with bans (CPU, fp32 or bf16 logits)");
   m.def("rms_norm", &rms_norm, "RMSNorm of x (+ residual) by rows (CPU, fp32 or bf16)");

@@ -1,5 +1,5 @@
-"""The compiled CPU kernels (decode attention, the head's row reductions, RMSNorm,
-SiLU-and-multiply, RoPE) against their torch references."""
+"""The compiled CPU kernels (decode and prefill attention, the head's row reductions,
+RMSNorm, SiLU-and-multiply, RoPE) against their torch references."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import torch
 
 from pipeline.kernels import cpu
 from pipeline.kernels.decode_attention import paged_decode_attention_ref
+from pipeline.kernels.prefill_attention import prefill_attention_ref
 from pipeline.kernels.rms_norm import rms_norm_ref
 from pipeline.kernels.rope import rope_ref
 from pipeline.kernels.silu_mul import silu_mul_ref
@@ -94,6 +95,73 @@ def test_bf16_caches_are_read_exactly_and_computed_in_fp32() -> None:
     actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 0.125)
     assert actual.dtype == torch.bfloat16
     torch.testing.assert_close(actual, expected.bfloat16(), atol=0, rtol=0.008)
+
+
+def packed_prompts(
+    lengths: list[int], heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [T, H, D], k and v [T, KVH, D] as the model hands them over (views of one fused
+    projection, token stride (H + 2 KVH) D), and the prompts' int64 cu_seqlens."""
+    gen = torch.Generator().manual_seed(sum(lengths) + heads + head_dim)
+    total = sum(lengths)
+    fused = torch.randn(total, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    q, k, v = fused.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    return (
+        q.view(total, heads, head_dim),
+        k.view(total, kv_heads, head_dim),
+        v.view(total, kv_heads, head_dim),
+        cu,
+    )
+
+
+# Prompts around the kernel's 64-position chunks: one token, partial first and last chunks,
+# exact multiples, an empty prompt between two others.
+PREFILL_LENGTHS = [1, 63, 64, 0, 65, 130, 7, 200]
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
+@pytest.mark.parametrize("head_dim", [64, 128, 24])
+def test_prefill_attention_matches_reference(group: int, head_dim: int) -> None:
+    q, k, v, cu = packed_prompts(PREFILL_LENGTHS, 2 * group, 2, head_dim, torch.float32)
+    expected = prefill_attention_ref(q, k, v, cu, 0.3)
+    actual = cpu.prefill_attention_cpu(q, k, v, cu, 0.3)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_prefill_attention_without_causality_sees_the_whole_prompt() -> None:
+    """An encoder's self-attention: every position of its own prompt, none of the next."""
+    q, k, v, cu = packed_prompts(PREFILL_LENGTHS, 8, 2, 32, torch.float32)
+    actual = cpu.prefill_attention_cpu(q, k, v, cu, 0.2, causal=False)
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qp, kp, vp = (x[start:end].transpose(0, 1) for x in (q, k, v))  # [heads, L, D]
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            qp, kp, vp, scale=0.2, enable_gqa=True
+        ).transpose(0, 1)
+        torch.testing.assert_close(actual[start:end], expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
+def test_prefill_attention_in_bf16_is_the_fp32_result_rounded_once() -> None:
+    q, k, v, cu = packed_prompts(PREFILL_LENGTHS, 8, 2, 64, torch.bfloat16)
+    expected = prefill_attention_ref(q.float(), k.float(), v.float(), cu, 0.125)
+    actual = cpu.prefill_attention_cpu(q, k, v, cu, 0.125)
+    assert actual.dtype == torch.bfloat16
+    # atol: outputs near 0, where fp32 sums in another order differ by ~1e-7
+    torch.testing.assert_close(actual, expected.bfloat16(), atol=1e-6, rtol=0.008)
+
+
+@needs_kernels
+def test_prefill_attention_rejects_bounds_that_do_not_cover_the_tokens() -> None:
+    q, k, v, cu = packed_prompts([5, 9], 4, 2, 8, torch.float32)
+    with pytest.raises(RuntimeError, match="from 0 to T"):
+        cpu.prefill_attention_cpu(q, k, v, cu - 1, 1.0)
+    with pytest.raises(RuntimeError, match="must not decrease"):
+        cpu.prefill_attention_cpu(q, k, v, torch.tensor([0, 10, 9, 14]), 1.0)
+    with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
+        cpu.prefill_attention_cpu(q, k.bfloat16(), v, cu, 1.0)
 
 
 NO_BANS = torch.empty(0, dtype=torch.int64)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.engine.step_meta import block_tables, metadata
+from pipeline.kernels.cpu import cpu_kernels_available
 from pipeline.kernels.decode_attention import paged_decode_attention_ref
 from pipeline.models.attention import (
     DECODE_GROUP_ROWS,
@@ -63,11 +64,25 @@ def test_decode_matches_reference_across_split_groups(reuse: bool) -> None:
         torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "native",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not cpu_kernels_available(), reason="the CPU kernels could not be built here"
+            ),
+        ),
+    ],
+    ids=["groups", "compiled"],
+)
 @pytest.mark.parametrize("causal", [True, False], ids=["decoder", "encoder"])
-def test_prefill_matches_attention_per_prompt(causal: bool) -> None:
+def test_prefill_matches_attention_per_prompt(causal: bool, native: bool) -> None:
     """Packed prompts of many lengths, padded in groups (several prompts a group, one alone,
     a prompt of one token); GQA 8/2. Causal groups run without a mask (padding on the right
-    is never seen by a real query); an encoder's masks the padding's keys."""
+    is never seen by a real query); an encoder's masks the padding's keys. Compiled: the
+    same step through the CPU kernel, which plans no groups and reads the prompt starts."""
     gen = torch.Generator().manual_seed(1)
     heads, kv_heads, head_dim = 8, 2, 16
     lengths = [1, 3, 5, 6, 6, 7, 9, 9, 10, 11, 40, 120, 123, 127, 130, 131, 133, 140]
@@ -78,11 +93,15 @@ def test_prefill_matches_attention_per_prompt(causal: bool) -> None:
     lengths = [lengths[i] for i in order]
 
     step = HostStep(True, np.array(lengths), np.zeros(len(lengths), dtype=np.int64))
-    backend = TorchBackend()
+    backend = TorchBackend(native=native)
     arrays, plan = backend.host_arrays(step)
-    assert any(b - a > 1 for a, b, _ in plan) and len(plan) >= 3
+    if native:
+        assert plan is None and not arrays
+    else:
+        assert any(b - a > 1 for a, b, _ in plan) and len(plan) >= 3
     t = {f"backend.{k}": torch.from_numpy(v) for k, v in arrays.items()}
     t |= {"slots": torch.zeros(0, dtype=torch.int64), "lengths": torch.tensor(lengths)}
+    t["cu_seqlens"] = torch.tensor(np.cumsum([0, *lengths]))
     meta = metadata(t, "", step, backend, 16)
     meta.causal = causal
     backend.prepare(meta, plan)

@@ -24,7 +24,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline import kernels
-from pipeline.kernels.cpu import cpu_kernels_available, paged_decode_attention_cpu
+from pipeline.kernels.cpu import (
+    cpu_kernels_available,
+    paged_decode_attention_cpu,
+    prefill_attention_cpu,
+)
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +123,8 @@ def make_backend(
     device: torch.device, choice: str = "auto", dtype: torch.dtype = torch.float32
 ) -> AttentionBackend:
     """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one. "auto" on the
-    CPU (fp32, bf16) reads decode contexts with the compiled kernel (`kernels.cpu`) when it
-    builds; "torch" is torch ops only."""
+    CPU (fp32, bf16) attends with the compiled kernels (`kernels.cpu`, prefill and decode)
+    when they build; "torch" is torch ops only."""
     native = choice == "auto" and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
     if choice == "auto":
         choice = (
@@ -140,7 +144,7 @@ def make_backend(
     else:
         raise ValueError(f"engine.attention must be auto, torch or triton, got {choice!r}")
     compiled = isinstance(backend, TorchBackend) and backend.native
-    log.info("attention backend: %s%s on %s", backend.name, " (compiled decode)" * compiled, device)
+    log.info("attention backend: %s%s on %s", backend.name, " (compiled)" * compiled, device)
     return backend
 
 
@@ -180,9 +184,10 @@ DECODE_GROUP_ROWS = 32
 
 class TorchBackend:
     """Plain torch. Prefill pads prompts of similar length into one SDPA call per group;
-    decode gathers each group's blocks into reused buffers and runs one SDPA per group, or,
-    `native`, reads every context in place with the compiled CPU kernel (fp32 or bf16; no
-    groups, no gathers: 2-4x faster than gather + SDPA at 256 sequences)."""
+    decode gathers each group's blocks into reused buffers and runs one SDPA per group. Or,
+    `native` (fp32 or bf16), the compiled CPU kernels: prefill over the packed prompts (no
+    padding: 1.3-2.6x SDPA's CPU flash on the groups), decode reading every context in
+    place (no groups, no gathers: 2-4x faster than gather + SDPA at 256 sequences)."""
 
     name = "torch"
 
@@ -193,8 +198,9 @@ class TorchBackend:
     def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
         """Sort the batch by length and cut it into groups; the plan is the groups'
         [start, end) in sorted order and their padded width (tokens or blocks). The
-        compiled decode needs no plan: the step's block tables and lengths are enough."""
-        if self.native and not step.is_prefill:
+        compiled kernels need no plan: the step's block tables, lengths and prompt starts
+        are enough."""
+        if self.native:
             return {}, None
         keys = step.lengths if step.is_prefill else step.num_blocks
         order = np.argsort(keys, kind="stable")
@@ -218,7 +224,7 @@ class TorchBackend:
         return arrays, plan
 
     def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None:
-        if host_plan is None:  # compiled decode
+        if host_plan is None:  # compiled kernels
             return
         builder = _prefill_groups if meta.is_prefill else _decode_groups
         meta.plan = builder(meta, host_plan)
@@ -231,6 +237,9 @@ class TorchBackend:
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, scale: float, meta: AttentionMetadata
     ) -> Tensor:
+        if self.native and meta.plan is None:  # compiled prefill (no groups)
+            assert meta.cu_seqlens is not None
+            return prefill_attention_cpu(q, k, v, meta.cu_seqlens, scale, meta.causal)
         return prefill_attention(q, k, v, meta.plan, scale, self.workspace)
 
     def decode(
