@@ -34,3 +34,32 @@ def test_a_preloaded_engine_reports_its_own_load_time(
 def test_an_engine_that_does_not_say_gets_the_time_waited() -> None:
     assert engine_load_s(SimpleNamespace(), 0.25) == 0.25
     assert engine_load_s(SimpleNamespace(model_info={"load_s": 0.5}), 3.0) == 0.5
+
+
+def test_building_the_model_skips_random_init_and_restores_it(
+    tiny_llama_dir: Path, monkeypatch
+) -> None:
+    """The checkpoint overwrites every weight, so torch's initialisers are not run while the
+    model is built (on the meta device their first call cost seconds of imports); they are
+    back in place afterwards."""
+    import torch
+    from torch import nn
+
+    from pipeline.models.loader import load_model, read_spec
+
+    calls = []
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tuple(tensor.shape))
+        return tensor
+
+    for name in ("normal_", "kaiming_uniform_"):
+        monkeypatch.setattr(nn.init, name, counting)
+    model = load_model(
+        tiny_llama_dir, read_spec(tiny_llama_dir), torch.float32, torch.device("cpu"), 64
+    )
+    assert not calls
+    assert nn.init.normal_ is counting and nn.init.kaiming_uniform_ is counting
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    nn.Linear(2, 2)  # outside the loader its weight is initialised again (the bias by uniform_)
+    assert calls == [(2, 2)]
