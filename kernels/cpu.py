@@ -6,7 +6,7 @@ residual sum (`cpu_norm.cpp`, as `rms_norm_ref`), SiLU-and-multiply and RoPE
 (`cpu_elementwise.cpp`, as `silu_mul_ref` and `rope_ref`), and the sampler's draw
 (`cpu_sample.cpp`, as `pipeline/engine/sampler.py`'s draw with its exact redraws).
 
-`torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~2 min once on 2
+`torch.utils.cpp_extension` compiles them with the machine's C++ compiler (~40 s once on 2
 cores; the library is kept under torch's extensions directory, one build per CPU model and
 flags, so nodes of a cluster that share a home directory do not load each other's
 `-march=native` code). Where they cannot be built (no compiler, ninja or setuptools) or with
@@ -64,7 +64,7 @@ def _module() -> Any | None:
     text = "".join(source.read_text() for source in SOURCES + HEADERS)
     key = hashlib.sha1((_cpu_signature() + text).encode()).hexdigest()[:12]
     name = f"pipeline_cpu_kernels_{key}"
-    log.info("CPU kernels %s: loading (the first build on a machine takes ~2 min on 2 cores)", name)
+    log.info("CPU kernels %s: loading (the first build on a machine takes ~40 s on 2 cores)", name)
     started = time.perf_counter()
     try:
         # Inside the try: cpp_extension needs setuptools, which newer venvs lack.

@@ -6,7 +6,8 @@
 // Built at first use by kernels/cpu.py (torch.utils.cpp_extension), tested against
 // kernels.paged_decode_attention_ref.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include <ATen/Parallel.h>
 
@@ -272,18 +273,18 @@ void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tabl
 // q [B, H, D] fp32 contiguous; k_cache, v_cache [N, block_size, KVH, D] contiguous, fp32 or
 // bf16; block_tables [B, W] int64 (entries past a context are not read); context_lens [B]
 // int64. Returns [B, H, D] fp32: query head h reads KV head h / (H / KVH).
-torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
-                                     torch::Tensor v_cache, torch::Tensor block_tables,
-                                     torch::Tensor context_lens, double scale) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache,
+                                     at::Tensor v_cache, at::Tensor block_tables,
+                                     at::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
   const auto cache_type = k_cache.scalar_type();
-  TORCH_CHECK(q.scalar_type() == torch::kFloat, "q must be fp32");
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be fp32");
   TORCH_CHECK(v_cache.scalar_type() == cache_type &&
-              (cache_type == torch::kFloat || cache_type == torch::kBFloat16),
+              (cache_type == at::kFloat || cache_type == at::kBFloat16),
               "caches must be both fp32 or both bf16");
   TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous());
-  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && block_tables.is_contiguous());
-  TORCH_CHECK(context_lens.scalar_type() == torch::kLong && context_lens.is_contiguous());
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && block_tables.is_contiguous());
+  TORCH_CHECK(context_lens.scalar_type() == at::kLong && context_lens.is_contiguous());
   const int64_t batch = q.size(0);
   const Shapes s{q.size(1), q.size(1) / k_cache.size(2), k_cache.size(2), q.size(2),
                  k_cache.size(1), block_tables.size(1)};
@@ -299,8 +300,8 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache,
       TORCH_CHECK(block >= 0 && block < num_blocks, "block table entry outside the pool");
     }
   }
-  auto out = torch::empty_like(q);
-  if (cache_type == torch::kFloat) {
+  auto out = at::empty_like(q);
+  if (cache_type == at::kFloat) {
     run(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(), tables, lens,
         batch, s, static_cast<float>(scale), out.data_ptr<float>());
   } else {

@@ -7,7 +7,7 @@
 // (58M model: [256, 3072] gate/up, [256, 10, 64] q and k) they took ~350 us and ~240 us a
 // layer. Tested against the torch references in tests/test_cpu_kernels.py.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #include <ATen/Parallel.h>
 
@@ -71,7 +71,7 @@ PIPELINE_NO_FMA_CONTRACTION void rope_token(T* x, const T* cos, const T* sin, in
 }
 
 template <typename T>
-void silu_mul_rows(torch::Tensor& gate_up, int64_t inner, int64_t grain) {
+void silu_mul_rows(at::Tensor& gate_up, int64_t inner, int64_t grain) {
   const int64_t stride = gate_up.stride(0);
   T* rows = gate_up.data_ptr<T>();
   at::parallel_for(0, gate_up.size(0), grain, [&](int64_t first, int64_t last) {
@@ -83,7 +83,7 @@ void silu_mul_rows(torch::Tensor& gate_up, int64_t inner, int64_t grain) {
 }
 
 template <typename T>
-void rope_tokens(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin,
+void rope_tokens(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
                  int64_t grain) {
   const int64_t heads = x.size(1), half = x.size(2) / 2;
   const int64_t token_stride = x.stride(0), head_stride = x.stride(1);
@@ -101,13 +101,13 @@ void rope_tokens(torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor
 // gate_up [T, 2I] (unit column stride: gate in the first I columns, up in the last I), fp32
 // or bf16 -> silu(gate) * up, written over the gate half and returned as its view [T, I] (as
 // kernels.silu_mul_ref does in place: no new tensor, which would cost its page faults).
-torch::Tensor silu_mul(torch::Tensor gate_up) {
+at::Tensor silu_mul(at::Tensor gate_up) {
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.stride(1) == 1 && gate_up.size(1) % 2 == 0,
               "gate_up must be [T, 2I] with unit column stride");
   TORCH_CHECK(fp32_or_bf16(gate_up), "gate_up must be fp32 or bf16");
   const int64_t inner = gate_up.size(1) / 2;
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(inner, 1));
-  if (gate_up.scalar_type() == torch::kFloat) {
+  if (gate_up.scalar_type() == at::kFloat) {
     silu_mul_rows<float>(gate_up, inner, grain);
   } else {
     silu_mul_rows<at::BFloat16>(gate_up, inner, grain);
@@ -117,7 +117,7 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 // x [T, heads, D] (any token and head strides, unit stride within a head), rotated in place by
 // cos, sin [T, 1, D / 2] (contiguous, x's dtype), fp32 or bf16: as kernels.rope_ref.
-void rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+void rope(at::Tensor x, at::Tensor cos, at::Tensor sin) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0,
               "x must be [T, heads, D] with unit stride within a head");
   TORCH_CHECK(fp32_or_bf16(x), "x must be fp32 or bf16");
@@ -128,7 +128,7 @@ void rope(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
                 "cos and sin must be contiguous [T, 1, D / 2] in x's dtype");
   }
   const int64_t grain = std::max<int64_t>(1, kGrainElements / std::max<int64_t>(heads * half, 1));
-  if (x.scalar_type() == torch::kFloat) {
+  if (x.scalar_type() == at::kFloat) {
     rope_tokens<float>(x, cos, sin, grain);
   } else {
     rope_tokens<at::BFloat16>(x, cos, sin, grain);

@@ -9,7 +9,8 @@
 // both are reduced in fp32. Tested against torch's logsumexp and topk in
 // tests/test_cpu_kernels.py.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <ATen/Parallel.h>
 
@@ -113,20 +114,20 @@ void reduce_rows(T* x, int64_t rows, int64_t width, int64_t stride, int64_t k, c
 // x at the banned places, before the log-sum-exp when bans_first, else after it (before the
 // top-k either way). Returns ([N] fp32 log-sum-exp, -inf for a row of -inf; [N, k] fp32
 // values and [N, k] int64 columns, each row's best first, ties lower column first).
-std::vector<torch::Tensor> row_lse_topk(torch::Tensor x, int64_t k, torch::Tensor banned,
-                                        torch::Tensor ban_rows, torch::Tensor ban_columns,
+std::vector<at::Tensor> row_lse_topk(at::Tensor x, int64_t k, at::Tensor banned,
+                                        at::Tensor ban_rows, at::Tensor ban_columns,
                                         bool bans_first) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [N, W] with unit column stride");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kBFloat16,
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be fp32 or bf16");
   TORCH_CHECK(k >= 1 && k <= x.size(1), "k must be in [1, width]");
   for (const auto& t : {banned, ban_rows, ban_columns}) {
-    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == torch::kLong && t.is_contiguous(),
+    TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong && t.is_contiguous(),
                 "bans must be 1-d contiguous int64");
   }
   TORCH_CHECK(ban_rows.size(0) == ban_columns.size(0), "one column per banned row");
   const int64_t rows = x.size(0), width = x.size(1);
-  const auto in_range = [](const torch::Tensor& t, int64_t end) {
+  const auto in_range = [](const at::Tensor& t, int64_t end) {
     const int64_t* p = t.data_ptr<int64_t>();
     return std::all_of(p, p + t.numel(), [end](int64_t i) { return i >= 0 && i < end; });
   };
@@ -136,10 +137,10 @@ std::vector<torch::Tensor> row_lse_topk(torch::Tensor x, int64_t k, torch::Tenso
   TORCH_CHECK(std::is_sorted(pair_rows, pair_rows + ban_rows.size(0)), "ban_rows unsorted");
   const Bans bans{banned.data_ptr<int64_t>(), banned.size(0), pair_rows,
                   ban_columns.data_ptr<int64_t>(), ban_rows.size(0)};
-  auto lse = torch::empty({rows}, x.options().dtype(torch::kFloat));
-  auto values = torch::empty({rows, k}, x.options().dtype(torch::kFloat));
-  auto ids = torch::empty({rows, k}, x.options().dtype(torch::kLong));
-  if (x.scalar_type() == torch::kFloat) {
+  auto lse = at::empty({rows}, x.options().dtype(at::kFloat));
+  auto values = at::empty({rows, k}, x.options().dtype(at::kFloat));
+  auto ids = at::empty({rows, k}, x.options().dtype(at::kLong));
+  if (x.scalar_type() == at::kFloat) {
     reduce_rows(x.data_ptr<float>(), rows, width, x.stride(0), k, bans, bans_first,
                 lse.data_ptr<float>(), values.data_ptr<float>(), ids.data_ptr<int64_t>());
   } else {

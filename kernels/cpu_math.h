@@ -2,7 +2,7 @@
 // them (header-only; kernels/cpu.py hashes it with the sources, so a change here rebuilds them).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cmath>

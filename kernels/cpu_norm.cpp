@@ -6,7 +6,8 @@
 // of 256 rows they cost more than the row's arithmetic. Tested against
 // kernels.rms_norm_ref in tests/test_cpu_kernels.py.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <ATen/Parallel.h>
 
@@ -48,8 +49,8 @@ void norm_row(const T* x, const T* residual, const T* weight, T* out, T* stream,
 }
 
 template <typename T>
-void norm_rows(const torch::Tensor& x, const torch::Tensor* residual, const torch::Tensor& weight,
-               torch::Tensor& out, torch::Tensor& stream, double eps) {
+void norm_rows(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
+               at::Tensor& out, at::Tensor& stream, double eps) {
   const int64_t rows = x.size(0), n = x.size(1);
   const T* xs = x.data_ptr<T>();
   const T* rs = residual ? residual->data_ptr<T>() : nullptr;
@@ -75,8 +76,8 @@ void norm_rows(const torch::Tensor& x, const torch::Tensor* residual, const torc
 // x [T, N] (rows of unit column stride), weight [N] and residual [T, N] (or None), all fp32
 // or all bf16. Returns (norm, stream) as kernels.rms_norm_ref: stream is x + residual
 // (x itself without a residual).
-std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, double eps,
-                                    std::optional<torch::Tensor> residual) {
+std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps,
+                                    std::optional<at::Tensor> residual) {
   const bool has_residual = residual.has_value();
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, N] with unit column stride");
   TORCH_CHECK(fp32_or_bf16(x), "x must be fp32 or bf16");
@@ -88,9 +89,9 @@ std::vector<torch::Tensor> rms_norm(torch::Tensor x, torch::Tensor weight, doubl
                     residual->stride(1) == 1,
                 "residual must be like x");
   }
-  auto out = torch::empty(x.sizes(), x.options());
-  auto stream = has_residual ? torch::empty(x.sizes(), x.options()) : x;
-  if (x.scalar_type() == torch::kFloat) {
+  auto out = at::empty(x.sizes(), x.options());
+  auto stream = has_residual ? at::empty(x.sizes(), x.options()) : x;
+  if (x.scalar_type() == at::kFloat) {
     norm_rows<float>(x, has_residual ? &*residual : nullptr, weight, out, stream, eps);
   } else {
     norm_rows<at::BFloat16>(x, has_residual ? &*residual : nullptr, weight, out, stream, eps);

@@ -10,7 +10,10 @@
 // chunk's diagonal block (C / L of the work). Built at first use by kernels/cpu.py, tested
 // against kernels.prefill_attention_ref.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
 
 #include <ATen/Parallel.h>
 
@@ -180,20 +183,21 @@ void run(const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch, c
 // int64, prompt b is tokens cu_seqlens[b] .. cu_seqlens[b + 1]. Returns [T, H, D] in q's
 // dtype, computed in fp32: query head h reads KV head h / (H / KVH); causal, or (an
 // encoder) every position of its own prompt.
-torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
-                                torch::Tensor cu_seqlens, double scale, bool causal) {
+at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v,
+                                at::Tensor cu_seqlens, double scale, bool causal) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(),
               "q [T, H, D], k and v [T, KVH, D]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&
                   fp32_or_bf16(q),
               "q, k and v must be all fp32 or all bf16");
+  for (const auto& x : {q, k, v, cu_seqlens}) TORCH_CHECK(x.device().is_cpu(), "CPU tensors only");
   for (const auto& x : {q, k, v}) {
     TORCH_CHECK(x.stride(2) == 1 && x.stride(1) == x.size(2), "heads must be contiguous rows");
   }
   const int64_t tokens = q.size(0);
   TORCH_CHECK(k.size(0) == tokens && k.size(2) == q.size(2), "q and k/v disagree in shape");
   TORCH_CHECK(q.size(1) % k.size(1) == 0 && q.size(1) / k.size(1) <= 64, "H / KVH in 1..64");
-  TORCH_CHECK(cu_seqlens.scalar_type() == torch::kLong && cu_seqlens.dim() == 1 &&
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1 &&
               cu_seqlens.is_contiguous() && cu_seqlens.size(0) >= 1);
   const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
   const int64_t batch = cu_seqlens.size(0) - 1;
@@ -203,8 +207,8 @@ torch::Tensor prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor 
   }
   const Shapes s{q.size(1), q.size(1) / k.size(1), k.size(1), q.size(2),
                  q.stride(0), k.stride(0), v.stride(0)};
-  auto out = torch::empty({tokens, s.heads, s.head_dim}, q.options());
-  if (q.scalar_type() == torch::kFloat) {
+  auto out = at::empty({tokens, s.heads, s.head_dim}, q.options());
+  if (q.scalar_type() == at::kFloat) {
     run(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), cu, batch, s,
         static_cast<float>(scale), causal, out.data_ptr<float>());
   } else {

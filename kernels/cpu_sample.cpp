@@ -23,7 +23,8 @@
 //
 // A greedy row takes the first maximum, as torch.max does.
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <ATen/Parallel.h>
 
@@ -331,23 +332,23 @@ RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* w
 // (temperature <= 0: greedy row; min_p 0, top_p 1: off); top_k [R] int64 (0: off); u [R] fp64
 // uniforms in [0, 1). Returns (tokens [R] int64, their log-probs [R] fp32 under the untempered
 // distribution).
-std::vector<torch::Tensor> sample_rows(torch::Tensor logits, torch::Tensor temperature,
-                                       torch::Tensor min_p, torch::Tensor top_k,
-                                       torch::Tensor top_p, torch::Tensor u) {
-  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == torch::kFloat,
+std::vector<at::Tensor> sample_rows(at::Tensor logits, at::Tensor temperature,
+                                       at::Tensor min_p, at::Tensor top_k,
+                                       at::Tensor top_p, at::Tensor u) {
+  TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == at::kFloat,
               "logits must be fp32 [R, V] with unit column stride");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
   TORCH_CHECK(vocab > 0, "logits must have a vocabulary");
   for (const auto* t : {&temperature, &min_p, &top_p}) {
-    TORCH_CHECK(t->scalar_type() == torch::kFloat && t->is_contiguous() && t->numel() == rows,
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows,
                 "temperature, min_p and top_p must be fp32 [R]");
   }
-  TORCH_CHECK(top_k.scalar_type() == torch::kLong && top_k.is_contiguous() && top_k.numel() == rows,
+  TORCH_CHECK(top_k.scalar_type() == at::kLong && top_k.is_contiguous() && top_k.numel() == rows,
               "top_k must be int64 [R]");
-  TORCH_CHECK(u.scalar_type() == torch::kDouble && u.is_contiguous() && u.numel() == rows,
+  TORCH_CHECK(u.scalar_type() == at::kDouble && u.is_contiguous() && u.numel() == rows,
               "u must be fp64 [R]");
-  auto tokens = torch::empty({rows}, logits.options().dtype(torch::kLong));
-  auto logprobs = torch::empty({rows}, logits.options());
+  auto tokens = at::empty({rows}, logits.options().dtype(at::kLong));
+  auto logprobs = at::empty({rows}, logits.options());
   const float* x = logits.data_ptr<float>();
   const float *temps = temperature.data_ptr<float>(), *floors = min_p.data_ptr<float>();
   const float* nucleus = top_p.data_ptr<float>();

@@ -162,6 +162,9 @@ def test_prefill_attention_rejects_bounds_that_do_not_cover_the_tokens() -> None
         cpu.prefill_attention_cpu(q, k, v, torch.tensor([0, 10, 9, 14]), 1.0)
     with pytest.raises(RuntimeError, match="all fp32 or all bf16"):
         cpu.prefill_attention_cpu(q, k.bfloat16(), v, cu, 1.0)
+    meta = [x.to("meta") for x in (q, k, v)]  # not in this machine's memory: never read
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        cpu.prefill_attention_cpu(*meta, cu, 1.0)
 
 
 NO_BANS = torch.empty(0, dtype=torch.int64)
