@@ -132,14 +132,18 @@ float candidate_weight(uint64_t key) {
 
 int64_t candidate_token(uint64_t key) { return static_cast<int64_t>(key & 0xffffffffu); }
 
-// The tokens whose weight is at least `floor`, unsorted. Returns their mass.
-double collect_candidates(const float* w, int64_t n, float floor, std::vector<uint64_t>& out) {
+// The tokens whose weight is at least `floor`, unsorted; returns their mass. Stops at
+// `most` + 1 of them: such a row takes the binned draw, which needs neither (a flat row of
+// 32k candidates spent a third of its draw collecting them).
+double collect_candidates(const float* w, int64_t n, float floor, int64_t most,
+                          std::vector<uint64_t>& out) {
   out.clear();
   double mass = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     if (w[i] >= floor) {
       out.push_back(candidate_key(w[i], i));
       mass += w[i];
+      if (static_cast<int64_t>(out.size()) > most) break;
     }
   }
   return mass;
@@ -203,33 +207,46 @@ int64_t weight_bin(float w) {
   return bits >= one ? 0 : std::min<int64_t>(kBins - 1, (one - bits) >> kBinShift);
 }
 
-// Per bin: the tokens' count, their weights' sum, and the sum of those at least min_p.
+constexpr uint16_t kNoBin = 0xFFFF;  // the bin of a token of weight 0 (filtered out): none
+
+// Per bin: the tokens' count, their weights' sum, and the sum of those at least min_p; and
+// each token's bin, kept so that a bin's tokens are found again by comparing small integers
+// (recomputing the bins from the weights was 30% of a flat row's draw).
 struct WeightBins {
   std::vector<int64_t> count = std::vector<int64_t>(kBins);
   std::vector<double> mass = std::vector<double>(kBins), kept = std::vector<double>(kBins);
+  std::vector<uint16_t> bin_of;  // [n]
 
   void fill(const float* w, int64_t n, float min_p) {
+    bin_of.resize(n);
+    uint16_t* bins = bin_of.data();
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      bins[i] = w[i] > 0.f ? static_cast<uint16_t>(weight_bin(w[i])) : kNoBin;
+    }
     std::fill(count.begin(), count.end(), 0);
     std::fill(mass.begin(), mass.end(), 0.0);
     std::fill(kept.begin(), kept.end(), 0.0);
     for (int64_t i = 0; i < n; ++i) {
-      if (!(w[i] > 0.f)) continue;
-      const int64_t b = weight_bin(w[i]);
+      const uint16_t b = bins[i];
+      if (b == kNoBin) continue;
       count[b] += 1;
       mass[b] += w[i];
       if (w[i] >= min_p) kept[b] += w[i];
     }
   }
-};
 
-// The tokens of bin b, best first (ties: lower id first).
-void bin_tokens(const float* w, int64_t n, int64_t b, std::vector<uint64_t>& out) {
-  out.clear();
-  for (int64_t i = 0; i < n; ++i) {
-    if (w[i] > 0.f && weight_bin(w[i]) == b) out.push_back(candidate_key(w[i], i));
+  // The tokens of bin b (weights w, as given to `fill`), best first (ties: lower id first).
+  void tokens(const float* w, int64_t b, std::vector<uint64_t>& out) const {
+    out.clear();
+    const uint16_t* bins = bin_of.data();
+    const int64_t n = static_cast<int64_t>(bin_of.size());
+    for (int64_t i = 0; i < n; ++i) {
+      if (bins[i] == b) out.push_back(candidate_key(w[i], i));
+    }
+    std::sort(out.begin(), out.end());
   }
-  std::sort(out.begin(), out.end());
-}
+};
 
 // `nucleus_draw` for a row whose nucleus holds many tokens, without sorting them: whole
 // bins are summed, only the bin where the nucleus (or the top k) ends and the bin where
@@ -251,7 +268,7 @@ int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, d
       }
     }
     if (k_bin < kBins) {
-      bin_tokens(w, n, k_bin, tokens);
+      bins.tokens(w, k_bin, tokens);
       for (int64_t j = 0; j < k_in_bin; ++j) mass += candidate_weight(tokens[j]);
       norm = mass;
     }
@@ -266,7 +283,7 @@ int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, d
   }
   int64_t end_count = 0;  // tokens of the end bin in the nucleus
   if (end_bin < kBins) {
-    bin_tokens(w, n, end_bin, tokens);
+    bins.tokens(w, end_bin, tokens);
     const int64_t limit = end_bin == k_bin ? k_in_bin : static_cast<int64_t>(tokens.size());
     end_count = extend_nucleus(tokens, limit, norm, f, before, kept);
   }
@@ -280,7 +297,7 @@ int64_t binned_draw(const float* w, int64_t n, double total, const Filters& f, d
       cum += bins.kept[b] / norm;
       continue;
     }
-    bin_tokens(w, n, b, tokens);
+    bins.tokens(w, b, tokens);
     const int64_t count = whole ? static_cast<int64_t>(tokens.size()) : end_count;
     const int64_t token = walk_draw(tokens, count, norm, f.min_p, target, cum, last_kept);
     if (token >= 0) return token;
@@ -313,7 +330,7 @@ RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* w
     const int64_t token = inverse_cdf(weights, block_sums, n, u * total);
     return {token, x[token] - log_norm};
   }
-  const double mass = collect_candidates(weights, n, kCandidateFloor, candidates);
+  const double mass = collect_candidates(weights, n, kCandidateFloor, kMaxSorted, candidates);
   const int64_t count = static_cast<int64_t>(candidates.size());
   const bool enough = f.top_k > 0 ? count >= f.top_k : mass >= f.top_p * total;
   int64_t token;
