@@ -273,9 +273,8 @@ void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tabl
 // q [B, H, D] fp32 contiguous; k_cache, v_cache [N, block_size, KVH, D] contiguous, fp32 or
 // bf16; block_tables [B, W] int64 (entries past a context are not read); context_lens [B]
 // int64. Returns [B, H, D] fp32: query head h reads KV head h / (H / KVH).
-at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache,
-                                     at::Tensor v_cache, at::Tensor block_tables,
-                                     at::Tensor context_lens, double scale) {
+at::Tensor paged_decode_attention(at::Tensor q, at::Tensor k_cache, at::Tensor v_cache,
+                                  at::Tensor block_tables, at::Tensor context_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes());
   const auto cache_type = k_cache.scalar_type();
   TORCH_CHECK(q.scalar_type() == at::kFloat, "q must be fp32");

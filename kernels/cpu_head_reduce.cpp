@@ -115,8 +115,8 @@ void reduce_rows(T* x, int64_t rows, int64_t width, int64_t stride, int64_t k, c
 // top-k either way). Returns ([N] fp32 log-sum-exp, -inf for a row of -inf; [N, k] fp32
 // values and [N, k] int64 columns, each row's best first, ties lower column first).
 std::vector<at::Tensor> row_lse_topk(at::Tensor x, int64_t k, at::Tensor banned,
-                                        at::Tensor ban_rows, at::Tensor ban_columns,
-                                        bool bans_first) {
+                                     at::Tensor ban_rows, at::Tensor ban_columns,
+                                     bool bans_first) {
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [N, W] with unit column stride");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "x must be fp32 or bf16");

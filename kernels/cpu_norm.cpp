@@ -77,7 +77,7 @@ void norm_rows(const at::Tensor& x, const at::Tensor* residual, const at::Tensor
 // or all bf16. Returns (norm, stream) as kernels.rms_norm_ref: stream is x + residual
 // (x itself without a residual).
 std::vector<at::Tensor> rms_norm(at::Tensor x, at::Tensor weight, double eps,
-                                    std::optional<at::Tensor> residual) {
+                                 std::optional<at::Tensor> residual) {
   const bool has_residual = residual.has_value();
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be [T, N] with unit column stride");
   TORCH_CHECK(fp32_or_bf16(x), "x must be fp32 or bf16");

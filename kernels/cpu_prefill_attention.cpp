@@ -184,8 +184,8 @@ void run(const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch, c
 // int64, prompt b is tokens cu_seqlens[b] .. cu_seqlens[b + 1]. Returns [T, H, D] in q's
 // dtype, computed in fp32: query head h reads KV head h / (H / KVH); causal, or (an
 // encoder) every position of its own prompt.
-at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v,
-                                at::Tensor cu_seqlens, double scale, bool causal) {
+at::Tensor prefill_attention(at::Tensor q, at::Tensor k, at::Tensor v, at::Tensor cu_seqlens,
+                             double scale, bool causal) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(),
               "q [T, H, D], k and v [T, KVH, D]");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type() &&

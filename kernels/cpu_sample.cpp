@@ -349,9 +349,8 @@ RowDraw draw_row(const float* x, int64_t n, const Filters& f, double u, float* w
 // (temperature <= 0: greedy row; min_p 0, top_p 1: off); top_k [R] int64 (0: off); u [R] fp64
 // uniforms in [0, 1). Returns (tokens [R] int64, their log-probs [R] fp32 under the untempered
 // distribution).
-std::vector<at::Tensor> sample_rows(at::Tensor logits, at::Tensor temperature,
-                                       at::Tensor min_p, at::Tensor top_k,
-                                       at::Tensor top_p, at::Tensor u) {
+std::vector<at::Tensor> sample_rows(at::Tensor logits, at::Tensor temperature, at::Tensor min_p,
+                                    at::Tensor top_k, at::Tensor top_p, at::Tensor u) {
   TORCH_CHECK(logits.dim() == 2 && logits.stride(1) == 1 && logits.scalar_type() == at::kFloat,
               "logits must be fp32 [R, V] with unit column stride");
   const int64_t rows = logits.size(0), vocab = logits.size(1);
