@@ -70,17 +70,21 @@ float softmax_prefix(float* x, int64_t n, int64_t width) {
   return 1.f / sum;
 }
 
+const auto kFloat32 = at::TensorOptions().dtype(at::kFloat);
+
 // Per-thread fp32 buffers: the chunk's scaled queries [G * C, D], its scores [G * C, keys],
-// its outputs [G * C, D], and (bf16) the prompt's keys and values widened [keys, D].
+// its outputs [G * C, D], and (bf16 only: fp32 is read in place) the prompt's keys and values
+// widened [keys, D].
 struct Scratch {
   at::Tensor queries, scores, outputs, keys, values;
-  Scratch(int64_t rows, int64_t longest, int64_t D) {
-    const auto f32 = at::TensorOptions().dtype(at::kFloat);
-    queries = at::empty({rows, D}, f32);
-    scores = at::empty({rows, longest}, f32);
-    outputs = at::empty({rows, D}, f32);
-    keys = at::empty({longest, D}, f32);
-    values = at::empty({longest, D}, f32);
+  Scratch(int64_t rows, int64_t longest, int64_t D, bool widened) {
+    queries = at::empty({rows, D}, kFloat32);
+    scores = at::empty({rows, longest}, kFloat32);
+    outputs = at::empty({rows, D}, kFloat32);
+    if (widened) {
+      keys = at::empty({longest, D}, kFloat32);
+      values = at::empty({longest, D}, kFloat32);
+    }
   }
 };
 
@@ -92,7 +96,7 @@ at::Tensor head_rows(const T* x, int64_t stride, const Item& it, const Shapes& s
   const T* first = x + it.start * stride + it.kv * s.head_dim;
   if constexpr (std::is_same_v<T, float>) {
     return at::from_blob(const_cast<float*>(first), {it.keys, s.head_dim}, {stride, 1},
-                         at::TensorOptions().dtype(at::kFloat));
+                         kFloat32);
   } else {
     float* wide = buffer.data_ptr<float>();
     for (int64_t j = 0; j < it.keys; ++j) {
@@ -170,7 +174,7 @@ void run(const T* q, const T* k, const T* v, const int64_t* cu, int64_t batch, c
       std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    Scratch scratch(s.group * kChunk, longest, s.head_dim);
+    Scratch scratch(s.group * kChunk, longest, s.head_dim, !std::is_same_v<T, float>);
     for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
       attend_chunk(q, k, v, items[i], s, scale, causal, out, scratch);
     }
