@@ -18,6 +18,7 @@ that begins in the prompt, spans a special token, or needs the text a decoder cl
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -100,11 +101,12 @@ class BeamState:
 
     def is_plain(self, generated: int, first_end: int) -> bool:
         """Whether this step changes nothing but the running beams: the best `width`
-        candidates continue when none of them ends (`first_end`: the rank of the first
-        candidate whose token is an EOS, or more), none reaches the length limit, no stop
-        string is asked about, and the finished list is not full (so the early-stopping
-        check cannot end the request). `step` gives the same result one candidate at a
-        time; the postprocessor takes the shortcut for all such requests of a step at once."""
+        candidates continue when none of them ends (`first_end`: at most the rank of the
+        first candidate whose token is an EOS; lower is safe, only slower), none reaches
+        the length limit, no stop string is asked about, and the finished list is not full
+        (so the early-stopping check cannot end the request). `step` gives the same result
+        one candidate at a time; the postprocessor takes the shortcut for all such requests
+        of a step at once."""
         return (
             first_end >= self.params.width
             and generated + 1 < self.max_new_tokens
@@ -303,16 +305,22 @@ class Placement:
     moves: list[tuple[int, int, int]]  # (request g, row, parent row): the row takes a copy
 
 
+@functools.cache
+def _earlier(width: int) -> np.ndarray:
+    """[i, j]: whether beam j ranks before beam i."""
+    return np.tri(width, width, -1, dtype=bool)
+
+
 def place_beams(parents: np.ndarray, tokens: np.ndarray, scores: np.ndarray) -> Placement:
     """`assign_rows` for G requests at once: beam i of request g (best first) continues
     row `parents[g, i]` with `tokens[g, i]` ([G, W] each, W beams from W rows). Array
     operations over the whole group: the host's per-request work is left to the moves
     (about one per request in a step) and the appends."""
     groups, width = parents.shape
-    earlier = np.tri(width, width, -1, dtype=bool)  # [i, j]: j before i
-    moves = ((parents[:, :, None] == parents[:, None, :]) & earlier).any(2)  # [G, W]
+    moves = ((parents[:, :, None] == parents[:, None, :]) & _earlier(width)).any(2)  # [G, W]
+    request = np.arange(groups)[:, None]
     continued = np.zeros((groups, width), dtype=bool)
-    continued[np.arange(groups)[:, None], parents] = True
+    continued[request, parents] = True
     # Per request, as many moving beams as rows nobody continues; both lists run request
     # by request (row-major), so their k-th entries belong to the same request.
     g, beam = np.nonzero(moves)
@@ -320,8 +328,8 @@ def place_beams(parents: np.ndarray, tokens: np.ndarray, scores: np.ndarray) -> 
     row_of = parents.copy()
     row_of[g, beam] = spare_row
     by_row = np.empty_like(tokens)
-    np.put_along_axis(by_row, row_of, tokens, axis=1)
+    by_row[request, row_of] = tokens
     row_scores = np.empty_like(scores)
-    np.put_along_axis(row_scores, row_of, scores, axis=1)
+    row_scores[request, row_of] = scores
     moved = list(zip(g.tolist(), spare_row.tolist(), parents[g, beam].tolist(), strict=True))
     return Placement(by_row, row_scores, moved)

@@ -51,10 +51,16 @@ class BlockManager:
 
     def share(self, seq: Sequence, source: Sequence) -> None:
         """`seq` gives up its blocks and shares `source`'s (a beam moving into its row)."""
-        for block in source.block_table:  # first: blocks the two share never reach 0
+        old, new = seq.block_table, source.block_table
+        # Beams of one request share their prompt's full blocks (unless a preemption had
+        # them recomputed apart): those keep their owner count, only the rest change.
+        same = seq.prompt_len // self.block_size
+        if old[:same] != new[:same]:
+            same = 0
+        for block in new[same:]:  # first: blocks the two share never reach 0
             self.ref_counts[block] += 1
-        self.release(seq.block_table)
-        seq.block_table = list(source.block_table)
+        self.release(old[same:])
+        seq.block_table = list(new)
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)

@@ -12,6 +12,7 @@ Forks go through the scheduler, which owns the blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
 import numpy as np
 import torch
@@ -153,10 +154,8 @@ class Decider:
             beam_rows = [r for _, request_rows in plan.beams for r in request_rows]
             if plan.rows or beam_rows != list(range(len(batch.seqs))):
                 plan.arrays["beam_rows"] = np.array(beam_rows, dtype=np.int64)
-            plan.arrays["beam_running"] = np.array(
-                [s for request, _ in plan.beams for s in request.beam.running_scores],  # type: ignore[union-attr]
-                dtype=np.float64,
-            )
+            running = chain.from_iterable(r.beam.running_scores for r, _ in plan.beams)  # type: ignore[union-attr]
+            plan.arrays["beam_running"] = np.fromiter(running, np.float64, len(beam_rows))
             plan.beam_mask = self._beam_mask(plan.beams)
             plan.arrays |= plan.beam_mask.arrays("beam_mask.")
         if self.reduce_head:

@@ -45,6 +45,9 @@ class Postprocessor:
         self.vocab_size = vocab_size
         self.rules = rules or TokenRules()  # the checkpoint's, see `BeamState`
         self._done: list[RequestOutput] = []
+        # Every token that has ended a beam request's beam (EOS, stop_token_ids), sorted:
+        # a superset of any one request's, which only sends a step down the exact path.
+        self._beam_ends: list[int] = []
 
     def start(self, request: Request) -> None:
         params = request.params
@@ -52,6 +55,7 @@ class Postprocessor:
             limit = min(params.max_tokens, self.max_model_len - len(request.prompt_ids))
             ends = self.eos_ids + list(params.stop_token_ids)
             request.beam = BeamState(params, ends, limit, rules=self.rules)
+            self._beam_ends = sorted({*self._beam_ends, *ends})
         else:
             eos = frozenset() if params.ignore_eos else frozenset(self.eos_ids)
             request.stop_ids = eos | frozenset(params.stop_token_ids)
@@ -146,11 +150,10 @@ class Postprocessor:
         candidates run on, placed for the whole group with array operations
         (`place_beams`); the others take `BeamState.step`, one candidate at a time."""
         requests = [request for request, _ in plan.beams]
-        eos = sorted({e for request in requests for e in request.beam.eos_ids})  # type: ignore[union-attr]
         for group in groups:
             parents, tokens = np.divmod(group.index, self.vocab_size)  # [G, keep]
             ending = np.zeros(tokens.shape, dtype=bool)
-            for token in eos:  # one or two ids: cheaper than np.isin's sort
+            for token in self._beam_ends:  # one or two ids: cheaper than np.isin's sort
                 ending |= tokens == token
             keep = group.index.shape[1]
             first_end = np.where(ending.any(1), ending.argmax(1), keep).tolist()
