@@ -62,7 +62,10 @@ def _module() -> Any | None:
         log.info("compiled CPU kernels off (PIPELINE_CPU_KERNELS=0)")
         return None
     text = "".join(source.read_text() for source in SOURCES + HEADERS)
-    key = hashlib.sha1((_cpu_signature() + text).encode()).hexdigest()[:12]
+    # The sources' directory too: torch rebuilds a module whose source paths changed, so two
+    # checkouts sharing one name would rebuild each other's build in turn.
+    where = str(Path(__file__).resolve().parent)
+    key = hashlib.sha1((_cpu_signature() + where + text).encode()).hexdigest()[:12]
     name = f"pipeline_cpu_kernels_{key}"
     log.info("CPU kernels %s: loading (the first build on a machine takes ~40 s on 2 cores)", name)
     started = time.perf_counter()

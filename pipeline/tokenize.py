@@ -20,6 +20,7 @@ import pyarrow as pa
 
 from pipeline.engine.config import ConfigError
 from pipeline.io.shards import WorkUnit, read_unit
+from pipeline.models.tokenizer import load_tokenizer
 from pipeline.tasks import get_task
 from pipeline.tasks.base import prompt_format
 from pipeline.tasks.languages import has_language_codes, language_code
@@ -102,9 +103,7 @@ _TOKENIZERS: dict[str, PreTrainedTokenizerBase] = {}
 def _tokenizer(path: str) -> PreTrainedTokenizerBase:
     """Loaded once per worker process, then reused by every task it runs."""
     if path not in _TOKENIZERS:
-        from transformers import AutoTokenizer
-
-        _TOKENIZERS[path] = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+        _TOKENIZERS[path] = load_tokenizer(path)
     return _TOKENIZERS[path]
 
 

@@ -74,3 +74,43 @@ def test_chat_template_wraps_the_prompt(tiny_llama_dir: Path, make_shards, tmp_p
     assert plain.token_ids == tok(row.text)["input_ids"]
     with pytest.raises(ValueError, match="no chat template"):
         tokenize_unit(unit, _spec(tiny_llama_dir, task=TaskConfig(chat_template="always")))
+
+
+def test_a_plain_tokenizer_is_built_without_autotokenizer_and_is_the_same(
+    tiny_llama_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A checkpoint whose tokenizer_class is a plain one (PreTrainedTokenizerFast; transformers
+    5 writes TokenizersBackend) skips AutoTokenizer (its
+    model registry costs seconds per process) and gets the tokenizer AutoTokenizer gives;
+    any other class still goes through AutoTokenizer."""
+    import json
+    import shutil
+
+    import transformers
+
+    from pipeline.models.tokenizer import load_tokenizer
+
+    auto = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    config = json.loads((tiny_llama_dir / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] in ("PreTrainedTokenizerFast", "TokenizersBackend")
+    asked = []
+    real = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: asked.append(a) or real(*a)
+    )
+    direct = load_tokenizer(tiny_llama_dir)
+    assert not asked and type(direct) is type(auto)
+    for text in ["one two three", "zwölf  drei\n", "</s> <s>", ""]:
+        ids = auto(text)["input_ids"]
+        assert direct(text)["input_ids"] == ids
+        assert direct.decode(ids, skip_special_tokens=True) == auto.decode(ids, True)
+    assert direct.all_special_ids == auto.all_special_ids
+    assert direct.padding_side == auto.padding_side
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    (other / "tokenizer_config.json").write_text(
+        json.dumps(config | {"tokenizer_class": "LlamaTokenizerFast"})
+    )
+    load_tokenizer(other)
+    assert asked == [(str(other),)]

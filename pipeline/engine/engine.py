@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.config import EngineConfig, ModelConfig, QuantConfig
@@ -32,6 +32,7 @@ from pipeline.models.loader import load_model, read_spec, resolve_model_dir
 from pipeline.models.quant import QuantLinear, QuantSpec, model_weight_bytes, resolve_quant
 from pipeline.models.seq2seq_spec import AnySpec, Seq2SeqSpec
 from pipeline.models.spec import UnsupportedModelError
+from pipeline.models.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class LLMEngine:
         if device.type == "cuda" and backend.name == "triton" and graphs:
             runner.use_decode_graphs(engine_cfg.max_num_seqs, max_len)
         scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+        tokenizer = load_tokenizer(model_dir)
         info = _model_info(model_dir, spec, model, dtype, device, max_len)
         info |= {
             "quant": quant_spec.method if quant_spec else "none",
