@@ -30,10 +30,9 @@ struct Shapes {
 };
 
 // Per-thread scratch: scores [H, len], the output accumulator [H, D], where each cached
-// position's row starts in the pool, and (vector path) a tile of kLanes K or V rows widened
-// to fp32 [kLanes, D] and one KV head's scaled queries [G, D].
+// position's row starts in the pool, and (vector path) one KV head's scaled queries [G, D].
 struct Scratch {
-  std::vector<float> scores, acc, tile, queries;
+  std::vector<float> scores, acc, queries;
   std::vector<int64_t> rows;
 };
 
@@ -127,42 +126,103 @@ void attend(const float* q, const T* k_cache, const T* v_cache, const int64_t* t
 }
 
 #ifdef PIPELINE_CPU_VECTOR
-// Pointers to the fp32 rows of positions t0 .. t0 + kLanes - 1 of one KV head (`head` is its
-// offset in a row): the cache's own rows (fp32), or copies widened into `tile` (bf16, once
-// per tile for all the head's queries). Lanes past `count` repeat row t0: they are computed
-// and never used (slots past a context may hold NaN).
+// Requests the rows of positions [from, to) of one KV head (`head`: its offset in a row), so
+// that they arrive while the positions before them are computed.
 template <typename T, int64_t kD>
-void tile_rows(const T* cache, const int64_t* rows, int64_t t0, int64_t count, int64_t len,
-               int64_t head, float* tile, const float** out) {
-  // The next tile's rows are requested now, so that they arrive while this one is computed.
-  for (int64_t i = t0 + kLanes; i < std::min(len, t0 + 2 * kLanes); ++i) {
+void prefetch_rows(const T* cache, const int64_t* rows, int64_t from, int64_t to, int64_t head) {
+  for (int64_t i = from; i < to; ++i) {
     const char* row = reinterpret_cast<const char*>(cache + rows[i] + head);
     for (int64_t b = 0; b < kD * static_cast<int64_t>(sizeof(T)); b += 64) {
       __builtin_prefetch(row + b);  // one 64-byte line at a time
     }
   }
-  for (int64_t i = 0; i < kLanes; ++i) {
-    const T* row = cache + rows[t0 + (i < count ? i : 0)] + head;
-    if constexpr (std::is_same_v<T, float>) {
-      out[i] = row;
-    } else {
-      float* wide = tile + i * kD;
-      for (int64_t c = 0; c < kD; c += kLanes) vstore(wide + c, vload(row + c));
-      out[i] = wide;
+}
+
+// scores [kHeads, padded] = q [kHeads, D] . K[t] for kHeads query heads of one KV head, t < padded
+// (a multiple of kLanes). kLanes dot products at a time: kP = kLanes / kHeads positions of
+// each head, every key row loaded (and widened, bf16) once into registers for all kHeads
+// queries, the kLanes sums done together (vsum_lanes). Positions past `len` read position
+// 0's row (slots past a context may hold NaN); the caller overwrites their scores.
+template <typename T, int64_t kD, int64_t kHeads>
+void score_keys(const T* k_cache, const int64_t* rows, int64_t len, int64_t padded,
+                int64_t head, const float* q, float* scores) {
+  constexpr int64_t kP = kLanes / kHeads;
+  for (int64_t t0 = 0; t0 < padded; t0 += kP) {
+    if (t0 % kLanes == 0) {
+      prefetch_rows<T, kD>(k_cache, rows, t0 + kLanes, std::min(len, t0 + 2 * kLanes), head);
+    }
+    const T* key[kP];
+    for (int64_t i = 0; i < kP; ++i) key[i] = k_cache + rows[t0 + i < len ? t0 + i : 0] + head;
+    vfloat acc[kLanes];  // [kHeads, kP]
+    for (auto& a : acc) a = vset(0.f);
+    for (int64_t c = 0; c < kD; c += kLanes) {
+      vfloat qc[kHeads];
+      for (int64_t h = 0; h < kHeads; ++h) qc[h] = vload(q + h * kD + c);
+      for (int64_t i = 0; i < kP; ++i) {
+        const vfloat k = vload(key[i] + c);
+        for (int64_t h = 0; h < kHeads; ++h) acc[h * kP + i] = vfma(qc[h], k, acc[h * kP + i]);
+      }
+    }
+    float sums[kLanes];
+    vstore(sums, vsum_lanes(acc));
+    for (int64_t h = 0; h < kHeads; ++h) {
+      std::copy(sums + h * kP, sums + (h + 1) * kP, scores + h * padded + t0);
     }
   }
 }
 
-// One sequence, vectorised over lanes, KV head by KV head. Its G query heads' scores come
-// kLanes positions at a time: kLanes dot products per query head accumulate lane-wise and are
-// summed together (vsum_lanes), where one horizontal sum per (head, position) cost more
-// than the products. The weighted values accumulate in registers per query head over a tile
-// (no load and store of the accumulator per position). kD: the head dim, a multiple of
-// kLanes. Same arguments as `attend`.
+// out [kHeads, D] = sum over t < len of p[h, t] * V[t] for kHeads query heads of one KV head
+// (p rows `padded` apart): every value row loaded (and widened) once into registers for all
+// of them, the sums kept in registers. With few chains (kHeads x chunks < 8) even and odd
+// positions sum apart, so that a multiply-add need not wait on the one before.
+template <typename T, int64_t kD, int64_t kHeads>
+void weigh_values(const T* v_cache, const int64_t* rows, int64_t len, int64_t padded,
+                  int64_t head, const float* p, float* out) {
+  constexpr int64_t kChunks = kD / kLanes, kSplit = kHeads * kChunks < 8 ? 2 : 1;
+  vfloat acc[kSplit][kHeads][kChunks];
+  for (auto& split : acc) {
+    for (auto& h : split) {
+      for (auto& a : h) a = vset(0.f);
+    }
+  }
+  auto add = [&](int64_t t, vfloat(&sum)[kHeads][kChunks]) {
+    const T* row = v_cache + rows[t] + head;
+    vfloat v[kChunks];
+    for (int64_t c = 0; c < kChunks; ++c) v[c] = vload(row + c * kLanes);
+    for (int64_t h = 0; h < kHeads; ++h) {
+      const vfloat w = vset(p[h * padded + t]);
+      for (int64_t c = 0; c < kChunks; ++c) sum[h][c] = vfma(w, v[c], sum[h][c]);
+    }
+  };
+  int64_t t = 0;
+  for (; t + kSplit <= len; t += kSplit) {
+    if (t % kLanes == 0) {
+      prefetch_rows<T, kD>(v_cache, rows, t + kLanes, std::min(len, t + 2 * kLanes), head);
+    }
+    for (int64_t j = 0; j < kSplit; ++j) add(t + j, acc[j]);
+  }
+  for (; t < len; ++t) add(t, acc[0]);
+  for (int64_t h = 0; h < kHeads; ++h) {
+    for (int64_t c = 0; c < kChunks; ++c) {
+      vfloat sum = acc[0][h][c];
+      for (int64_t j = 1; j < kSplit; ++j) sum = vadd(sum, acc[j][h][c]);
+      vstore(out + h * kD + c * kLanes, sum);
+    }
+  }
+}
+
+// The vector registers the sums of `weigh_values` may take: half of them (the rest hold a
+// value row and the weights).
+constexpr int64_t kValueRegisters = kLanes == 16 ? 16 : 8;
+
+// One sequence, vectorised over lanes, KV head by KV head: its G query heads' scores
+// (`score_keys`, 4, 2 or 1 heads at a time), an unnormalised softmax of each, the weighted
+// values (`weigh_values`, as many heads at a time as registers allow), divided by the sums.
+// kD: the head dim, a multiple of kLanes. Same arguments as `attend`.
 template <typename T, int64_t kD>
 void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
                    int64_t len, const Shapes& s, float scale, float* out, Scratch& scratch) {
-  constexpr int64_t kChunks = kD / kLanes;
+  constexpr int64_t kValueHeads = std::max<int64_t>(1, kValueRegisters / (kD / kLanes));
   const int64_t G = s.group, padded = (len + kLanes - 1) / kLanes * kLanes;
   if (len <= 0) {
     std::fill(out, out + s.heads * kD, 0.f);
@@ -170,25 +230,22 @@ void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int
   }
   position_rows(table, len, s.block_size, s.kv_heads * kD, scratch.rows);
   scratch.scores.resize(G * padded);
-  scratch.tile.resize(kLanes * kD);
   scratch.queries.resize(G * kD);
   const int64_t* rows = scratch.rows.data();
   float *scores = scratch.scores.data(), *queries = scratch.queries.data();
-  const float* tile[kLanes];
   for (int64_t kv = 0; kv < s.kv_heads; ++kv) {
-    const int64_t head = kv * kD;                   // the KV head's offset in a position's row
+    const int64_t head = kv * kD;  // the KV head's offset in a position's row
     for (int64_t i = 0; i < G * kD; ++i) queries[i] = q[kv * G * kD + i] * scale;  // [G, D]
-    for (int64_t t0 = 0; t0 < len; t0 += kLanes) {  // scores [G, padded]
-      tile_rows<T, kD>(k_cache, rows, t0, std::min(kLanes, len - t0), len, head,
-                       scratch.tile.data(), tile);
-      for (int64_t g = 0; g < G; ++g) {
-        vfloat acc[kLanes];
-        for (auto& a : acc) a = vset(0.f);
-        for (int64_t c = 0; c < kD; c += kLanes) {
-          const vfloat qc = vload(queries + g * kD + c);
-          for (int64_t i = 0; i < kLanes; ++i) acc[i] = vfma(qc, vload(tile[i] + c), acc[i]);
-        }
-        vstore(scores + g * padded + t0, vsum_lanes(acc));
+    for (int64_t g = 0; g < G;) {  // scores [G, padded]
+      const int64_t left = G - g;
+      float* sg = scores + g * padded;
+      const float* qg = queries + g * kD;
+      if (left >= 4) {
+        score_keys<T, kD, 4>(k_cache, rows, len, padded, head, qg, sg), g += 4;
+      } else if (left >= 2) {
+        score_keys<T, kD, 2>(k_cache, rows, len, padded, head, qg, sg), g += 2;
+      } else {
+        score_keys<T, kD, 1>(k_cache, rows, len, padded, head, qg, sg), g += 1;
       }
     }
     float inverse_sums[64];  // G <= 64, checked by the caller
@@ -207,30 +264,15 @@ void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int
       inverse_sums[g] = 1.f / hsum(sum);
     }
     float* o = out + kv * G * kD;  // this KV head's query heads' outputs [G, D]
-    std::fill(o, o + G * kD, 0.f);
-    for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-      const int64_t count = std::min(kLanes, len - t0);
-      tile_rows<T, kD>(v_cache, rows, t0, count, len, head, scratch.tile.data(), tile);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* p = scores + g * padded + t0;
-        vfloat acc[kChunks], odd[kChunks];  // even and odd positions: two chains per chunk
-        for (int64_t c = 0; c < kChunks; ++c) acc[c] = vload(o + g * kD + c * kLanes);
-        for (auto& a : odd) a = vset(0.f);
-        int64_t i = 0;
-        for (; i + 2 <= count; i += 2) {
-          const vfloat p0 = vset(p[i]), p1 = vset(p[i + 1]);
-          for (int64_t c = 0; c < kChunks; ++c) {
-            acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
-            odd[c] = vfma(p1, vload(tile[i + 1] + c * kLanes), odd[c]);
-          }
-        }
-        if (i < count) {
-          const vfloat p0 = vset(p[i]);
-          for (int64_t c = 0; c < kChunks; ++c) {
-            acc[c] = vfma(p0, vload(tile[i] + c * kLanes), acc[c]);
-          }
-        }
-        for (int64_t c = 0; c < kChunks; ++c) vstore(o + g * kD + c * kLanes, vadd(acc[c], odd[c]));
+    for (int64_t g = 0; g < G;) {
+      const int64_t left = G - g;
+      const float* pg = scores + g * padded;
+      if (kValueHeads >= 4 && left >= 4) {
+        weigh_values<T, kD, 4>(v_cache, rows, len, padded, head, pg, o + g * kD), g += 4;
+      } else if (kValueHeads >= 2 && left >= 2) {
+        weigh_values<T, kD, 2>(v_cache, rows, len, padded, head, pg, o + g * kD), g += 2;
+      } else {
+        weigh_values<T, kD, 1>(v_cache, rows, len, padded, head, pg, o + g * kD), g += 1;
       }
     }
     for (int64_t g = 0; g < G; ++g) {

@@ -43,7 +43,7 @@ def paged_cache(
 
 @needs_kernels
 @pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
+@pytest.mark.parametrize("group", [1, 3, 4, 8])  # query heads per KV head
 @pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_decode_attention_matches_reference(block_size: int, group: int, head_dim: int) -> None:
     lengths = [1, 0, 17, 33, block_size, 2 * block_size + 1, 250, 5]
@@ -121,7 +121,7 @@ PREFILL_LENGTHS = [1, 63, 64, 0, 65, 130, 7, 200]
 
 
 @needs_kernels
-@pytest.mark.parametrize("group", [1, 4, 8])  # query heads per KV head
+@pytest.mark.parametrize("group", [1, 3, 4, 8])  # query heads per KV head
 @pytest.mark.parametrize("head_dim", [64, 128, 24])
 def test_prefill_attention_matches_reference(group: int, head_dim: int) -> None:
     q, k, v, cu = packed_prompts(PREFILL_LENGTHS, 2 * group, 2, head_dim, torch.float32)
