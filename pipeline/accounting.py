@@ -71,6 +71,13 @@ class IdTracker:
 
 
 @dataclass
+class _ShardTally:
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    truncated: int = 0
+
+
+@dataclass
 class RowAccounting:
     ok_rows: int = 0
     error_kinds: Counter[str] = field(default_factory=Counter)
@@ -79,14 +86,34 @@ class RowAccounting:
     dropped_rows: int = 0  # rows of a shard that failed (unreadable input), not written
     scores: Scores = field(default_factory=Scores)
     ids: IdTracker = field(default_factory=IdTracker)
+    # Per shard, the outcomes counted so far: a shard that fails later (a corrupt row group
+    # read after its first rows finished) writes nothing, and those rows become dropped ones.
+    _by_shard: dict[str, _ShardTally] = field(default_factory=dict)
 
-    def on_row(self, row_id: Any, error_kind: str | None, truncated: bool) -> None:
+    def on_row(self, shard: str, row_id: Any, error_kind: str | None, truncated: bool) -> None:
+        tally = self._by_shard.setdefault(shard, _ShardTally())
         if error_kind is None:
             self.ok_rows += 1
+            tally.ok += 1
         else:
             self.error_kinds[error_kind] += 1
+            tally.errors[error_kind] += 1
         self.truncated_rows += truncated
+        tally.truncated += truncated
         self.ids.add(row_id)
+
+    def drop_shard(self, shard: str) -> tuple[int, int]:
+        """The shard failed: the rows counted for it move to `dropped_rows`. Returns how many
+        rows, and error rows, were taken back. (Their ids and quality pairs stay counted: the
+        id hashes and the BLEU/chrF sample keep no shard.)"""
+        tally = self._by_shard.pop(shard, _ShardTally())
+        errors = tally.errors.total()
+        self.ok_rows -= tally.ok
+        self.error_kinds.subtract(tally.errors)
+        self.error_kinds = +self.error_kinds  # a kind now at 0 leaves the summary
+        self.truncated_rows -= tally.truncated
+        self.dropped_rows += tally.ok + errors
+        return tally.ok + errors, errors
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -77,8 +77,14 @@ class Driver:
         self.metrics.log(self.engine.stats(), self._live_metrics())  # the totals' last part
 
     def _drop_failed_shards(self, stream: TokenStream) -> None:
+        """A shard with a unit that cannot be read writes nothing: rows of it that finished
+        before are taken back from the counts (as dropped rows)."""
         for failed in stream.failed[self._failed_seen :]:
-            self.writer.fail(failed.unit.shard.name, failed.error)
+            name = failed.unit.shard.name
+            if name not in self.writer.failed:
+                rows, errors = self.rows.drop_shard(name)
+                self.metrics.take_back(rows, errors)
+            self.writer.fail(name, failed.error)
         self._failed_seen = len(stream.failed)
 
     def _count_wait(self, seconds: float) -> None:
@@ -129,7 +135,7 @@ class Driver:
             return
         if row.reference is not None and columns["error"] is None:
             self.rows.scores.add(columns["output_text"], row.reference)
-        self.rows.on_row(row.id, error_kind, row.truncated)
+        self.rows.on_row(row.shard, row.id, error_kind, row.truncated)
         self.metrics.on_row(
             columns["num_prompt_tokens"] or 0,
             columns["num_output_tokens"],

@@ -80,6 +80,12 @@ class MetricsRecorder:
         self.output_tokens += num_output_tokens
         self._bar.update(1)
 
+    def take_back(self, rows: int, error_rows: int) -> None:
+        """Rows counted before their shard failed are not results (their tokens were
+        generated, and stay in the throughput)."""
+        self.rows -= rows
+        self.error_rows -= error_rows
+
     def due(self) -> bool:
         return time.perf_counter() - self._last_time >= self.interval_s
 

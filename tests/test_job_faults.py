@@ -131,3 +131,25 @@ def test_an_out_of_memory_step_is_retried_and_counted(
         got = pq.read_table(tmp_path / "out" / "results" / path.name)
         expected = pq.read_table(tmp_path / "reference" / "results" / path.name)
         assert got.column("output_text").equals(expected.column("output_text"))
+
+
+def test_rows_counted_before_their_shard_failed_become_dropped_rows() -> None:
+    """A shard can fail after some of its rows finished (a corrupt row group read late): it
+    writes nothing, so those rows leave the ok and error counts for `dropped_rows`."""
+    from pipeline.accounting import RowAccounting
+
+    rows = RowAccounting()
+    counted = [
+        ("a", None, False),
+        ("bad", None, True),
+        ("bad", "too_long", False),
+        ("a", "too_long", False),
+        ("bad", "empty_text", False),
+    ]
+    for row_id, (shard, kind, truncated) in enumerate(counted):
+        rows.on_row(shard, row_id, kind, truncated)
+    assert rows.drop_shard("bad") == (3, 2)
+    assert rows.drop_shard("never-counted") == (0, 0)
+    summary = rows.summary()
+    assert (summary["ok_rows"], summary["error_kinds"]) == (1, {"too_long": 1})
+    assert (summary["truncated_rows"], summary["dropped_rows"]) == (0, 3)

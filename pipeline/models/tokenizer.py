@@ -5,8 +5,9 @@ use imports the registry's package and scans every model's module for its export
 process on a 2-core CPU, paid by the engine and by every tokenization worker. A checkpoint
 whose tokenizer is a plain `tokenizers` one (`tokenizer_class` PreTrainedTokenizerFast: Llama
 3, the bundled demo model; TokenizersBackend, its name since transformers 5) names the class
-itself: it is built directly, the same object `AutoTokenizer` returns. Every other checkpoint (model-specific classes such as Marian's or
-NLLB's, with their own behaviour) goes through `AutoTokenizer`.
+itself: it is built directly, the same object `AutoTokenizer` returns. Every other checkpoint
+(model-specific classes such as Marian's or NLLB's, with their own behaviour) goes through
+`AutoTokenizer`.
 """
 
 from __future__ import annotations
