@@ -110,7 +110,7 @@ def load_model(
         stored = _prequantized_modules(files, spec)
         keep = quant if not stored else _only(quant, stored, model)
         quantize_modules(model, keep)
-    model = model.to_empty(device=device)
+    model = _to_empty(model, device)
     model.tie_weights()
     for module in model.modules():
         if isinstance(module, (RotaryEmbedding, SinusoidalPositions)):
@@ -147,6 +147,14 @@ def _no_random_init() -> Iterator[None]:
 
 def _keep(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
     return tensor
+
+
+def _to_empty(model: Model, device: torch.device) -> Model:
+    """`model.to_empty(device=device)`: uninitialised parameters and buffers of the same
+    shapes and dtypes on `device`. torch's own takes `empty_like` of each meta tensor, and
+    the first such call imports its symbolic-shape machinery (sympy): 0.6 s of loading the
+    demo model. A fresh `torch.empty` is the same tensor without it."""
+    return model._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))
 
 
 def _pack_for_cpu(model: Model) -> None:
