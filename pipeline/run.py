@@ -64,7 +64,8 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
 
         summary, history = run_replicas(config, out_dir, shards, skipped, unreadable, timings)
     else:
-        with dask_client(config.cluster) as client:
+        # Workers start while the engine loads (inline tokenization bridges the gap).
+        with dask_client(config.cluster, wait=False) as client:
             get_engine = lambda: engine or load_engine(config)  # noqa: E731
             metrics_name = run_file(config, "metrics.jsonl")
             summary, history = process_shards(

@@ -31,8 +31,13 @@ TOKENIZE = "TOKENIZE"
 
 
 @contextmanager
-def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
-    """A LocalCluster of single-threaded worker processes, or the scheduler at cluster.address."""
+def dask_client(cfg: ClusterConfig, wait: bool = True) -> Iterator[Client]:
+    """A LocalCluster of single-threaded worker processes, or the scheduler at cluster.address.
+
+    `wait=False`: the client comes back as soon as the local scheduler is up, while the
+    worker processes start (~1.4 s on 2 cores, importing their libraries): the caller loads
+    its engine meanwhile, and tokenizes inline what it needs before they are ready
+    (`TokenStream`). Engine replicas are waited for whatever `wait` says."""
     from distributed import Client, LocalCluster
 
     # Scheduler and nanny chatter at INFO would bury the job's own log lines.
@@ -42,8 +47,10 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
             yield client
         return
     replicated = cfg.engines > 1
+    workers = cfg.workers_for(engine_on_gpu=_has_gpu())  # as given, once run() resolved it
+    later = not wait and not replicated  # workers started once the client is there
     with LocalCluster(
-        n_workers=cfg.workers_for(engine_on_gpu=_has_gpu()),  # as given, once run() resolved it
+        n_workers=0 if later else workers,
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
@@ -54,13 +61,15 @@ def dask_client(cfg: ClusterConfig) -> Iterator[Client]:
         if replicated:
             _add_engine_workers(cluster, cfg.engines)
         try:
-            # Closed first: whatever the client still holds (tasks whose units ran inline, the
-            # scattered spec) is released before the workers go.
+            # Closed first: whatever the client still holds (tasks whose units ran inline) is
+            # released before the workers go.
             with Client(cluster) as client:
                 # Local workers share this machine's cores with the engine: let the engine's
                 # threads have them first (on 2 cores, equal priority made engine steps ~30%
                 # slower). A plugin, not a one-off client.run: a restarted worker is niced too.
                 client.register_plugin(_low_priority_plugin(), name="pipeline-low-priority")
+                if later:
+                    cluster.scale(workers)  # returns at once: the nannies start them
                 yield client
         finally:
             # On failure here, the cluster's own close below still stops them (slowly).
@@ -163,9 +172,6 @@ class TokenStream:
 
         self._client = client
         self._spec = spec
-        # Sent to each worker once. hash=False: a key of its own, so that releasing it when this
-        # stream is done cannot race an equal spec scattered by the next stream.
-        self._spec_future = client.scatter(spec, broadcast=True, hash=False)
         self._todo = deque(_Pending(u, 0) for u in units)
         self._submitted: dict[Any, tuple[Future, _Pending]] = {}  # future key -> (future, unit)
         self._stolen: set[Any] = set()  # keys of cancelled tasks, whose units ran inline
@@ -198,13 +204,13 @@ class TokenStream:
         self.worker_s += sum(r.seconds for r in results)
         if self.done and self.finished is None:
             self.finished = time.perf_counter()
-            self.close()  # releases the spec held on the workers: nothing is lost when they stop
+            self.close()
         return results
 
     def close(self) -> None:
-        """Cancel the tasks still outstanding and release the scattered spec. `poll` does this
-        once the stream is done; a caller that stops early (an error) calls it itself, so that
-        no worker goes on with work nobody will collect."""
+        """Cancel the tasks still outstanding. `poll` does this once the stream is done; a
+        caller that stops early (an error) calls it itself, so that no worker goes on with
+        work nobody will collect."""
         futures = [future for future, _ in self._submitted.values()]
         if futures:
             self._client.cancel(futures)
@@ -212,7 +218,6 @@ class TokenStream:
         self._submitted.clear()
         self._stolen.clear()
         self._running.clear()
-        self._spec_future.release()
 
     def _top_up(self) -> None:
         while self._todo and len(self._submitted) < self._cap:
@@ -221,7 +226,7 @@ class TokenStream:
             future = self._client.submit(
                 tokenize_unit,
                 pending.unit,
-                self._spec_future,
+                self._spec,  # small: sent with each task (a scatter would wait for workers)
                 retries=2,
                 pure=False,
                 resources=self._resources,

@@ -178,3 +178,23 @@ def test_shutdown_does_not_wait_for_tasks_nobody_wants(tiny_llama_dir: Path, mak
     messages = [r.getMessage() for r in records]
     assert not [m for m in messages if "still alive" in m]
     assert not [r for r in records if r.levelno >= logging.ERROR], messages
+
+
+def test_a_stream_runs_while_its_workers_are_still_starting(
+    tiny_llama_dir: Path, make_shards
+) -> None:
+    """`dask_client(wait=False)`, as a job starts it: the client comes back before any worker
+    is up (they import for over a second), the stream neither waits for one nor loses a unit,
+    and the workers join later, niced like the others."""
+    units = _units(make_shards(num_shards=2, rows=12, row_group_size=2)[0].parent)
+    spec = _spec(tiny_llama_dir)
+    expected = _expected(units, spec)
+    with dask_client(ClusterConfig(n_workers=2), wait=False) as client:
+        stream = TokenStream(client, units, spec, max_in_flight=4)
+        first = stream.poll(block=True)  # no worker to wait for: this process tokenizes
+        # Nothing above waited for a worker (a scatter of the spec would have).
+        assert not client.scheduler_info()["workers"] and stream.inline_units == 1
+        _assert_each_once(first + _drain(stream, block=False), expected)
+        client.wait_for_workers(2, timeout=30)
+        niceness = client.run(os.nice, 0)
+    assert set(niceness.values()) == {min(os.nice(0) + 10, 19)}
