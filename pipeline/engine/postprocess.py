@@ -8,6 +8,7 @@ finished or replaced sequences are released through the scheduler, which owns th
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
@@ -189,10 +190,9 @@ class Postprocessor:
         for g, row, parent in placed.moves:  # every copy made before any row grows
             seqs = requests[g].seqs
             rebase(seqs[row], seqs[parent])
-        by_row = zip(requests, placed.tokens.tolist(), placed.scores.tolist(), strict=True)
-        for request, row_tokens, row_scores in by_row:
-            for seq, token in zip(request.seqs, row_tokens, strict=True):
-                seq.token_ids.append(token)
+        rows = [seq.token_ids for request in requests for seq in request.seqs]
+        deque(map(list.append, rows, placed.tokens.ravel().tolist()), maxlen=0)  # each appends
+        for request, row_scores in zip(requests, placed.scores.tolist(), strict=True):
             request.beam.running_scores = row_scores  # type: ignore[union-attr]
 
     def _step_beams(

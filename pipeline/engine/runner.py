@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,8 @@ from pipeline.models.attention import (
 from pipeline.models.head import HeadQuery, TopLogprobs, top_logprobs
 from pipeline.models.llama import KVCache, LlamaForCausalLM
 from pipeline.models.seq2seq import Seq2SeqForGeneration
+
+_TOKENS, _LAST = attrgetter("token_ids"), itemgetter(-1)  # a decode step's input: each last token
 
 
 @dataclass
@@ -301,7 +304,7 @@ def _decode_arrays(
     seqs = batch.seqs
     rows.update(batch, block_size)
     lengths, tables = rows.lengths, rows.tables
-    tokens = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=len(seqs))
+    tokens = np.fromiter(map(_LAST, map(_TOKENS, seqs)), dtype=np.int64, count=len(seqs))
     positions = lengths - 1
     arrays = {
         "input_ids": tokens,

@@ -65,10 +65,11 @@ class Sequence:
         )
 
     def copy_history(self, other: Sequence) -> None:
-        """Take `other`'s tokens, log-probs and text in place (a beam moving into this row);
-        the block table is the block manager's to replace."""
-        self.token_ids = list(other.token_ids)
-        self.prompt_len = other.prompt_len
+        """Take `other`'s tokens, log-probs and text in place (a beam moving into this row,
+        from a beam of the same request); the block table is the block manager's to replace.
+        The two share their prompt: only the generated tokens are copied."""
+        assert self.prompt_len == other.prompt_len, "beams of one request share their prompt"
+        self.token_ids[self.prompt_len :] = other.token_ids[self.prompt_len :]
         self.cumulative_logprob = other.cumulative_logprob
         self.logprobs = None if other.logprobs is None else list(other.logprobs)
         self.text = other.text
