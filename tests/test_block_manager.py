@@ -84,3 +84,62 @@ def test_share_counts_whole_tables_that_agree_only_at_the_end():
     assert row.block_table == [3, 4, 2]
     assert blocks.ref_counts[:5] == [0, 0, 2, 2, 2]
     assert sorted(blocks.free_blocks) == [0, 1, 5, 6, 7]
+
+
+def test_a_moved_beam_takes_its_copy_of_a_partial_last_block_at_once():
+    """Both beams write their next token into the source's partial last block: `share`
+    gives the moved one its private copy there and then (the source keeps the block), so
+    that the next `append_slots` passes both by; at a block boundary nothing is copied."""
+    blocks = BlockManager(num_blocks=16, block_size=4)
+    source = seq_of(6)  # positions 0-5: the second block holds 2
+    blocks.allocate(source)
+    row = source.child(1)
+    blocks.fork(row)
+    row.token_ids.append(1)  # a sibling that went its own way
+    blocks.append_slot(row)
+    src_block = source.block_table[1]
+    copy = blocks.share(row, source)
+    assert copy == (src_block, row.block_table[1], 2)
+    assert row.block_table[0] == source.block_table[0] and row.block_table[1] != src_block
+    assert blocks.ref_counts[src_block] == 1 and blocks.ref_counts[row.block_table[1]] == 1
+    for seq in (source, row):
+        seq.token_ids[:] = [*source.token_ids[:6], 9]
+    assert blocks.append_slots([source, row]) == ([], [])
+
+    at_boundary = seq_of(8)
+    blocks.allocate(at_boundary)
+    other = seq_of(8)
+    blocks.allocate(other)
+    assert blocks.share(other, at_boundary) is None
+    assert other.block_table == at_boundary.block_table
+
+
+def test_a_moved_copy_goes_with_its_rows_next_decode_unless_the_beam_is_gone():
+    """`Scheduler.rebase`'s copies travel with the next decode batch that holds the moved
+    row (with that row), and are dropped for a sequence released in between (its
+    destination block may be someone else's by then)."""
+    from pipeline.engine.scheduler import Scheduler
+    from pipeline.engine.sequence import Request
+
+    scheduler = Scheduler(BlockManager(num_blocks=32, block_size=4), 8, 64)
+    requests = []
+    for r in range(2):
+        request = Request(f"r{r}", list(range(6)), params=None, seed=0, arrival=r)  # type: ignore[arg-type]
+        parent = seq_of(6)
+        scheduler.blocks.allocate(parent)
+        request.seqs = [parent, scheduler.fork(parent, 1)]
+        scheduler.running.append(request)
+        requests.append(request)
+    for request in requests:  # row 1 takes row 0's history
+        scheduler.rebase(request.seqs[1], request.seqs[0])
+    scheduler.release(requests[1].seqs.pop(1))  # the second request's moved beam ended
+    for request in requests:
+        for seq in request.seqs:
+            seq.token_ids.append(7)
+    batch = scheduler.schedule_decode()
+    assert batch is not None
+    moved = requests[0].seqs[1]
+    assert batch.copy_rows == [1] and batch.copies == [
+        (requests[0].seqs[0].block_table[1], moved.block_table[1], 2)
+    ]
+    assert batch.changed_rows == [1] and not scheduler._moved_copies

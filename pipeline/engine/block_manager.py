@@ -49,8 +49,12 @@ class BlockManager:
         for block in seq.block_table:
             self.ref_counts[block] += 1
 
-    def share(self, seq: Sequence, source: Sequence) -> None:
-        """`seq` gives up its blocks and shares `source`'s (a beam moving into its row)."""
+    def share(self, seq: Sequence, source: Sequence) -> tuple[int, int, int] | None:
+        """`seq` gives up its blocks and shares `source`'s (a beam moving into its row).
+        Both will write the K/V of their next token at position len(source): inside the
+        last block when it is partial. `seq` takes its private copy of that block now, and
+        the copy on write (src, dst, filled) is returned for the runner to perform before
+        the next forward; then the next `append_slots` passes both rows by."""
         old, new = seq.block_table, source.block_table
         # Beams of one request share their prompt's full blocks (unless a preemption had
         # them recomputed apart): those keep their owner count, only the rest change.
@@ -61,6 +65,13 @@ class BlockManager:
             self.ref_counts[block] += 1
         self.release(old[same:])
         seq.block_table = list(new)
+        filled = len(source.token_ids) % self.block_size
+        if not filled or not new:
+            return None
+        last, copy = new[-1], self._take()
+        self.ref_counts[last] -= 1  # still the source's
+        seq.block_table[-1] = copy
+        return last, copy, filled
 
     def free(self, seq: Sequence) -> None:
         self.release(seq.block_table)
@@ -88,6 +99,22 @@ class BlockManager:
         self.ref_counts[last] -= 1
         seq.block_table[-1] = copy
         return last, copy, position % self.block_size
+
+    def append_slots(self, seqs: list[Sequence]) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """`append_slot` for each of a decode batch's sequences, in order; returns the copies
+        on write and their rows. Most rows need nothing (room in a last block of their own):
+        one test skips them (at 1,024 beams, half the cost of calling `append_slot` on all)."""
+        copies, rows = [], []
+        size, owners = self.block_size, self.ref_counts
+        for row, seq in enumerate(seqs):
+            table = seq.block_table
+            if (len(seq.token_ids) - 1) // size < len(table) and owners[table[-1]] == 1:
+                continue
+            copy = self.append_slot(seq)
+            if copy is not None:
+                copies.append(copy)
+                rows.append(row)
+        return copies, rows
 
     def _take(self) -> int:
         block = self.free_blocks.pop()

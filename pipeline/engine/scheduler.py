@@ -14,9 +14,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
+
+import numpy as np
 
 from pipeline.engine.block_manager import BlockManager
 from pipeline.engine.sequence import Request, Sequence
+
+_NEW_TABLE = attrgetter("new_table")  # rows a beam moved into since the last decode
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Scheduler:
         # Per lane (None: every running request): the decode batch's rows at a version.
         self._decode_order: dict[int | None, tuple[int, list[Sequence], list[Request]]] = {}
         self._lanes = False  # whether the last decode was of one lane
+        # Copies on write of moved beams (`rebase`), until their rows' next decode.
+        self._moved_copies: list[tuple[Sequence, tuple[int, int, int]]] = []
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -97,7 +104,9 @@ class Scheduler:
         """`seq`, a row that no beam continues, becomes a copy of `source` in place: its
         tokens, text and blocks (shared copy-on-write). The batch keeps its sequences and order (no
         new version); the next decode lists its row in `changed_rows`."""
-        self.blocks.share(seq, source)
+        copy = self.blocks.share(seq, source)
+        if copy is not None:
+            self._moved_copies.append((seq, copy))
         seq.copy_history(source)
         seq.new_table = True
 
@@ -189,16 +198,31 @@ class Scheduler:
         if not seqs:
             return None
         batch = ScheduledBatch(False, seqs, requests, version=self.version, lane=lane)
-        append_slot = self.blocks.append_slot
-        for row, seq in enumerate(seqs):
-            copy = append_slot(seq)
-            if copy is not None:
+        batch.copies, batch.copy_rows = self.blocks.append_slots(seqs)
+        changed = np.fromiter(map(_NEW_TABLE, seqs), bool, len(seqs))
+        batch.changed_rows = np.flatnonzero(changed).tolist()
+        for row in batch.changed_rows:
+            seqs[row].new_table = False
+        if self._moved_copies:
+            self._add_moved_copies(batch)
+        return batch
+
+    def _add_moved_copies(self, batch: ScheduledBatch) -> None:
+        """The copies on write that moved beams took (`rebase`) into the batch that runs
+        their rows next (rows the batch lists as changed). One of a sequence that has since
+        ended or moved again is dropped: its destination block is no longer its own."""
+        rows = {id(batch.seqs[row]): row for row in batch.changed_rows}
+        kept = []
+        for seq, copy in self._moved_copies:
+            if not seq.block_table or seq.block_table[-1] != copy[1]:
+                continue
+            row = rows.get(id(seq))
+            if row is None:  # the other lane's: its own step takes it
+                kept.append((seq, copy))
+            else:
                 batch.copies.append(copy)
                 batch.copy_rows.append(row)
-            if seq.new_table:
-                seq.new_table = False
-                batch.changed_rows.append(row)
-        return batch
+        self._moved_copies = kept
 
     def prefill_due(self, min_seqs: int = 1) -> bool:
         """Whether the next `schedule` should start a prefill: the queue's first request

@@ -12,7 +12,9 @@ log-sum-exp and its best k before the next: the same results, 137 ms.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from itertools import chain
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -244,36 +246,42 @@ def _project(
 @dataclass
 class StageBans:
     """A stage's banned places, columns relative to the stage: `columns` in every row, and
-    (row, column) pairs sorted by row."""
+    (row, column) pairs sorted by row. int64 arrays."""
 
-    columns: list[int] = field(default_factory=list)
-    rows: list[int] = field(default_factory=list)
-    row_columns: list[int] = field(default_factory=list)
+    columns: np.ndarray
+    rows: np.ndarray
+    row_columns: np.ndarray
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The three lists as int64 tensors (the compiled reductions' arguments)."""
-        columns, rows, row_columns = (
-            torch.tensor(x, dtype=torch.int64) for x in (self.columns, self.rows, self.row_columns)
+        """The three arrays as int64 tensors (the compiled reductions' arguments)."""
+        return (
+            torch.from_numpy(self.columns),
+            torch.from_numpy(self.rows),
+            torch.from_numpy(self.row_columns),
         )
-        return columns, rows, row_columns
 
 
 def _bans_by_stage(query: HeadQuery, width: int, stages: int) -> list[StageBans]:
     """Per stage: banned columns in every row, and the (row, column) pairs of the per-row
-    bans, sorted by row."""
-    out = [StageBans() for _ in range(stages)]
-    for token in query.banned:
-        out[token // width].columns.append(token % width)
-    for row, token in sorted(query.row_bans):
-        out[token // width].rows.append(row)
-        out[token // width].row_columns.append(token % width)
-    return out
+    bans, sorted by row (then column). Array passes: a beam step with min_tokens bans EOS in
+    each of its rows (1,024 pairs at 1,024 beams)."""
+    banned = np.array(query.banned, dtype=np.int64)
+    pairs = np.fromiter(chain.from_iterable(query.row_bans), np.int64, 2 * len(query.row_bans))
+    rows, tokens = pairs[0::2], pairs[1::2]
+    order = np.lexsort((tokens, rows, tokens // width))  # by stage, then row, then token
+    rows, tokens = rows[order], tokens[order]
+    cuts = np.searchsorted(tokens // width, np.arange(1, stages))  # stage boundaries
+    banned_stage = banned // width
+    return [
+        StageBans(banned[banned_stage == s] % width, r, t % width)
+        for s, (r, t) in enumerate(zip(np.split(rows, cuts), np.split(tokens, cuts), strict=True))
+    ]
 
 
 def _ban(stage: torch.Tensor, bans: StageBans) -> bool:
     """Set the banned columns to -inf; whether there were any."""
-    if bans.columns:
-        stage[:, bans.columns] = float("-inf")
-    if bans.rows:
-        stage[bans.rows, bans.row_columns] = float("-inf")
-    return bool(bans.columns or bans.rows)
+    if len(bans.columns):
+        stage[:, torch.from_numpy(bans.columns)] = float("-inf")
+    if len(bans.rows):
+        stage[torch.from_numpy(bans.rows), torch.from_numpy(bans.row_columns)] = float("-inf")
+    return bool(len(bans.columns) or len(bans.rows))
