@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -36,7 +37,13 @@ from pipeline.io.shards import (
 from pipeline.io.writer import ResultWriter
 from pipeline.metrics import MetricsRecorder
 from pipeline.profiling import StepProfiler
-from pipeline.report import Timings, build_summary, engine_load_s, plot_throughput, write_summary
+from pipeline.report import (
+    Timings,
+    build_summary,
+    engine_load_s,
+    plot_throughput,
+    write_summary,
+)
 from pipeline.stream import TokenStream, dask_client
 from pipeline.tasks import get_task
 from pipeline.tokenize import TokenizeSpec, check_text_type, model_limits
@@ -59,6 +66,7 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
     if not shards and not unreadable:
         log.info("all %d shards already committed in %s: nothing to do", len(skipped), out_dir)
         return _write_empty_summary(out_dir / run_file(config, "summary.json"), skipped)
+    plot = BackgroundPlot(out_dir / run_file(config, "throughput.png"))
     if config.cluster.engines > 1:
         from pipeline.replicas import run_replicas
 
@@ -79,12 +87,37 @@ def run(cfg: DictConfig | PipelineConfig, engine: Engine | None = None) -> dict[
                 skipped,
                 unreadable,
                 metrics_name,
+                on_generated=plot.start if config.metrics.plot else None,
             )
+        # Leaving the block stops the workers: the plot is drawn meanwhile.
     write_summary(out_dir / run_file(config, "summary.json"), summary)
     if config.metrics.plot and history:
-        plot_throughput(history, out_dir / run_file(config, "throughput.png"))
+        plot.start(history)  # unless started already
+        plot.wait()
     _log_summary(summary, out_dir)
     return summary
+
+
+class BackgroundPlot:
+    """The throughput plot (~1.3 s: matplotlib's import, the figure, the PNG), drawn on a
+    thread from the moment the last row is committed: meanwhile the summary is built and
+    the cluster's workers exit (4,096 demo rows: the job's tail after its last row 2.1-2.7
+    -> 1.9-2.2 s)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._future: Future[None] | None = None
+
+    def start(self, history: list[dict[str, Any]]) -> None:
+        if self._future is None and history:
+            pool = ThreadPoolExecutor(1, thread_name_prefix="plot")
+            self._future = pool.submit(plot_throughput, history, self.path)
+            pool.shutdown(wait=False)  # the thread ends with the drawing
+
+    def wait(self) -> None:
+        """Until the file is written; its error, if drawing failed."""
+        if self._future is not None:
+            self._future.result()
 
 
 def run_file(config: PipelineConfig, name: str) -> str:
@@ -127,9 +160,11 @@ def process_shards(
     unreadable: list[UnreadableShard],
     metrics_name: str = "metrics.jsonl",
     resources: dict[str, float] | None = None,
+    on_generated: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Tokenize (on `client`'s workers, restricted to `resources`), generate and commit the
-    given shards; returns the summary and the metrics history."""
+    given shards; returns the summary and the metrics history. `on_generated` gets the
+    history as soon as the last row is committed, before the summary is scored."""
     task = get_task(config.task.name)(config.task)
     job = job_metadata(config, _model_dir(config), request_params(config))  # in every file
     done = {}  # shard -> rows committed by an earlier run
@@ -155,6 +190,8 @@ def process_shards(
             driver.profiler.finish()
             stream.close()
     timings.finished = time.perf_counter()
+    if on_generated is not None:
+        on_generated(driver.metrics.history)
     failed = {u.name: u.error for u in unreadable} | writer.failed
     model_info = getattr(engine, "model_info", {})
     config_dict = OmegaConf.to_container(OmegaConf.structured(config))
