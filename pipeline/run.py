@@ -176,7 +176,7 @@ def process_shards(
     _, units = plan_units(shards, None, done)  # shards are already cut to input.limit
     spec = tokenize_spec(config, _model_dir(config))
     with _flush_on_exit(writer):
-        in_flight = config.cluster.max_tasks_in_flight or 4 * _num_workers(client)
+        in_flight = config.cluster.max_tasks_in_flight or 4 * _num_workers(client, config)
         stream = TokenStream(client, units, spec, in_flight, resources=resources)
         load_start = time.perf_counter()  # tokenization has started: loading overlaps it
         engine = get_engine()
@@ -349,8 +349,14 @@ def _schema(config: PipelineConfig, shard: Shard, task_fields: Any, job: dict[st
     return output_schema(shard, i.id_column, i.text_column, columns, list(task_fields), job)
 
 
-def _num_workers(client: Any) -> int:
-    return max(1, len(client.scheduler_info().get("workers", {})))
+def _num_workers(client: Any, config: PipelineConfig) -> int:
+    """Tokenization workers: those registered, or, for a local cluster whose workers are
+    still starting (`dask_client(wait=False)`), as many as it was asked for (`run`
+    resolved `cluster.n_workers=auto` to a number)."""
+    registered = len(client.scheduler_info().get("workers", {}))
+    asked = config.cluster.n_workers
+    local = asked if isinstance(asked, int) and not config.cluster.address else 0
+    return max(1, registered, local)
 
 
 def _write_empty_summary(path: Path, skipped: list[str]) -> dict[str, Any]:

@@ -61,8 +61,8 @@ def dask_client(cfg: ClusterConfig, wait: bool = True) -> Iterator[Client]:
         if replicated:
             _add_engine_workers(cluster, cfg.engines)
         try:
-            # Closed first: whatever the client still holds (tasks whose units ran inline) is
-            # released before the workers go.
+            # Closed first: whatever the client still holds (tasks whose units ran inline, the
+            # scattered spec) is released before the workers go.
             with Client(cluster) as client:
                 # Local workers share this machine's cores with the engine: let the engine's
                 # threads have them first (on 2 cores, equal priority made engine steps ~30%
@@ -172,6 +172,10 @@ class TokenStream:
 
         self._client = client
         self._spec = spec
+        # Sent to each worker once, when the first task is submitted (a scatter waits for a
+        # worker). hash=False: a key of its own, so that releasing it when this stream is
+        # done cannot race an equal spec scattered by the next stream.
+        self._spec_future: Future | None = None
         self._todo = deque(_Pending(u, 0) for u in units)
         self._submitted: dict[Any, tuple[Future, _Pending]] = {}  # future key -> (future, unit)
         self._stolen: set[Any] = set()  # keys of cancelled tasks, whose units ran inline
@@ -184,9 +188,10 @@ class TokenStream:
         self.finished: float | None = None
         self.worker_s = 0.0  # tokenization time summed over units, wherever they ran
         self.inline_units = 0
-        # Ramp up from one task per worker, keeping units back for inline work at start-up.
+        # Ramp up from one task per worker, keeping units back for inline work at start-up;
+        # none before a worker has registered (the main process tokenizes until then).
         self._max_in_flight = max_in_flight
-        self._cap = min(max_in_flight, max(1, len(client.scheduler_info().get("workers", {}))))
+        self._cap = min(max_in_flight, self._num_workers())
         self._top_up()
 
     @property
@@ -198,19 +203,24 @@ class TokenStream:
         (unless done). Failed units go to `self.failed`, which the caller checks after each call.
         """
         failed_before = len(self.failed)
+        # Workers that joined since (a job's start before them: `dask_client(wait=False)`)
+        # get a task each at once, rather than as the ramp-up below reaches them.
+        if self._cap < self._max_in_flight and self._num_workers() > self._cap:
+            self._cap = min(self._max_in_flight, self._num_workers())
+            self._top_up()
         results = self._collect() if self._running.has_ready() else []
         if block and not results and len(self.failed) == failed_before and not self.done:
             results = self._tokenize_inline()
         self.worker_s += sum(r.seconds for r in results)
         if self.done and self.finished is None:
             self.finished = time.perf_counter()
-            self.close()
+            self.close()  # releases the spec held on the workers: nothing is lost when they stop
         return results
 
     def close(self) -> None:
-        """Cancel the tasks still outstanding. `poll` does this once the stream is done; a
-        caller that stops early (an error) calls it itself, so that no worker goes on with
-        work nobody will collect."""
+        """Cancel the tasks still outstanding and release the scattered spec. `poll` does
+        this once the stream is done; a caller that stops early (an error) calls it itself,
+        so that no worker goes on with work nobody will collect."""
         futures = [future for future, _ in self._submitted.values()]
         if futures:
             self._client.cancel(futures)
@@ -218,15 +228,23 @@ class TokenStream:
         self._submitted.clear()
         self._stolen.clear()
         self._running.clear()
+        if self._spec_future is not None:
+            self._spec_future.release()
+
+    def _num_workers(self) -> int:
+        """Workers registered with the scheduler (the client's copy, refreshed every few s)."""
+        return len(self._client.scheduler_info().get("workers", {}))
 
     def _top_up(self) -> None:
         while self._todo and len(self._submitted) < self._cap:
+            if self._spec_future is None:
+                self._spec_future = self._client.scatter(self._spec, broadcast=True, hash=False)
             pending = self._todo.popleft()
             # pure=False: a fresh key, so that a resubmitted unit is not the failed task again.
             future = self._client.submit(
                 tokenize_unit,
                 pending.unit,
-                self._spec,  # small: sent with each task (a scatter would wait for workers)
+                self._spec_future,
                 retries=2,
                 pure=False,
                 resources=self._resources,
