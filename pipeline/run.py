@@ -37,13 +37,7 @@ from pipeline.io.shards import (
 from pipeline.io.writer import ResultWriter
 from pipeline.metrics import MetricsRecorder
 from pipeline.profiling import StepProfiler
-from pipeline.report import (
-    Timings,
-    build_summary,
-    engine_load_s,
-    plot_throughput,
-    write_summary,
-)
+from pipeline.report import Timings, build_summary, engine_load_s, plot_throughput, write_summary
 from pipeline.stream import TokenStream, dask_client
 from pipeline.tasks import get_task
 from pipeline.tokenize import TokenizeSpec, check_text_type, model_limits
