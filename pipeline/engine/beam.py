@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import product
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,7 +157,7 @@ def add_beam_bans(
     length = beams[0].num_output
     rows = range(first, first + len(beams))
     if state.eos_banned(length):
-        mask.bans += [(row, eos) for row in rows for eos in state.eos_ids]
+        mask.bans += product(rows, state.eos_ids)  # (row, eos) pairs, made in C
     forced = state.forced_token(length)
     if forced is not None:
         mask.forced_rows += rows
