@@ -79,26 +79,20 @@ class _ShardTally:
 
 @dataclass
 class RowAccounting:
-    ok_rows: int = 0
-    error_kinds: Counter[str] = field(default_factory=Counter)
-    truncated_rows: int = 0
     skipped_committed_rows: int = 0  # committed by an earlier run, not recomputed
     dropped_rows: int = 0  # rows of a shard that failed (unreadable input), not written
     scores: Scores = field(default_factory=Scores)
     ids: IdTracker = field(default_factory=IdTracker)
-    # Per shard, the outcomes counted so far: a shard that fails later (a corrupt row group
-    # read after its first rows finished) writes nothing, and those rows become dropped ones.
+    # The outcomes counted so far, per shard: a shard that fails later (a corrupt row group
+    # read after its first rows finished) writes nothing, and its rows become dropped ones.
     _by_shard: dict[str, _ShardTally] = field(default_factory=dict)
 
     def on_row(self, shard: str, row_id: Any, error_kind: str | None, truncated: bool) -> None:
         tally = self._by_shard.setdefault(shard, _ShardTally())
         if error_kind is None:
-            self.ok_rows += 1
             tally.ok += 1
         else:
-            self.error_kinds[error_kind] += 1
             tally.errors[error_kind] += 1
-        self.truncated_rows += truncated
         tally.truncated += truncated
         self.ids.add(row_id)
 
@@ -108,12 +102,20 @@ class RowAccounting:
         id hashes and the BLEU/chrF sample keep no shard.)"""
         tally = self._by_shard.pop(shard, _ShardTally())
         errors = tally.errors.total()
-        self.ok_rows -= tally.ok
-        self.error_kinds.subtract(tally.errors)
-        self.error_kinds = +self.error_kinds  # a kind now at 0 leaves the summary
-        self.truncated_rows -= tally.truncated
         self.dropped_rows += tally.ok + errors
         return tally.ok + errors, errors
+
+    @property
+    def ok_rows(self) -> int:
+        return sum(t.ok for t in self._by_shard.values())
+
+    @property
+    def error_kinds(self) -> Counter[str]:
+        return sum((t.errors for t in self._by_shard.values()), Counter())
+
+    @property
+    def truncated_rows(self) -> int:
+        return sum(t.truncated for t in self._by_shard.values())
 
     def summary(self) -> dict[str, Any]:
         return {

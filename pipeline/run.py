@@ -38,7 +38,7 @@ from pipeline.io.writer import ResultWriter
 from pipeline.metrics import MetricsRecorder
 from pipeline.profiling import StepProfiler
 from pipeline.report import Timings, build_summary, engine_load_s, plot_throughput, write_summary
-from pipeline.stream import TokenStream, dask_client
+from pipeline.stream import TokenStream, dask_client, registered_workers
 from pipeline.tasks import get_task
 from pipeline.tokenize import TokenizeSpec, check_text_type, model_limits
 
@@ -347,10 +347,9 @@ def _num_workers(client: Any, config: PipelineConfig) -> int:
     """Tokenization workers: those registered, or, for a local cluster whose workers are
     still starting (`dask_client(wait=False)`), as many as it was asked for (`run`
     resolved `cluster.n_workers=auto` to a number)."""
-    registered = len(client.scheduler_info().get("workers", {}))
     asked = config.cluster.n_workers
     local = asked if isinstance(asked, int) and not config.cluster.address else 0
-    return max(1, registered, local)
+    return max(1, registered_workers(client), local)
 
 
 def _write_empty_summary(path: Path, skipped: list[str]) -> dict[str, Any]:

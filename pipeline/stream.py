@@ -77,6 +77,11 @@ def dask_client(cfg: ClusterConfig, wait: bool = True) -> Iterator[Client]:
                 cluster.sync(_stop_workers, cluster)
 
 
+def registered_workers(client: Client) -> int:
+    """Workers registered with the scheduler (the client's copy, refreshed every few s)."""
+    return len(client.scheduler_info().get("workers", {}))
+
+
 def _has_gpu() -> bool:
     import torch
 
@@ -232,8 +237,7 @@ class TokenStream:
             self._spec_future.release()
 
     def _num_workers(self) -> int:
-        """Workers registered with the scheduler (the client's copy, refreshed every few s)."""
-        return len(self._client.scheduler_info().get("workers", {}))
+        return registered_workers(self._client)
 
     def _top_up(self) -> None:
         while self._todo and len(self._submitted) < self._cap:
