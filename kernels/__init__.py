@@ -17,6 +17,7 @@ from ._triton import triton
 from .decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from .greedy import greedy_pick_ref, greedy_pick_triton
 from .kv_write import write_kv_ref, write_kv_triton
+from .lse_topk import row_lse_topk_ref, row_lse_topk_triton
 from .prefill_attention import prefill_attention_ref, prefill_attention_triton
 from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import rope_ref, rope_triton
@@ -36,6 +37,8 @@ __all__ = [
     "rope",
     "rope_ref",
     "rope_triton",
+    "row_lse_topk_ref",
+    "row_lse_topk_triton",
     "select",
     "silu_mul",
     "silu_mul_ref",

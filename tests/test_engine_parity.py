@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import EOS, FAMILIES, build_model
+from tiny_models import BEAM_RANKINGS, EOS, FAMILIES, build_model, rank_beams_by
 
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
@@ -171,13 +171,13 @@ def test_beams_of_different_widths_in_one_batch_match_each_alone(tmp_path):
     assert ended > 0, "some beams should end on EOS"
 
 
-@pytest.mark.parametrize("head_query", [True, False], ids=["head-query", "logits"])
-def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path, head_query):
-    """Bans through both paths: the CPU's head query and the [beams, V] log-probs (GPUs,
-    quantized heads) masked on the device from the step's arrays."""
+@pytest.mark.parametrize("ranking", BEAM_RANKINGS)
+def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path, ranking, monkeypatch):
+    """Bans through every path: the CPU's head query, the [beams, V] log-probs masked on
+    the device from the step's arrays, and the one-pass kernel reading those arrays."""
     hf = build_model(tmp_path, "llama")
     engine = make_engine(tmp_path)
-    engine.decider.reduce_head = engine.decider.reduce_head and head_query
+    rank_beams_by(engine, ranking, monkeypatch)
     prompts = random_prompts(4, seed=5)
     params = BeamParams(width=3, num_return=3, max_tokens=12, no_repeat_ngram_size=2, min_tokens=4)
     for prompt, out in zip(prompts, engine.generate(prompts, params), strict=True):

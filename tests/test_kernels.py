@@ -347,3 +347,48 @@ def test_greedy_pick() -> None:
     assert tokens.tolist() == expected_tokens.tolist()
     assert tokens[1] == 100 and tokens[3] == vocab - 1
     torch.testing.assert_close(logprobs, expected_logprobs, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [300, 9000])
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bans_first", [False, True])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0)
+def test_row_lse_topk(vocab: int, k: int, dtype: torch.dtype, bans_first: bool) -> None:
+    """One pass's log-sum-exp and best k against torch's, over one block and past one
+    4,096-entry block with a masked tail; bans in every row and per row (rows unsorted, one
+    pair twice), where they would be the best; a row banned or -inf whole; a row with fewer
+    finite values than k; ties for the best (the lower column first); a subset of rows."""
+    gen = torch.Generator().manual_seed(vocab + k)
+    x = (torch.randn(7, vocab, generator=gen) * 3).to(dtype)
+    x[0, 17] = x[0, vocab - 2] = 40.0  # a tie
+    x[:, 5] = x[3, vocab - 1] = x[1, 2] = 50.0  # banned below: would be the best
+    x[4] = float("-inf")
+    x[5, 2:] = float("-inf")  # two finite values
+    x[6, : min(4096, vocab - 1)] = float("-inf")  # the first block banned
+    banned = torch.tensor([5], device=DEVICE)
+    ban_rows = torch.tensor([3, 1, 3, 1], device=DEVICE)
+    ban_columns = torch.tensor([vocab - 1, 2, vocab - 1, 0], device=DEVICE)
+    x = x.to(DEVICE)
+    args = (k, banned, ban_rows, ban_columns, bans_first)
+
+    lse, values, ids = K.row_lse_topk_triton(x, *args)
+    ref_lse, ref_values, _ = K.row_lse_topk_ref(x, *args)
+
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    assert torch.equal(values, ref_values)
+    finite = values.isfinite()
+    wide = x.float()
+    wide[:, 5] = wide[ban_rows, ban_columns] = float("-inf")
+    assert torch.equal(wide.gather(1, ids)[finite], values[finite])  # ids hold their values
+    assert finite[5].sum() == min(k, 2) and not finite[4].any()
+    if k > 1:
+        assert ids[0, :2].tolist() == [17, vocab - 2]  # the tie: lower column first
+    assert ((ids >= 0) & (ids < vocab)).all()
+
+    # Rows 3 and 0 of x; the pairs name output rows (x's row 3 is output row 0).
+    rows, pair = torch.tensor([3, 0], device=DEVICE), torch.tensor([0], device=DEVICE)
+    subset = (k, banned, pair, pair + vocab - 1, bans_first, rows)
+    sub, ref = K.row_lse_topk_triton(x, *subset), K.row_lse_topk_ref(x, *subset)
+    torch.testing.assert_close(sub[0], ref[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(sub[1], ref[1]) and vocab - 1 not in sub[2][0].tolist()

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import compose_config, job_overrides
+from tiny_models import BEAM_RANKINGS, rank_beams_by
 from tiny_seq2seq import build_m2m100, build_marian
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -145,9 +146,11 @@ def test_beam_search_matches_transformers(which, length_penalty, early_stopping,
         assert scores == pytest.approx(ref.sequences_scores.tolist(), abs=1e-4)
 
 
-def test_opus_mt_generation_config_forced_eos_and_banned_pad(tmp_path) -> None:
+@pytest.mark.parametrize("ranking", BEAM_RANKINGS)
+def test_opus_mt_generation_config_forced_eos_and_banned_pad(tmp_path, ranking, monkeypatch):
     """Real OPUS-MT checkpoints set forced_eos_token_id=0 and bad_words_ids=[[pad]]. Here
-    <pad> gets a large logit bias, so that without the ban greedy and beams would take it."""
+    <pad> gets a large logit bias, so that without the ban greedy and beams would take it.
+    Beams are ranked through each path (`rank_beams_by`)."""
     model_dir = build_marian(tmp_path / "m", eos_boost=0.0)
     hf = _hf(model_dir)
     eos, pad = hf.config.eos_token_id, hf.config.pad_token_id
@@ -159,6 +162,7 @@ def test_opus_mt_generation_config_forced_eos_and_banned_pad(tmp_path) -> None:
     hf.generation_config.save_pretrained(model_dir)
     sources, _ = _sources(model_dir)
     engine = _engine(model_dir)
+    rank_beams_by(engine, ranking, monkeypatch)
     greedy = _generate(engine, sources, SamplingParams(temperature=0.0, max_tokens=8), {})
     beams = _generate(engine, sources, BeamParams(width=3, max_tokens=8, num_return=1), {})
     for source, g, b in zip(sources, greedy, beams, strict=True):

@@ -98,3 +98,19 @@ def build_model(
     model.save_pretrained(directory)
     word_tokenizer().save_pretrained(directory)
     return model
+
+
+BEAM_RANKINGS = ["head-query", "logits", "one-pass"]
+
+
+def rank_beams_by(engine, ranking: str, monkeypatch) -> None:
+    """How the engine's decider ranks beams: "head-query" (the CPU's LM head returns each
+    row's best log-probs), "logits" (log-softmax, mask and topk over [beams, V] log-probs:
+    GPUs without Triton, quantized heads) or "one-pass" (kernels/lse_topk.py, as on a GPU
+    with Triton; here under the Triton interpreter)."""
+    import pipeline.engine.decide as decide
+
+    if ranking != "head-query":
+        engine.decider.reduce_head = False
+    if ranking == "one-pass":
+        monkeypatch.setattr(decide, "compiled", lambda t: True)

@@ -38,8 +38,9 @@ from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
 from pipeline.engine.token_mask import TokenMask
 from pipeline.engine.transfer import DeviceToHost, HostResult
+from pipeline.kernels import compiled, row_lse_topk_triton
 from pipeline.models.attention import Workspace
-from pipeline.models.head import HeadQuery, TopLogprobs
+from pipeline.models.head import HeadQuery, TopLogprobs, force_rows
 
 
 @dataclass
@@ -192,8 +193,13 @@ class Decider:
         mask = plan.beam_mask
         if "beam_rows" in plan.arrays:  # else beam row i is logits row i
             mask = mask.on_rows(plan.arrays["beam_rows"].tolist())
-        k = max(min(r.beam.num_candidates, self.vocab_size) for r, _ in plan.beams)  # type: ignore[union-attr]
-        return HeadQuery(k, False, mask.banned, mask.bans, mask.forced_rows, mask.forced_token)
+        return HeadQuery(
+            self._beam_k(plan), False, mask.banned, mask.bans, mask.forced_rows, mask.forced_token
+        )
+
+    def _beam_k(self, plan: StepPlan) -> int:
+        """How many best log-probs of each beam row the ranking needs."""
+        return max(min(r.beam.num_candidates, self.vocab_size) for r, _ in plan.beams)  # type: ignore[union-attr]
 
     def _plan_rows(self, batch: ScheduledBatch) -> StepPlan:
         """Sampled rows (forking n > 1 requests at their first token) and beam groups."""
@@ -300,8 +306,34 @@ class Decider:
             if rows is not None:
                 values, ids = values.index_select(0, rows), ids.index_select(0, rows)
             return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
+        if compiled(logits):
+            values, ids = self._beam_top(plan, logits, rows, tensors)
+            return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
         logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         torch.log_softmax(logprobs, dim=-1, out=logprobs)
         plan.beam_mask.apply(logprobs, tensors, "beam_mask.")  # processors act on log-probs
         return rank_candidates(states, logprobs, running, sizes)  # type: ignore[arg-type]
+
+    def _beam_top(
+        self,
+        plan: StepPlan,
+        logits: torch.Tensor,
+        rows: torch.Tensor | None,
+        tensors: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each beam row's best log-probs [beams, k] and their tokens, the beam mask
+        applied: what the log-softmax, the mask and the topk give, read from the logits
+        in one pass (kernels/lse_topk.py) with no [beams, V] log-probs written."""
+        none = torch.zeros(0, dtype=torch.int64, device=logits.device)
+        bans = tensors.get("beam_mask.bans", none.view(0, 2))
+        banned = tensors.get("beam_mask.banned", none)
+        k = self._beam_k(plan)
+        lse, values, ids = row_lse_topk_triton(
+            logits, k, banned, bans[:, 0], bans[:, 1], False, rows
+        )
+        values -= lse[:, None]
+        forced = tensors.get("beam_mask.forced")
+        if forced is not None:
+            force_rows(values, ids, forced, plan.beam_mask.forced_token)
+        return values, ids

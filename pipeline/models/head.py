@@ -144,10 +144,16 @@ def top_logprobs(
     values -= torch.logsumexp(lse, dim=0)[:, None]
     if query.forced_rows:
         forced = torch.tensor(query.forced_rows, device=hidden.device)
-        values.index_fill_(0, forced, float("-inf"))
-        values[forced, 0] = 0.0
-        ids[forced, 0] = query.forced_token
+        force_rows(values, ids, forced, query.forced_token)
     return TopLogprobs(values, ids)
+
+
+def force_rows(values: torch.Tensor, ids: torch.Tensor, forced: torch.Tensor, token: int) -> None:
+    """Rows `forced` of best log-probs values, ids [N, k] (in place) take `token` with
+    log-prob 0 and nothing else (-inf)."""
+    values.index_fill_(0, forced, float("-inf"))
+    values[forced, 0] = 0.0
+    ids[forced, 0] = token
 
 
 def _reduce_stage(
