@@ -1,9 +1,10 @@
 """The greedy choice and its log-prob in one pass over a step's logits.
 
-logits: [R, V] fp32 -> token ids [R] int64 (the first maximum, as argmax) and log-probs [R]
-fp32 (of that token under log_softmax). The Triton version is one program per row with an
-online max and sum of exponentials: one read of the logits, where log_softmax writes a
-[R, V] buffer that gather and max read again (on an H100, 236 us a step at 256 x 128,256).
+logits: [R, V] fp32, bf16 or fp16 (read in fp32) -> token ids [R] int64 (the first
+maximum, as argmax) and log-probs [R] fp32 (of that token under log_softmax). The Triton
+version is one program per row with an online max and sum of exponentials: one read of the
+logits, where log_softmax writes a [R, V] buffer that gather and max read again (on an
+H100, 236 us a step at 256 x 128,256).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def greedy_pick_ref(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def greedy_pick_triton(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     require_triton()
     rows, vocab = logits.shape
-    assert logits.dtype == torch.float32 and logits.stride(-1) == 1
+    assert logits.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert logits.stride(-1) == 1
     tokens = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows:
@@ -44,7 +46,7 @@ if triton is not None:
         total = tl.full([], 0.0, tl.float32)  # sum of exp(logit - best)
         for start in range(0, vocab, BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            x = tl.load(base + cols, mask=cols < vocab, other=float("-inf"))
+            x = tl.load(base + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
             block_best = tl.max(x, axis=0)
             block_token = tl.argmax(x, axis=0, tie_break_left=True)
             new_best = tl.maximum(best, block_best)

@@ -14,7 +14,7 @@ from test_engine_parity import hf_generate, make_engine, random_prompts, strip_a
 from tiny_models import build_model
 
 from pipeline.engine.cuda_graphs import batch_buckets
-from pipeline.engine.params import SamplingParams
+from pipeline.engine.params import BeamParams, SamplingParams
 
 pytest.importorskip("triton")
 
@@ -74,3 +74,35 @@ def test_forcing_triton_without_cuda_or_interpreter_fails_clearly(monkeypatch):
     monkeypatch.setattr(kernels, "triton_available", lambda device: False)
     with pytest.raises(ValueError, match="needs CUDA"):
         make_backend(torch.device("cpu"), "triton")
+
+
+def test_decode_graphs_keep_a_bf16_models_logits_in_bf16(llama, monkeypatch):
+    """The graphs' logits buffer takes a bf16 head's product as it is. The greedy pick and
+    the beams' one-pass ranking read it in bf16 (Triton, here under the interpreter), the
+    sampler widens it: the same outputs as the eager path's fp32 logits."""
+    import pipeline.engine.decide as decide
+    import pipeline.engine.sampler as sampler
+
+    directory, _ = llama
+    prompts = random_prompts(3, seed=6, low=3, high=21)
+    all_params = [
+        SamplingParams(temperature=0, max_tokens=6),
+        BeamParams(width=2, num_return=2, max_tokens=5, min_tokens=2),
+        SamplingParams(n=2, temperature=0.9, top_p=0.9, max_tokens=5, seed=3),
+    ]
+    results = {}
+    for graphs in (False, True):
+        engine = make_engine(directory, attention="triton", dtype="bfloat16", cuda_graphs=graphs)
+        if graphs:
+            if engine.runner.graphs is None:  # on the CPU: the same path, not captured
+                engine.runner.use_decode_graphs(8, engine.max_model_len, capture=False)
+            assert engine.runner.graphs is not None
+            assert engine.runner.graphs.logits.dtype == torch.bfloat16
+            for module in (decide, sampler):  # as on CUDA, with the interpreter's Triton
+                monkeypatch.setattr(module, "compiled", lambda t: True)
+        engine.decider.reduce_head = False
+        results[graphs] = [
+            [(c.token_ids, round(c.cumulative_logprob, 2)) for o in outs for c in o.outputs]
+            for outs in (engine.generate(prompts, p) for p in all_params)
+        ]
+    assert results[True] == results[False]

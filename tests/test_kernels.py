@@ -332,16 +332,19 @@ def test_silu_mul(tokens: int, inner: int, dtype: torch.dtype) -> None:
     _assert_close(actual, expected)
 
 
-def test_greedy_pick() -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_pick(dtype: torch.dtype) -> None:
     """A vocabulary past one 4,096-entry block with a masked tail; a row whose maximum is
-    tied (the first wins, as argmax); a row whose first block is all -inf (banned)."""
+    tied (the first wins, as argmax); a row whose first block is all -inf (banned). bf16
+    logits (the decode graphs' buffer for a bf16 model) are read in fp32."""
     rows, vocab = 4, 9000
     logits = torch.randn(rows, vocab, device=DEVICE) * 3
     logits[1, 7000] = logits[1, 100] = 50.0
     logits[2, :4096] = float("-inf")
     logits[3, vocab - 1] = 40.0
+    logits = logits.to(dtype)
 
-    expected_tokens, expected_logprobs = K.greedy_pick_ref(logits)
+    expected_tokens, expected_logprobs = K.greedy_pick_ref(logits.float())
     tokens, logprobs = K.greedy_pick_triton(logits)
 
     assert tokens.tolist() == expected_tokens.tolist()

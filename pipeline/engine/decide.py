@@ -309,7 +309,7 @@ class Decider:
         if compiled(logits):
             values, ids = self._beam_top(plan, logits, rows, tensors)
             return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
-        logprobs = logits if rows is None else logits.index_select(0, rows)  # [beams, V]
+        logprobs = (logits if rows is None else logits.index_select(0, rows)).float()  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         torch.log_softmax(logprobs, dim=-1, out=logprobs)
         plan.beam_mask.apply(logprobs, tensors, "beam_mask.")  # processors act on log-probs

@@ -194,14 +194,19 @@ def sample(
     tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
 ) -> SampleOutput:
-    """logits: [R, V] fp32 (modified in place); `tensors`: the plan's arrays on the device."""
+    """logits: [R, V] (modified in place; bf16 or fp16 from the decode graphs' buffer are
+    widened to fp32 first, except for the greedy pick, which reads them as they are);
+    `tensors`: the plan's arrays on the device."""
+    greedy_only = not plan.any_random and plan.max_logprobs is None
+    greedy_pick = greedy_only and compiled(logits)
+    if logits.dtype != torch.float32 and (plan.penalty_rows or not greedy_pick):
+        logits = logits.float()
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
     if _compiled_cpu_draw(logits, plan):
         return _sample_cpu(logits, tensors, plan.max_logprobs)
-    greedy_only = not plan.any_random and plan.max_logprobs is None
-    if greedy_only and compiled(logits):
+    if greedy_pick:
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
         return SampleOutput(picked, chosen, None, None, None, None, None)
     tokens = None
