@@ -4,6 +4,7 @@ oracle for pre-quantized checkpoints, full precision as the bound for quality.""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -255,3 +256,18 @@ def test_unquantized_runs_never_import_bitsandbytes():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=300)
+
+
+def test_importing_bitsandbytes_drops_only_its_hub_kernel_warning() -> None:
+    """bitsandbytes' import warns on avx512_bf16 CPUs that it could not fetch a hub kernel
+    (always, offline); that record is dropped, any other from the same logger kept."""
+    from pipeline.models import quant
+
+    quant.bnb.nn  # noqa: B018 - the first attribute read imports bitsandbytes
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+
+    def record(message: str) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, logging.WARNING, __file__, 1, message, (), None)
+
+    assert not logger.filter(record("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    assert logger.filter(record("something else went wrong"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -33,15 +34,22 @@ from pipeline.models.packed import PackedLinear
 
 class _OnFirstUse:
     """A module imported when one of its attributes is first read. bitsandbytes takes ~3 s
-    to import (and on CPUs with avx512_bf16 logs a warning about a hub kernel it looks for);
-    a run without quantization needs none of it."""
+    to import; a run without quantization needs none of it."""
 
     def __init__(self, name: str) -> None:
         self._name = name
 
     def __getattr__(self, attr: str) -> Any:
+        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_hub_kernel_notice)
         module: ModuleType = importlib.import_module(self._name)
         return getattr(module, attr)
+
+
+def _hub_kernel_notice(record: logging.LogRecord) -> bool:
+    """On CPUs with avx512_bf16, importing bitsandbytes looks for an optional 4-bit kernel
+    on the Hugging Face hub and warns when it cannot load one (offline, always), then uses
+    its own: not worth a warning in every quantized job. Dropped; every other record kept."""
+    return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
 
 
 if TYPE_CHECKING:
