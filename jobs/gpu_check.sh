@@ -2,14 +2,16 @@
 # One short GPU check (about 5-6 minutes on an H100), for a session that is lent a CUDA machine:
 #   1. the kernel tests, the Triton backend tests and the engine's parity and behaviour
 #      tests, all on CUDA (Triton attention, captured decode graphs; HF oracle on the CPU)
-#   2. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
+#   2. the logits' reads alone (python -m pipeline.bench.head): greedy pick and beam ranking,
+#      torch ops against the one-pass kernels, fp32 against bf16 logits
+#   3. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
 #      prefill rate against the matmul peak
 #      then n=4 and beam 4 again with 1,024 sequences in flight (all 256 prompts at once),
 #      and greedy, n=4 and beam 4 (1,024 beams) without overlapped decode steps
 #      (engine.overlap_steps=false; beams then decode in one batch, not two lanes): A/B
-#   3. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
+#   4. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
 #      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
 #      (GPU_CHECK_QUANT=0 skips it)
 # Results go to $OUT (or outputs/gpu_check/): results.md (card, date, commit, numbers),
@@ -39,6 +41,11 @@ PIPELINE_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider $
     tests/test_engine_behaviour.py tests/test_quant.py tests/test_oom.py > "$out/tests_full.txt" 2>&1
 tail -n 25 "$out/tests_full.txt" | tee "$out/tests.txt"
 tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
+
+# The step's reads of its logits alone: greedy's pick and beam ranking, torch against the
+# one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16 now).
+timeout 60 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
+    | tail -n 12 | tee "$out/head.txt"
 
 # Half the free memory for our KV pool: transformers runs beside it in the same process.
 bench=(python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B
@@ -98,6 +105,10 @@ fi
     echo
     echo '```'
     cat "$out/quant.txt"
+    echo '```'
+    echo
+    echo '```'
+    cat "$out/head.txt"
     echo '```'
 } > "$out/results.md"
 cat "$out/results.md"

@@ -66,3 +66,16 @@ def test_bench_job_runs_the_whole_job_and_the_engine_alone(compose, tmp_path):
     summary = result["job_summary"]
     assert summary["quant"] == "none" and summary["kv_blocks"] > 0
     assert summary["weight_bytes"] == weight_bytes[0]
+
+
+def test_head_bench_times_every_read_of_the_logits():
+    """`python -m pipeline.bench.head` (run by jobs/gpu_check.sh): torch's reads and, under
+    the interpreter here, the one-pass kernels'."""
+    import torch
+
+    from pipeline.bench.head import head_reads
+
+    times = head_reads(rows=2, vocab=300, device=torch.device("cpu"), repeats=1)
+    assert {"widen bf16 -> fp32", "beam ranking, torch (fp32)"} <= times.keys()
+    assert "beam ranking, one pass (bf16)" in times and "greedy, one pass (bf16)" in times
+    assert all(t >= 0 for t in times.values())

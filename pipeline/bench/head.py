@@ -1,0 +1,91 @@
+"""The decode step's reads of its logits, timed alone: greedy's pick and beam search's
+ranking, torch ops against the one-pass Triton kernels, fp32 logits against bf16.
+
+    python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
+
+Prints ms per call (best of `--repeats`, the device synchronised around each). The decode
+graphs used to widen a bf16 model's logits into an fp32 buffer ("widen" below); they now keep
+them in bf16, which the greedy pick and the beams' ranking read as they are. Where Triton
+cannot run (a CPU without TRITON_INTERPRET=1) only the torch rows are timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+
+from pipeline import kernels
+
+BEAM_K = 8  # beam 4's candidates per row (2 x width)
+
+
+def best_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    fn()  # compiles Triton kernels, settles the allocator
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    return 1e3 * best
+
+
+def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """ms per call of each way to read [rows, vocab] logits, named."""
+    bf16 = (torch.randn(rows, vocab, device=device) * 3).to(torch.bfloat16)
+    fp32 = bf16.float()
+    scratch = torch.empty_like(fp32)
+    none = torch.zeros(0, dtype=torch.int64, device=device)
+    eos = torch.full((rows,), 2, dtype=torch.int64, device=device)  # min_tokens: EOS banned
+    beam_rows = torch.arange(rows, device=device)
+
+    def torch_beams() -> None:  # the ranking without the kernel: in place, then a topk
+        scratch.copy_(fp32)
+        torch.log_softmax(scratch, dim=-1, out=scratch)
+        scratch.index_put_((beam_rows, eos), scratch.new_full((), float("-inf")))
+        scratch.topk(BEAM_K, dim=-1)
+
+    times = {
+        "widen bf16 -> fp32": best_ms(lambda: scratch.copy_(bf16), device, repeats),
+        "greedy, torch (fp32)": best_ms(lambda: kernels.greedy_pick_ref(fp32), device, repeats),
+    }
+    copy = best_ms(lambda: scratch.copy_(fp32), device, repeats)  # the copy that torch_beams needs
+    times["beam ranking, torch (fp32)"] = best_ms(torch_beams, device, repeats) - copy
+    if kernels.triton_available(device):
+        for name, logits in (("fp32", fp32), ("bf16", bf16)):
+            pick = partial(kernels.greedy_pick_triton, logits)
+            rank = partial(kernels.row_lse_topk_triton, logits, BEAM_K, none, beam_rows, eos, False)
+            times[f"greedy, one pass ({name})"] = best_ms(pick, device, repeats)
+            times[f"beam ranking, one pass ({name})"] = best_ms(rank, device, repeats)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--rows", default="256,1024")
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    sizes = [int(r) for r in args.rows.split(",")]
+    results = {r: head_reads(r, args.vocab, device, args.repeats) for r in sizes}
+    print(
+        f"# the logits' reads, ms per call (best of {args.repeats}), vocab {args.vocab}, {device}"
+    )
+    print(f"{'':34}" + "".join(f"{f'{r} rows':>12}" for r in sizes))
+    for name in results[sizes[0]]:
+        print(f"{name:34}" + "".join(f"{results[r][name]:12.3f}" for r in sizes))
+
+
+if __name__ == "__main__":
+    main()
