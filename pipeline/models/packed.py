@@ -5,12 +5,14 @@ For every product, MKL's sgemm first copies the weight into the panel layout its
 paid again for every layer at every step: 11.5% of a 58M-shape decode step of 256 sequences
 (perf, 2-core Xeon). `PackedLinear` packs its weight once at load (`cblas_sgemm_pack`, through
 torch's `mkl::_mkl_reorder_linear_weight`) and multiplies with `cblas_sgemm_compute`
-(`mkl::_mkl_linear`): the same results bit for bit from 16 rows up, and each row's result no
-longer depends on how many rows share the product (torch's own path switches kernels below 16
-rows). The packed copy replaces the weight: resident memory stays the weight's size (MKL's
-buffer is over-allocated, but only the packed panels are ever touched). A packed buffer must
-not be copied or moved (MKL keeps metadata that depends on its address): these modules hold
-it as a plain attribute, which `.to()` and `state_dict()` leave alone.
+(`mkl::_mkl_linear`): the same results bit for bit from 16 rows up. Below 16 rows MKL's packed
+product too may take other kernels whose sums round differently (on a Zen 4 EPYC, for 1-3, 5-7
+and 9-11 rows; not on the Xeon), so fewer rows are padded to 16 (`_product`): each row's
+result does not depend on how many rows share the product. The packed copy replaces the
+weight: resident memory stays the weight's size (MKL's buffer is over-allocated, but only the
+packed panels are ever touched). A packed buffer must not be copied or moved (MKL keeps
+metadata that depends on its address): these modules hold it as a plain attribute, which
+`.to()` and `state_dict()` leave alone.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 PACK_ROWS_HINT = 256  # the product's row count MKL packs for (the layout is the same for any)
+MIN_ROWS = 16  # products of fewer rows are padded to this many (see the module's docstring)
 
 
 def mkl_packing_available() -> bool:
@@ -45,8 +48,10 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features  # x [..., in] -> [..., out]
-        return torch.ops.mkl._mkl_linear(x, self.packed, self.shape_of_weight, self.bias, rows)
+        """x [..., in] -> [..., out]."""
+        rows = x.reshape(-1, self.in_features)
+        out = _product(rows, self.packed, self.shape_of_weight, self.bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> int:
         """The unpacked weight's bytes (what the packed panels occupy in memory)."""
@@ -75,11 +80,23 @@ class PackedPanels:
 
     def product(self, hidden: torch.Tensor, index: int) -> torch.Tensor:
         """[N, width] fp32 = hidden [N, d] @ panel `index`.T (a fresh tensor)."""
-        panel = self.panels[index]
-        return torch.ops.mkl._mkl_linear(hidden, panel, self.shape_of_panel, None, hidden.shape[0])
+        return _product(hidden, self.panels[index], self.shape_of_panel, None)
 
     def weight_bytes(self) -> int:
         return len(self.panels) * self.width * self.hidden * 4
+
+
+def _product(
+    x: torch.Tensor, packed: torch.Tensor, shape: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x [N, in] @ the packed weight (of `shape` [out, in]).T (+ bias): [N, out], fresh. Fewer
+    than MIN_ROWS rows are padded with zeros, so that every row takes the same kernel."""
+    rows = x.shape[0]
+    if rows >= MIN_ROWS:
+        return torch.ops.mkl._mkl_linear(x, packed, shape, bias, rows)
+    padded = x.new_zeros(MIN_ROWS, x.shape[1])
+    padded[:rows] = x
+    return torch.ops.mkl._mkl_linear(padded, packed, shape, bias, MIN_ROWS)[:rows]
 
 
 def pack_linears(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> int:
