@@ -64,12 +64,14 @@ def _assert_each_once(got: list[TokenizedUnit], expected: dict[Key, list[PromptR
 
 
 def _busy_worker(client, timeout_s: float = 30) -> str:
-    """A worker that is running a task (the first one takes seconds: it imports torch)."""
+    """A worker the scheduler has given a task, to be killed at once: every task it is
+    processing then fails with KilledWorker, whether or not it has started. (Waiting to be
+    well into the task let a fast machine finish it first: its result was then lost and
+    recomputed by the scheduler, with no failure for the stream to retry.)"""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         busy = [w for w, keys in client.processing().items() if keys]
         if busy:
-            time.sleep(0.5)  # well into the task, still importing
             return busy[0]
         time.sleep(0.05)
     raise AssertionError("no worker started a task")
