@@ -385,3 +385,20 @@ def test_copy_on_write_copies_each_layers_filled_positions_and_nothing_else(mode
             expected[:, :, dst, :filled] = pool[:, :, src, :filled]
         runner._copy_blocks(copies)
         assert torch.equal(pool, expected)
+
+
+def test_freed_activations_are_reused_without_page_faults():
+    """After `keep_freed_memory` (a CPU engine calls it), a freed 64 MiB block comes back
+    from the heap: filling it again touches no new pages (glibc would have unmapped it)."""
+    import resource
+
+    from pipeline.engine.resources import keep_freed_memory
+
+    def faults_to_fill() -> int:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(16 * 2**20)  # 64 MiB, freed at once
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    assert keep_freed_memory()
+    faults_to_fill()  # the heap grows to hold it once
+    assert faults_to_fill() < 1000  # of 16,384 pages

@@ -23,7 +23,12 @@ from pipeline.engine.outputs import RequestOutput
 from pipeline.engine.params import BeamParams, SamplingParams, TokenRules
 from pipeline.engine.postprocess import Postprocessor
 from pipeline.engine.random import derive_seed
-from pipeline.engine.resources import kv_pool_blocks, resolve_device, resolve_dtype
+from pipeline.engine.resources import (
+    keep_freed_memory,
+    kv_pool_blocks,
+    resolve_device,
+    resolve_dtype,
+)
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import PENDING_TOKEN, Request, Sequence
@@ -94,6 +99,8 @@ class LLMEngine:
             torch.set_num_threads(engine_cfg.num_threads)
         max_len = min(model_cfg.max_model_len or spec.max_model_len, spec.max_model_len)
         quant_spec = _quant_spec(quant or QuantConfig(), model_dir, dtype, device)
+        if device.type == "cpu" and keep_freed_memory():
+            log.debug("glibc keeps freed memory for the engine's next activations")
         model = load_model(model_dir, spec, dtype, device, max_len, quant_spec)
         num_blocks, budget_blocks = kv_pool_blocks(engine_cfg, spec, dtype, device, max_len)
         blocks = BlockManager(num_blocks, engine_cfg.block_size)

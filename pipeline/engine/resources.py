@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 
@@ -22,6 +23,22 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"engine.device={name} but CUDA is not available; use engine.device=cpu")
     return torch.device(name)
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the process's next allocations. By default it
+    returns large blocks to the OS (those above a size threshold are mapped afresh, and the
+    heap's top is trimmed), so the CPU engine's activations, the same sizes at every layer
+    and step, page-fault in again each time: 150-270k minor faults per prefill of 23.5k
+    tokens on the 58M model, ~2% of its time. Allocations below 1 GiB now come from the
+    heap, which is never trimmed (what tcmalloc and jemalloc do); the process holds its peak
+    memory. False where glibc's mallopt is not there."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_mmap_threshold, 2**30)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def cpu_has_native_bf16() -> bool:
