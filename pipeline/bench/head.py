@@ -57,7 +57,7 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
         "greedy, torch (fp32)": best_ms(lambda: kernels.greedy_pick_ref(fp32), device, repeats),
     }
     copy = best_ms(lambda: scratch.copy_(fp32), device, repeats)  # the copy that torch_beams needs
-    times["beam ranking, torch (fp32)"] = best_ms(torch_beams, device, repeats) - copy
+    times["beam ranking, torch (fp32)"] = max(0.0, best_ms(torch_beams, device, repeats) - copy)
     if kernels.triton_available(device):
         for name, logits in (("fp32", fp32), ("bf16", bf16)):
             pick = partial(kernels.greedy_pick_triton, logits)
