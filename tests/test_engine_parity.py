@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import BEAM_RANKINGS, EOS, FAMILIES, build_model, rank_beams_by
+from tiny_models import (
+    BEAM_RANKINGS,
+    EOS,
+    FAMILIES,
+    build_model,
+    check_beam_ranking,
+    rank_beams_by,
+)
 
 from pipeline.engine.config import EngineConfig, ModelConfig
 from pipeline.engine.engine import LLMEngine
@@ -194,6 +201,7 @@ def test_no_repeat_ngram_and_min_tokens_in_beams_match_transformers(tmp_path, ra
         assert [c.token_ids for c in out.outputs] == [
             strip_after_eos(s[len(prompt) :].tolist()) for s in ref
         ]
+    check_beam_ranking(engine, ranking)
 
 
 def test_penalties_and_min_tokens_match_transformers_processors(tmp_path):

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import compose_config, job_overrides
-from tiny_models import BEAM_RANKINGS, rank_beams_by
+from tiny_models import BEAM_RANKINGS, check_beam_ranking, rank_beams_by
 from tiny_seq2seq import build_m2m100, build_marian
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -177,6 +177,7 @@ def test_opus_mt_generation_config_forced_eos_and_banned_pad(tmp_path, ranking, 
             ref_beam.sequences_scores[0].item(), abs=1e-4
         )
         assert g.outputs[0].token_ids[-1] == eos and pad not in g.outputs[0].token_ids
+    check_beam_ranking(engine, ranking)
 
 
 @pytest.mark.parametrize("params", [BeamParams(width=4, max_tokens=6), SamplingParams(n=4)])

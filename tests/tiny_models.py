@@ -100,17 +100,31 @@ def build_model(
     return model
 
 
-BEAM_RANKINGS = ["head-query", "logits", "one-pass"]
+BEAM_RANKINGS = ["head-query", "logits", "one-pass", "one-pass-failing"]
 
 
 def rank_beams_by(engine, ranking: str, monkeypatch) -> None:
     """How the engine's decider ranks beams: "head-query" (the CPU's LM head returns each
     row's best log-probs), "logits" (log-softmax, mask and topk over [beams, V] log-probs:
     GPUs without Triton, quantized heads) or "one-pass" (kernels/lse_topk.py, as on a GPU
-    with Triton; here under the Triton interpreter)."""
+    with Triton; here under the Triton interpreter). "one-pass-failing": a kernel that
+    fails its first call (as a compilation would), so that the logits path takes over."""
     import pipeline.engine.decide as decide
 
     if ranking != "head-query":
         engine.decider.reduce_head = False
-    if ranking == "one-pass":
+    if ranking.startswith("one-pass"):
         monkeypatch.setattr(decide, "compiled", lambda t: True)
+    if ranking == "one-pass-failing":
+
+        def fails(*args, **kwargs):
+            raise RuntimeError("this kernel does not compile here")
+
+        monkeypatch.setattr(decide, "row_lse_topk_triton", fails)
+
+
+def check_beam_ranking(engine, ranking: str) -> None:
+    """After a beam run: the one-pass kernel ran, or was set aside after failing. (On CUDA
+    the other rankings take the kernel too: not checked.)"""
+    if ranking.startswith("one-pass"):
+        assert engine.decider.one_pass_beams is (ranking == "one-pass")

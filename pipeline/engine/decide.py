@@ -11,6 +11,7 @@ Forks go through the scheduler, which owns the blocks.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -41,6 +42,8 @@ from pipeline.engine.transfer import DeviceToHost, HostResult
 from pipeline.kernels import compiled, row_lse_topk_triton
 from pipeline.models.attention import Workspace
 from pipeline.models.head import HeadQuery, TopLogprobs, force_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,6 +122,9 @@ class Decider:
         self.num_exact_resamples = 0
         self.to_host = DeviceToHost()
         self._reusable: dict[int | None, _ReusableRows] = {}  # per lane, as the batches
+        # Whether beams on CUDA rank through the one-pass kernel: None until its first call
+        # (which compiles it), False if that failed (torch ops then, as without Triton).
+        self.one_pass_beams: bool | None = None
 
     def swap_workspaces(self) -> None:
         """The next step samples into other buffers: the step before may still redraw rows
@@ -306,9 +312,9 @@ class Decider:
             if rows is not None:
                 values, ids = values.index_select(0, rows), ids.index_select(0, rows)
             return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
-        if compiled(logits):
-            values, ids = self._beam_top(plan, logits, rows, tensors)
-            return rank_top(states, values, ids, running, sizes, self.vocab_size)  # type: ignore[arg-type]
+        top = self._beam_top(plan, logits, rows, tensors) if compiled(logits) else None
+        if top is not None:
+            return rank_top(states, *top, running, sizes, self.vocab_size)  # type: ignore[arg-type]
         logprobs = (logits if rows is None else logits.index_select(0, rows)).float()  # [beams, V]
         # log-softmax in place (a step's logits are its own buffer): no [beams, V] temporary
         torch.log_softmax(logprobs, dim=-1, out=logprobs)
@@ -321,17 +327,29 @@ class Decider:
         logits: torch.Tensor,
         rows: torch.Tensor | None,
         tensors: dict[str, torch.Tensor],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Each beam row's best log-probs [beams, k] and their tokens, the beam mask
         applied: what the log-softmax, the mask and the topk give, read from the logits
-        in one pass (kernels/lse_topk.py) with no [beams, V] log-probs written."""
+        in one pass (kernels/lse_topk.py) with no [beams, V] log-probs written. None where
+        the kernel failed its first call (its compilation, on a GPU it has not met)."""
+        if self.one_pass_beams is False:
+            return None
         none = torch.zeros(0, dtype=torch.int64, device=logits.device)
         bans = tensors.get("beam_mask.bans", none.view(0, 2))
         banned = tensors.get("beam_mask.banned", none)
         k = self._beam_k(plan)
-        lse, values, ids = row_lse_topk_triton(
-            logits, k, banned, bans[:, 0], bans[:, 1], False, rows
-        )
+        args = (logits, k, banned, bans[:, 0], bans[:, 1], False, rows)
+        try:
+            lse, values, ids = row_lse_topk_triton(*args)
+        except Exception as exc:
+            if self.one_pass_beams:  # it ran before: not the kernel's compilation
+                raise
+            log.warning("beam ranking through torch ops: the one-pass kernel failed: %s", exc)
+            self.one_pass_beams = False
+            return None
+        if self.one_pass_beams is None:
+            log.info("beam ranking through the one-pass kernel (kernels/lse_topk.py)")
+            self.one_pass_beams = True
         values -= lse[:, None]
         forced = tensors.get("beam_mask.forced")
         if forced is not None:
