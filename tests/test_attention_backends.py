@@ -101,8 +101,9 @@ def test_decode_graphs_keep_a_bf16_models_logits_in_bf16(llama, monkeypatch):
             for module in (decide, sampler):  # as on CUDA, with the interpreter's Triton
                 monkeypatch.setattr(module, "compiled", lambda t: True)
         engine.decider.reduce_head = False
-        results[graphs] = [
-            [(c.token_ids, round(c.cumulative_logprob, 2)) for o in outs for c in o.outputs]
-            for outs in (engine.generate(prompts, p) for p in all_params)
-        ]
-    assert results[True] == results[False]
+        outs = [c for p in all_params for o in engine.generate(prompts, p) for c in o.outputs]
+        results[graphs] = outs
+    assert [c.token_ids for c in results[True]] == [c.token_ids for c in results[False]]
+    for graphed, eager in zip(results[True], results[False], strict=True):
+        # equal on the CPU; on a GPU a padded bucket may take another GEMM kernel
+        assert graphed.cumulative_logprob == pytest.approx(eager.cumulative_logprob, abs=1e-2)
