@@ -22,6 +22,7 @@ from .prefill_attention import prefill_attention_ref, prefill_attention_triton
 from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import rope_ref, rope_triton
 from .silu_mul import silu_mul_ref, silu_mul_triton
+from .tempered_lse import tempered_lse_ref, tempered_lse_triton
 
 __all__ = [
     "compiled",
@@ -43,6 +44,8 @@ __all__ = [
     "silu_mul",
     "silu_mul_ref",
     "silu_mul_triton",
+    "tempered_lse_ref",
+    "tempered_lse_triton",
     "triton_available",
     "write_kv_ref",
     "write_kv_triton",

@@ -77,9 +77,10 @@ def test_forcing_triton_without_cuda_or_interpreter_fails_clearly(monkeypatch):
 
 
 def test_decode_graphs_keep_a_bf16_models_logits_in_bf16(llama, monkeypatch):
-    """The graphs' logits buffer takes a bf16 head's product as it is. The greedy pick and
-    the beams' one-pass ranking read it in bf16 (Triton, here under the interpreter), the
-    sampler widens it: the same outputs as the eager path's fp32 logits."""
+    """The graphs' logits buffer takes a bf16 head's product as it is. The greedy pick, the
+    beams' one-pass ranking and the sampler's log-sum-exps read it in bf16 (Triton, here
+    under the interpreter), with fp32 arithmetic: the same outputs as the eager path's fp32
+    logits (there drawn by the compiled CPU kernel)."""
     import pipeline.engine.decide as decide
     import pipeline.engine.sampler as sampler
 

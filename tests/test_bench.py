@@ -78,4 +78,5 @@ def test_head_bench_times_every_read_of_the_logits():
     times = head_reads(rows=2, vocab=300, device=torch.device("cpu"), repeats=1)
     assert {"widen bf16 -> fp32", "beam ranking, torch (fp32)"} <= times.keys()
     assert "beam ranking, one pass (bf16)" in times and "greedy, one pass (bf16)" in times
+    assert {"top-p, log-softmaxes (fp32)", "top-p, sampler (bf16)"} <= times.keys()
     assert all(t >= 0 for t in times.values())

@@ -395,3 +395,29 @@ def test_row_lse_topk(vocab: int, k: int, dtype: torch.dtype, bans_first: bool) 
     sub, ref = K.row_lse_topk_triton(x, *subset), K.row_lse_topk_ref(x, *subset)
     torch.testing.assert_close(sub[0], ref[0], atol=1e-5, rtol=1e-5)
     assert torch.equal(sub[1], ref[1]) and vocab - 1 not in sub[2][0].tolist()
+
+
+@pytest.mark.parametrize("vocab", [300, 9000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's log(0)
+def test_tempered_lse(vocab: int, dtype: torch.dtype) -> None:
+    """Both log-sum-exps of a row in one pass against torch's, over one block and past one
+    4,096-entry block with a masked tail, temperatures below and above 1; a forced row (one
+    0, the rest -inf), a row -inf whole, a row whose first block is -inf."""
+    gen = torch.Generator().manual_seed(vocab)
+    x = (torch.randn(6, vocab, generator=gen) * 4).to(dtype)
+    x[1] = float("-inf")
+    x[1, vocab - 1] = 0.0  # forced: both log-sum-exps are 0
+    x[2] = float("-inf")
+    x[3, : min(4096, vocab - 1)] = float("-inf")
+    x[4, 7] = 60.0  # one dominant token
+    x = x.to(DEVICE)
+    temperature = torch.tensor([0.7, 1.0, 0.8, 1.5, 0.3, 2.0], device=DEVICE)
+
+    lse, tempered = K.tempered_lse_triton(x, temperature)
+    ref_lse, ref_tempered = K.tempered_lse_ref(x, temperature)
+
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tempered, ref_tempered, atol=1e-5, rtol=1e-5)
+    assert lse[1] == tempered[1] == 0.0
+    assert lse[2] == tempered[2] == float("-inf")

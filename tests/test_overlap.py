@@ -105,6 +105,25 @@ def test_overlapped_step_fed_redrawn_tokens_is_dropped_and_rerun(model_dir, monk
     assert_pool_full(overlapped)
 
 
+def test_redraws_of_an_overlapped_step_read_its_own_logits_under_decode_graphs(
+    model_dir, monkeypatch
+):
+    """The decode graphs write every step's logits into one buffer, and an overlapped
+    step's exact redraws run after the next step has been launched into it: the sampler
+    redraws from its own copy. (Triton attention under the interpreter, graphs not
+    captured: the CUDA path's buffers on the CPU.)"""
+    monkeypatch.setattr(sampler, "PREFILTER", 2)
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    prompts = random_prompts(8, seed=34, low=3, high=12)
+    params = lambda i: SamplingParams(temperature=1.0, top_p=0.7, max_tokens=12, seed=i)  # noqa: E731
+    plain = make_engine(model_dir, overlap_steps=False)
+    graphed = make_engine(model_dir, overlap_steps=True, attention="triton")
+    graphed.runner.use_decode_graphs(8, graphed.max_model_len, capture=False)
+    assert_same(run(graphed, prompts, params), run(plain, prompts, params))
+    stats = graphed.stats()
+    assert stats["exact_resamples"] > 0 and stats["overlapped_steps"] > 0
+
+
 def test_overlap_survives_preemption_and_leaves_no_placeholder(model_dir):
     prompts = random_prompts(10, seed=11, low=10, high=30)
     params = lambda i: SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # noqa: E731

@@ -1,5 +1,6 @@
-"""The decode step's reads of its logits, timed alone: greedy's pick and beam search's
-ranking, torch ops against the one-pass Triton kernels, fp32 logits against bf16.
+"""The decode step's reads of its logits, timed alone: greedy's pick, beam search's
+ranking and top-p sampling, torch ops against the one-pass Triton kernels, fp32 logits
+against bf16.
 
     python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
 
@@ -19,6 +20,11 @@ from functools import partial
 import torch
 
 from pipeline import kernels
+from pipeline.engine.params import SamplingParams
+from pipeline.engine.random import signed_seed
+from pipeline.engine.sampler import PREFILTER, RowKinds, SampleOutput, plan_sampling, sample
+from pipeline.engine.sequence import Sequence
+from pipeline.engine.transfer import HostToDevice
 
 BEAM_K = 8  # beam 4's candidates per row (2 x width)
 
@@ -58,13 +64,39 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
     }
     copy = best_ms(lambda: scratch.copy_(fp32), device, repeats)  # the copy that torch_beams needs
     times["beam ranking, torch (fp32)"] = max(0.0, best_ms(torch_beams, device, repeats) - copy)
+    times["top-p, log-softmaxes (fp32)"] = best_ms(partial(softmax_passes, fp32), device, repeats)
+    draw = top_p_sampling(rows, vocab, device)
+    times["top-p, sampler (fp32)"] = best_ms(partial(draw, fp32), device, repeats)
     if kernels.triton_available(device):
         for name, logits in (("fp32", fp32), ("bf16", bf16)):
             pick = partial(kernels.greedy_pick_triton, logits)
             rank = partial(kernels.row_lse_topk_triton, logits, BEAM_K, none, beam_rows, eos, False)
             times[f"greedy, one pass ({name})"] = best_ms(pick, device, repeats)
             times[f"beam ranking, one pass ({name})"] = best_ms(rank, device, repeats)
+        times["top-p, sampler (bf16)"] = best_ms(partial(draw, bf16), device, repeats)
     return times
+
+
+def softmax_passes(logits: torch.Tensor, temperature: float = 0.8) -> None:
+    """What the sampler wrote for a top-p step before `kernels.tempered_lse`: the
+    log-softmax (reported log-probs) and the tempered one, [R, V] fp32 each, and its topk."""
+    log_probs = torch.log_softmax(logits, dim=-1)
+    scaled = torch.log_softmax(logits / temperature, dim=-1)
+    scaled.topk(PREFILTER, dim=-1)
+    del log_probs
+
+
+def top_p_sampling(
+    rows: int, vocab: int, device: torch.device
+) -> Callable[[torch.Tensor], SampleOutput]:
+    """The sampler's device half for rows at T=0.8, top_p=0.95 (the generate job's default);
+    the plan (host) made once."""
+    params = SamplingParams(temperature=0.8, top_p=0.95)
+    seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
+    kinds = RowKinds.of([params] * rows, vocab)
+    plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
+    tensors = HostToDevice(device).to_device(plan.arrays)
+    return lambda logits: sample(logits, plan, tensors)
 
 
 def main() -> None:

@@ -2,8 +2,10 @@
 
 Order of operations (per row): penalties -> min_tokens ban -> log-probs (reported) ->
 temperature -> top-k -> top-p -> min-p -> inverse-CDF draw with the row's own uniform number.
-Reported log-probs are those of the penalised distribution before temperature. That one and
-the tempered one drawn from are one fused log_softmax pass over [R, V] each.
+Reported log-probs are those of the penalised distribution before temperature. Neither that
+distribution nor the tempered one drawn from is written out: one read of the logits gives
+both log-sum-exps (kernels/tempered_lse.py), and the few log-probs needed are taken from the
+logits themselves (a candidate's tempered log-prob is logit / T - its row's tempered lse).
 
 Two halves: `plan_sampling` (host) turns the rows' parameters into small numpy arrays that
 travel with the step's one host-to-device copy; `sample` (device) runs without a host sync.
@@ -30,7 +32,12 @@ from pipeline.engine.params import SamplingParams, TokenRules
 from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.token_mask import TokenMask
-from pipeline.kernels import compiled, greedy_pick_triton
+from pipeline.kernels import (
+    compiled,
+    greedy_pick_triton,
+    tempered_lse_ref,
+    tempered_lse_triton,
+)
 from pipeline.kernels import cpu as cpu_kernels
 from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
@@ -66,10 +73,9 @@ class SampleOutput:
     needs_exact: torch.Tensor | None  # [R] bool: prefilter too narrow, redraw from a full sort
     top_ids: torch.Tensor | None  # [R, k] int64 when logprobs were asked for
     top_logprobs: torch.Tensor | None  # [R, k] fp32
-    # [R, V], kept for `resample_exact`: log-probs of the tempered logits (what is drawn
-    # from) and of the penalised logits (what is reported)
-    scaled: torch.Tensor | None
-    log_probs: torch.Tensor | None
+    # [R, V]: a copy of the logits (penalties and bans applied) for `resample_exact`, when
+    # some row may need it
+    kept: torch.Tensor | None
 
 
 @dataclass
@@ -194,39 +200,48 @@ def sample(
     tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
 ) -> SampleOutput:
-    """logits: [R, V] (modified in place; bf16 or fp16 from the decode graphs' buffer are
-    widened to fp32 first, except for the greedy pick, which reads them as they are);
-    `tensors`: the plan's arrays on the device."""
+    """logits: [R, V] (modified in place: penalties and bans). On CUDA, bf16 or fp16 logits
+    from the decode graphs' buffer are read as they are (in fp32 arithmetic) unless penalties
+    need an fp32 copy; elsewhere they are widened to fp32. `tensors`: the plan's arrays on the
+    device."""
     greedy_only = not plan.any_random and plan.max_logprobs is None
-    greedy_pick = greedy_only and compiled(logits)
-    if logits.dtype != torch.float32 and (plan.penalty_rows or not greedy_pick):
+    if logits.dtype != torch.float32 and (plan.penalty_rows or not compiled(logits)):
         logits = logits.float()
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
     if _compiled_cpu_draw(logits, plan):
         return _sample_cpu(logits, tensors, plan.max_logprobs)
-    if greedy_pick:
+    if greedy_only and compiled(logits):
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
-        return SampleOutput(picked, chosen, None, None, None, None, None)
+        return SampleOutput(picked, chosen, None, None, None, None)
+    temperature = tensors["params"][:, 0].float()  # 1 for greedy rows
+    lse, tempered_lse = _tempered_lse(logits, temperature)  # [R] each: one read of the logits
     tokens = None
     if not plan.all_random:  # greedy rows: the argmax (max() is faster than argmax())
         tokens = logits.max(dim=-1).indices
-    log_probs = _log_softmax(logits, workspace, "log_probs")  # [R, V]
-    needs_exact = scaled = None
+    needs_exact = kept = None
     if plan.any_random:
-        temps = tensors["params"][:, :1].float()
-        scaled = _buffer(workspace, "scaled", logits)
-        torch.div(logits, temps, out=scaled)
-        torch.log_softmax(scaled, dim=-1, out=scaled)  # in place: one row at a time
-        drawn, needs_exact = _draw(scaled, plan, tensors, workspace)
+        drawn, needs_exact = _draw(logits, temperature, tempered_lse, plan, tensors, workspace)
         tokens = drawn if tokens is None else torch.where(tensors["random"].bool(), drawn, tokens)
+        if needs_exact is not None:  # a redraw reads them after the next step has run
+            kept = _buffer(workspace, "kept", logits).copy_(logits)
     assert tokens is not None
-    chosen = log_probs.gather(1, tokens[:, None]).squeeze(1)
+    chosen = logits.gather(1, tokens[:, None]).squeeze(1).float() - lse
     top_ids = top_lp = None
     if plan.max_logprobs is not None:
-        top_lp, top_ids = torch.topk(log_probs, max(plan.max_logprobs, 1), dim=-1)
-    return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, scaled, log_probs)
+        top_lp, top_ids = torch.topk(logits, max(plan.max_logprobs, 1), dim=-1)
+        top_lp = top_lp.float() - lse[:, None]
+    return SampleOutput(tokens, chosen, needs_exact, top_ids, top_lp, kept)
+
+
+def _tempered_lse(
+    logits: torch.Tensor, temperature: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp of its logits and of logits / temperature: [R] fp32 each."""
+    if compiled(logits):
+        return tempered_lse_triton(logits, temperature)
+    return tempered_lse_ref(logits, temperature)
 
 
 def _compiled_cpu_draw(logits: torch.Tensor, plan: SamplingPlan) -> bool:
@@ -265,7 +280,7 @@ def _sample_cpu(
         k = min(max(max_logprobs, 1), logits.shape[1])
         lse, top_lp, top_ids = cpu_kernels.row_lse_topk(logits, k, none, none, none, True)
         top_lp -= lse[:, None]
-    return SampleOutput(tokens, chosen, None, top_ids, top_lp, None, None)
+    return SampleOutput(tokens, chosen, None, top_ids, top_lp, None)
 
 
 def greedy_from_top(
@@ -280,25 +295,19 @@ def greedy_from_top(
     top_ids = top_lp = None
     if max_logprobs is not None:
         top_ids, top_lp = ids[:, : max(max_logprobs, 1)], values[:, : max(max_logprobs, 1)]
-    return SampleOutput(ids[:, 0], values[:, 0], None, top_ids, top_lp, None, None)
+    return SampleOutput(ids[:, 0], values[:, 0], None, top_ids, top_lp, None)
 
 
 def _buffer(
     workspace: Workspace | None, name: str, like: torch.Tensor, width: int | None = None
 ) -> torch.Tensor:
-    """An [R, width] (default: like's width) temporary of like's dtype: a reused buffer with
-    a workspace (see `Workspace`: page faults on a fresh one cost more than the pass that
-    fills it)."""
+    """An [R, width] temporary of like's dtype (R: like's rows; default width: like's): a
+    reused buffer with a workspace (see `Workspace`: page faults on a fresh one cost more
+    than the pass that fills it)."""
     rows, width = like.shape[0], like.shape[1] if width is None else width
     if workspace is not None:
         return workspace.get(name, rows, like, width)
     return torch.empty(rows, width, dtype=like.dtype, device=like.device)
-
-
-def _log_softmax(x: torch.Tensor, workspace: Workspace | None, name: str) -> torch.Tensor:
-    """log_softmax over the vocabulary into a buffer: one fused pass per row (max, sum of
-    exps, write), less than half the time of subtract, exp and sum as separate passes."""
-    return torch.log_softmax(x, dim=-1, out=_buffer(workspace, name, x))
 
 
 def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
@@ -327,12 +336,15 @@ def _apply_penalties(logits: torch.Tensor, t: dict[str, torch.Tensor]) -> None:
 
 
 def _draw(
-    scaled: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    tempered_lse: torch.Tensor,
     plan: SamplingPlan,
     t: dict[str, torch.Tensor],
     workspace: Workspace | None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[R, V] log-probs of the tempered logits -> drawn token ids [R], and which rows need
+    """[R, V] logits, each row drawn from log_softmax(logits / temperature) (whose
+    log-sum-exp is `tempered_lse`, [R]) -> drawn token ids [R], and which rows need
     `resample_exact`."""
     params = t["params"]
     sis = t["seed_index_step"]
@@ -340,17 +352,21 @@ def _draw(
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
-        drawn, covered = _draw_filtered(scaled, params, u, plan.prefilter)
+        drawn, covered = _draw_filtered(
+            logits, temperature, tempered_lse, params, u, plan.prefilter
+        )
         needs_exact = filtered & ~covered & t["random"].bool()
     if plan.any_unfiltered:
-        full = _draw_full(scaled, params, u, plan.any_min_p, workspace)
+        full = _draw_full(logits, temperature, tempered_lse, params, u, plan.any_min_p, workspace)
         drawn = full if drawn is None else torch.where(filtered, drawn, full)
     assert drawn is not None
     return drawn, needs_exact
 
 
 def _draw_full(
-    scaled: torch.Tensor,
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    tempered_lse: torch.Tensor,
     params: torch.Tensor,
     u: torch.Tensor,
     min_p: bool,
@@ -358,13 +374,15 @@ def _draw_full(
 ) -> torch.Tensor:
     """Inverse-CDF over the whole vocabulary in vocabulary order (min-p applied), without a
     [R, V] cumulative sum: the draw first picks a block of DRAW_BLOCK tokens from the
-    blocks' masses, then a token inside it. scaled: [R, V] tempered log-probs."""
-    rows, vocab = scaled.shape
+    blocks' masses, then a token inside it."""
+    rows, vocab = logits.shape
     blocks = -(-vocab // DRAW_BLOCK)
     width = blocks * DRAW_BLOCK
-    weights = _buffer(workspace, "weights", scaled, width)
+    weights = _buffer(workspace, "weights", temperature, width)  # [R, width] fp32
     weights[:, vocab:].zero_()
-    torch.exp(scaled, out=weights[:, :vocab])  # probabilities
+    probs = weights[:, :vocab]
+    torch.div(logits, temperature[:, None], out=probs)  # fp32 whatever the logits' dtype
+    probs.sub_(tempered_lse[:, None]).exp_()
     if min_p:  # probability >= min_p x the largest
         weights.mul_(weights >= params[:, 3:4].float() * weights.amax(dim=-1, keepdim=True))
     by_block = weights.view(rows, blocks, DRAW_BLOCK)
@@ -380,17 +398,23 @@ def _draw_full(
 
 
 def _draw_filtered(
-    scaled: torch.Tensor, params: torch.Tensor, u: torch.Tensor, k: int
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    tempered_lse: torch.Tensor,
+    params: torch.Tensor,
+    u: torch.Tensor,
+    k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k, top-p and min-p over the `k` best tokens of `scaled` [R, V] (tempered
-    log-probs), drawn in descending order.
+    """Top-k, top-p and min-p over the `k` best tokens of `logits` [R, V], drawn in
+    descending order from their tempered log-probs (logits / temperature - tempered_lse).
 
     Returns token ids [R] and `covered` [R]: whether those k tokens hold the row's whole
     nucleus (always, when the row's own top_k is active; with top-p only, when their mass
     reaches top_p). The result of a covered row equals that of a full sort."""
-    values, ids = torch.topk(scaled, k, dim=-1)  # [R, k], descending
+    best, ids = torch.topk(logits, k, dim=-1)  # [R, k], descending
+    values = best.float() / temperature[:, None] - tempered_lse[:, None]
     top_k, top_p, min_p = params[:, 1:2], params[:, 2:3].float(), params[:, 3:4].float()
-    rank = torch.arange(k, device=scaled.device)[None, :]
+    rank = torch.arange(k, device=logits.device)[None, :]
     has_k = top_k > 0
     values = values.masked_fill(has_k & (rank >= top_k), float("-inf"))
     # Mass of each candidate: within the top-k when top_k is set, else in the whole vocabulary.
@@ -411,12 +435,14 @@ def resample_exact(
 ) -> tuple[list[int], list[float]]:
     """Redraw `rows` whose nucleus reached past the prefilter, over the fully sorted
     vocabulary. Returns their token ids and log-probs (host values)."""
-    assert out.scaled is not None and out.log_probs is not None
-    index = torch.tensor(rows, device=out.scaled.device)
+    assert out.kept is not None
+    index = torch.tensor(rows, device=out.kept.device)
     params = tensors["params"].index_select(0, index)
     sis = tensors["seed_index_step"].index_select(0, index)
     u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
-    scaled = out.scaled.index_select(0, index)
-    tokens, _ = _draw_filtered(scaled, params, u, scaled.shape[1])
-    logprobs = out.log_probs.index_select(0, index).gather(1, tokens[:, None])
-    return [int(t) for t in tokens.tolist()], logprobs.squeeze(1).tolist()
+    logits = out.kept.index_select(0, index).float()
+    temperature = params[:, 0].float()
+    lse, tempered_lse = tempered_lse_ref(logits, temperature)
+    tokens, _ = _draw_filtered(logits, temperature, tempered_lse, params, u, logits.shape[1])
+    logprobs = logits.gather(1, tokens[:, None]).squeeze(1) - lse
+    return [int(t) for t in tokens.tolist()], logprobs.tolist()
