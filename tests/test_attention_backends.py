@@ -90,6 +90,7 @@ def test_decode_graphs_keep_a_bf16_models_logits_in_bf16(llama, monkeypatch):
         SamplingParams(temperature=0, max_tokens=6),
         BeamParams(width=2, num_return=2, max_tokens=5, min_tokens=2),
         SamplingParams(n=2, temperature=0.9, top_p=0.9, max_tokens=5, seed=3),
+        SamplingParams(temperature=0.7, min_p=0.02, max_tokens=5, seed=4),  # the full draw
     ]
     results = {}
     for graphs in (False, True):
