@@ -23,8 +23,10 @@ from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import rope_ref, rope_triton
 from .silu_mul import silu_mul_ref, silu_mul_triton
 from .tempered_lse import tempered_lse_ref, tempered_lse_triton
+from .trial import KernelTrial
 
 __all__ = [
+    "KernelTrial",
     "compiled",
     "greedy_pick_ref",
     "greedy_pick_triton",

@@ -19,6 +19,7 @@ from pipeline.engine.sampler import RowKinds, plan_sampling, resample_exact, sam
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.step_meta import block_tables
 from pipeline.engine.transfer import HostToDevice
+from pipeline.kernels import KernelTrial
 from pipeline.kernels.cpu import cpu_kernels_available
 
 
@@ -255,6 +256,40 @@ def torch_draws(
         for i, token, lp in zip(redo, *resample_exact(out, redo, tensors), strict=True):
             tokens[i], logprobs[i] = token, lp
     return tokens, logprobs, out
+
+
+def test_sampling_takes_torch_ops_when_its_kernel_fails_its_first_call(monkeypatch):
+    """On CUDA the sampler's log-sum-exps come from a Triton kernel not yet run on every
+    GPU. Should its first call fail (as a compilation would), that step and every later one
+    sample through torch ops, the same draws, without calling the kernel again; a failure
+    after a call that succeeded propagates."""
+    rows, vocab = 16, 500
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    params = SamplingParams(temperature=0.8, top_p=0.9)
+    seqs = [Sequence([1, 2], 1) for _ in range(rows)]
+    kinds = RowKinds.of([params] * rows, vocab)
+    plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
+    tensors = HostToDevice(logits.device).to_device(plan.arrays)
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    expected = sample(logits.clone(), plan, tensors)  # torch ops (no CUDA here)
+    calls = []
+
+    def fails(*args):
+        calls.append(args)
+        raise RuntimeError("this kernel does not compile here")
+
+    monkeypatch.setattr(sampler, "compiled", lambda t: True)
+    monkeypatch.setattr(sampler, "tempered_lse_triton", fails)
+    trial = KernelTrial("sampling")
+    for _ in range(2):
+        out = sample(logits.clone(), plan, tensors, trial=trial)
+        assert torch.equal(out.tokens, expected.tokens)
+        torch.testing.assert_close(out.logprobs, expected.logprobs)
+    assert trial.ok is False and len(calls) == 1
+    ran = KernelTrial("sampling")
+    ran.ok = True  # a call succeeded before
+    with pytest.raises(RuntimeError, match="does not compile"):
+        sample(logits.clone(), plan, tensors, trial=ran)
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")

@@ -11,7 +11,6 @@ Forks go through the scheduler, which owns the blocks.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from itertools import chain
 
@@ -39,11 +38,9 @@ from pipeline.engine.scheduler import ScheduledBatch, Scheduler
 from pipeline.engine.sequence import Request, Sequence
 from pipeline.engine.token_mask import TokenMask
 from pipeline.engine.transfer import DeviceToHost, HostResult
-from pipeline.kernels import compiled, row_lse_topk_triton
+from pipeline.kernels import KernelTrial, compiled, row_lse_topk_triton
 from pipeline.models.attention import Workspace
 from pipeline.models.head import HeadQuery, TopLogprobs, force_rows
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -122,9 +119,10 @@ class Decider:
         self.num_exact_resamples = 0
         self.to_host = DeviceToHost()
         self._reusable: dict[int | None, _ReusableRows] = {}  # per lane, as the batches
-        # Whether beams on CUDA rank through the one-pass kernel: None until its first call
-        # (which compiles it), False if that failed (torch ops then, as without Triton).
-        self.one_pass_beams: bool | None = None
+        # The Triton kernels of beams' ranking and of sampling, on trial: after a failed
+        # first call (a compilation on a GPU they have not met), torch ops as without Triton.
+        self.one_pass_beams = KernelTrial("beam ranking")
+        self.sampling_lse = KernelTrial("sampling's log-sum-exps")
 
     def swap_workspaces(self) -> None:
         """The next step samples into other buffers: the step before may still redraw rows
@@ -249,7 +247,9 @@ class Decider:
                 sampled = greedy_from_top(logits, rows, plan.sampling.max_logprobs)
             else:
                 selected = logits if rows is None else logits.index_select(0, rows)
-                sampled = sample(selected, plan.sampling, tensors, self.workspace)
+                sampled = sample(
+                    selected, plan.sampling, tensors, self.workspace, self.sampling_lse
+                )
             results += [sampled.tokens, sampled.logprobs]
             if sampled.needs_exact is not None:
                 results.append(sampled.needs_exact)
@@ -332,24 +332,15 @@ class Decider:
         applied: what the log-softmax, the mask and the topk give, read from the logits
         in one pass (kernels/lse_topk.py) with no [beams, V] log-probs written. None where
         the kernel failed its first call (its compilation, on a GPU it has not met)."""
-        if self.one_pass_beams is False:
-            return None
         none = torch.zeros(0, dtype=torch.int64, device=logits.device)
         bans = tensors.get("beam_mask.bans", none.view(0, 2))
         banned = tensors.get("beam_mask.banned", none)
         k = self._beam_k(plan)
         args = (logits, k, banned, bans[:, 0], bans[:, 1], False, rows)
-        try:
-            lse, values, ids = row_lse_topk_triton(*args)
-        except Exception as exc:
-            if self.one_pass_beams:  # it ran before: not the kernel's compilation
-                raise
-            log.warning("beam ranking through torch ops: the one-pass kernel failed: %s", exc)
-            self.one_pass_beams = False
+        top = self.one_pass_beams.run(row_lse_topk_triton, *args)
+        if top is None:
             return None
-        if self.one_pass_beams is None:
-            log.info("beam ranking through the one-pass kernel (kernels/lse_topk.py)")
-            self.one_pass_beams = True
+        lse, values, ids = top
         values -= lse[:, None]
         forced = tensors.get("beam_mask.forced")
         if forced is not None:

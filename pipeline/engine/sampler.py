@@ -33,6 +33,7 @@ from pipeline.engine.random import uniform_tensor
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.token_mask import TokenMask
 from pipeline.kernels import (
+    KernelTrial,
     compiled,
     greedy_pick_triton,
     tempered_lse_ref,
@@ -199,11 +200,12 @@ def sample(
     plan: SamplingPlan,
     tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
+    trial: KernelTrial | None = None,
 ) -> SampleOutput:
     """logits: [R, V] (modified in place: penalties and bans). On CUDA, bf16 or fp16 logits
     from the decode graphs' buffer are read as they are (in fp32 arithmetic) unless penalties
     need an fp32 copy; elsewhere they are widened to fp32. `tensors`: the plan's arrays on the
-    device."""
+    device; `trial`: the log-sum-exps' Triton kernel on trial (see `KernelTrial`), if any."""
     greedy_only = not plan.any_random and plan.max_logprobs is None
     if logits.dtype != torch.float32 and (plan.penalty_rows or not compiled(logits)):
         logits = logits.float()
@@ -216,7 +218,7 @@ def sample(
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
         return SampleOutput(picked, chosen, None, None, None, None)
     temperature = tensors["params"][:, 0].float()  # 1 for greedy rows
-    lse, tempered_lse = _tempered_lse(logits, temperature)  # [R] each: one read of the logits
+    lse, tempered_lse = _tempered_lse(logits, temperature, trial)  # [R] each: one read
     tokens = None
     if not plan.all_random:  # greedy rows: the argmax (max() is faster than argmax())
         tokens = logits.max(dim=-1).indices
@@ -236,11 +238,15 @@ def sample(
 
 
 def _tempered_lse(
-    logits: torch.Tensor, temperature: torch.Tensor
+    logits: torch.Tensor, temperature: torch.Tensor, trial: KernelTrial | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's log-sum-exp of its logits and of logits / temperature: [R] fp32 each."""
     if compiled(logits):
-        return tempered_lse_triton(logits, temperature)
+        if trial is None:
+            return tempered_lse_triton(logits, temperature)
+        both = trial.run(tempered_lse_triton, logits, temperature)
+        if both is not None:
+            return both
     return tempered_lse_ref(logits, temperature)
 
 
