@@ -55,6 +55,7 @@ class SamplingPlan:
     any_random: bool
     all_random: bool  # no greedy row: no argmax pass over the logits
     any_filtered: bool  # some random row has top_k or top_p
+    may_redraw: bool  # some random row has top_p without top_k (see `resample_exact`)
     any_unfiltered: bool  # some random row has neither
     any_min_p: bool
     prefilter: int  # candidates for filtered rows
@@ -126,7 +127,8 @@ def plan_sampling(
     bits, see `signed_seed`). `rules`: the checkpoint's banned tokens and forced EOS (a row's
     last token, by its max_tokens or the context), as in `generate`."""
     params, uniq, table, random_rows = kinds.params, kinds.uniq, kinds.table, kinds.random_rows
-    arrays: dict[str, np.ndarray] = {"params": table[kinds.which]}
+    rows = table[kinds.which]  # [R, 4]
+    arrays: dict[str, np.ndarray] = {"params": rows}
     any_random = bool(random_rows.any())
     if any_random:
         index_step = [(s.child_index, len(s.token_ids) - s.prompt_len) for s in seqs]
@@ -139,6 +141,7 @@ def plan_sampling(
         any_random=any_random,
         all_random=bool(random_rows.all()),
         any_filtered=bool((random_rows & kinds.filtered).any()),
+        may_redraw=bool((random_rows & (rows[:, 1] == 0) & (rows[:, 2] < 1)).any()),
         any_unfiltered=bool((random_rows & ~kinds.filtered).any()),
         any_min_p=bool((table[:, 3] > 0).any()),
         prefilter=min(vocab, max(PREFILTER, int(table[:, 1].max()))),
@@ -361,7 +364,8 @@ def _draw(
         drawn, covered = _draw_filtered(
             logits, temperature, tempered_lse, params, u, plan.prefilter
         )
-        needs_exact = filtered & ~covered & t["random"].bool()
+        if plan.may_redraw:
+            needs_exact = filtered & ~covered & t["random"].bool()
     if plan.any_unfiltered:
         full = _draw_full(logits, temperature, tempered_lse, params, u, plan.any_min_p, workspace)
         drawn = full if drawn is None else torch.where(filtered, drawn, full)
