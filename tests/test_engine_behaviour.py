@@ -258,6 +258,53 @@ def torch_draws(
     return tokens, logprobs, out
 
 
+@pytest.mark.parametrize("penalised", [False, True])
+def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeypatch, penalised):
+    """The sampler as on CUDA (Triton log-sum-exps under the interpreter, bf16 logits read
+    as they are, the decode graphs' buffer) against the torch path on the same logits
+    widened: greedy, tempered, min-p, top-k, top-p (peaked and flat rows, these redrawn
+    exactly), combined and min_tokens rows, top log-probs; with penalised rows the step
+    widens its logits first. Equal draws but where the sums' rounding moves a boundary
+    (rare)."""
+    gen = torch.Generator().manual_seed(8)
+    rows, vocab = 60, 9000  # past one of the kernel's 4,096-entry blocks
+    logits = torch.randn(rows, vocab, generator=gen) * 4
+    logits[1::2] *= 0.1  # flat rows: top-p reaches past the prefilter
+    logits = logits.to(torch.bfloat16)
+    kinds = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=0.8, logprobs=3),
+        SamplingParams(temperature=1.2, min_p=0.05),
+        SamplingParams(temperature=0.8, top_p=0.95),
+        SamplingParams(temperature=1.0, top_k=40, min_tokens=5),
+        SamplingParams(temperature=0.7, top_k=300, top_p=0.9, min_p=0.01),
+    ]
+    if penalised:
+        kinds.append(SamplingParams(temperature=0.9, top_p=0.9, repetition_penalty=1.3))
+    params = [kinds[(i // 2) % len(kinds)] for i in range(rows)]
+    seqs = [Sequence([1, 2, 3, 4 + i % 7, 9], 3) for i in range(rows)]
+    seeds = [signed_seed(i) for i in range(rows)]
+    plan = plan_sampling(RowKinds.of(params, vocab), seqs, seeds, [2], vocab)
+    tensors = HostToDevice(logits.device).to_device(plan.arrays)
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    tokens, logprobs, reference = torch_draws(logits.float(), plan, tensors)
+    monkeypatch.setattr(sampler, "compiled", lambda t: True)
+    cuda_tokens, cuda_logprobs, out = torch_draws(logits.clone(), plan, tensors)
+
+    assert out.kept is not None
+    assert out.kept.dtype == (torch.float32 if penalised else torch.bfloat16)
+    assert out.needs_exact is not None and out.needs_exact.any()  # flat top-p rows redrawn
+    same = torch.tensor(cuda_tokens) == torch.tensor(tokens)
+    assert same.sum() >= rows - 1
+    torch.testing.assert_close(
+        torch.tensor(cuda_logprobs)[same], torch.tensor(logprobs)[same], atol=2e-5, rtol=0
+    )
+    assert out.top_logprobs is not None and reference.top_logprobs is not None
+    torch.testing.assert_close(out.top_logprobs, reference.top_logprobs, atol=2e-5, rtol=0)
+    min_tokens = [i for i, p in enumerate(params) if p.min_tokens]
+    assert all(cuda_tokens[i] != 2 for i in min_tokens)  # EOS banned
+
+
 def test_sampling_takes_torch_ops_when_its_kernel_fails_its_first_call(monkeypatch):
     """On CUDA the sampler's log-sum-exps come from a Triton kernel not yet run on every
     GPU. Should its first call fail (as a compilation would), that step and every later one
