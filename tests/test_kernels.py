@@ -167,13 +167,19 @@ def test_write_kv_noncontiguous_input() -> None:
         ([45, 3], 8, 32, torch.float16, None),
     ],
 )
+@pytest.mark.parametrize("direct", [False, True], ids=["splits", "one-split"])
 def test_decode_attention(
     context_lens: list[int],
     group: int,
     block_size: int,
     dtype: torch.dtype,
     split_tokens: int | None,
+    direct: bool,
 ) -> None:
+    """Against the reference: split by length (merged by the second kernel) and, as for a
+    large batch, one split per row written directly."""
+    if direct and split_tokens:
+        pytest.skip("one split has no split length")
     kv_heads, head_dim = 2, 16
     k_cache, v_cache, tables = _paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -182,7 +188,15 @@ def test_decode_attention(
 
     expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, scale)
     actual = K.paged_decode_attention_triton(
-        q, k_cache, v_cache, tables, lens, scale, max(context_lens), split_tokens=split_tokens
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        lens,
+        scale,
+        max(context_lens),
+        split_tokens=split_tokens,
+        direct=direct,
     )
 
     assert actual.dtype == dtype and not actual.isnan().any()
@@ -192,7 +206,8 @@ def test_decode_attention(
             assert (actual[row] == 0).all()
 
 
-def test_decode_attention_defaults_and_out() -> None:
+@pytest.mark.parametrize("direct", [False, True], ids=["splits", "one-split"])
+def test_decode_attention_defaults_and_out(direct: bool) -> None:
     """max_context_len=None (bound by the tables' capacity) and a caller-provided `out`
     that is a strided view, as a CUDA-graph static buffer might be."""
     context_lens = [20, 9]
@@ -203,11 +218,40 @@ def test_decode_attention_defaults_and_out() -> None:
     out = buffer[:, ::2]
 
     expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.2)
-    result = K.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.2, out=out)
+    result = K.paged_decode_attention_triton(
+        q, k_cache, v_cache, tables, lens, 0.2, out=out, direct=direct
+    )
 
     assert result is out
     _assert_close(out, expected)
     assert (buffer[:, 1::2] == -7.0).all()
+
+
+def test_decode_attention_splits_only_batches_too_small_to_fill_the_gpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """By default a batch of B x KVH programs that fills the GPU (here: made to) takes one
+    split per row and no merge; a smaller one is split by length and merged."""
+    assert K.decode_attention._programs_to_fill(torch.device("cpu")) == 4 * 132  # an H100's
+    merges = []
+    merge = K.decode_attention._decode_merge_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return merge[grid]
+
+    monkeypatch.setattr(K.decode_attention, "_decode_merge_kernel", Counted())
+    monkeypatch.setattr(K.decode_attention, "_programs_to_fill", lambda device: 6)
+    for batch, merged in ((3, False), (2, True)):  # x 2 KV heads
+        context_lens = [300, 7, 0][:batch]
+        k_cache, v_cache, tables = _paged_cache(context_lens, 16, 2, 16, torch.float32)
+        lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
+        q = torch.randn(batch, 8, 16, device=DEVICE)
+        expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens, 0.25)
+        actual = K.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.25, 2000)
+        _assert_close(actual, expected)
+        assert bool(merges) is merged
 
 
 def test_decode_attention_loose_bound_small_blocks() -> None:
