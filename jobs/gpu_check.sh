@@ -2,8 +2,8 @@
 # One short GPU check (about 5-6 minutes on an H100), for a session that is lent a CUDA machine:
 #   1. the kernel tests, the Triton backend tests and the engine's parity and behaviour
 #      tests, all on CUDA (Triton attention, captured decode graphs; HF oracle on the CPU)
-#   2. the logits' reads alone (python -m pipeline.bench.head): greedy pick and beam ranking,
-#      torch ops against the one-pass kernels, fp32 against bf16 logits
+#   2. the logits' reads alone (python -m pipeline.bench.head): greedy pick, beam ranking and
+#      top-p sampling, torch ops against the one-pass kernels, fp32 against bf16 logits
 #   3. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
@@ -42,10 +42,10 @@ PIPELINE_TEST_DEVICE=cuda timeout 170 python3 -m pytest -q -p no:cacheprovider $
 tail -n 25 "$out/tests_full.txt" | tee "$out/tests.txt"
 tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 
-# The step's reads of its logits alone: greedy's pick and beam ranking, torch against the
-# one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16 now).
+# The step's reads of its logits alone: greedy's pick, beam ranking and top-p sampling, torch
+# against the one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16).
 timeout 60 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
-    | tail -n 12 | tee "$out/head.txt"
+    | tail -n 16 | tee "$out/head.txt"
 
 # Half the free memory for our KV pool: transformers runs beside it in the same process.
 bench=(python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B

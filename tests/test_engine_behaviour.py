@@ -265,12 +265,12 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
     widened: greedy, tempered, min-p, top-k, top-p (peaked and flat rows, these redrawn
     exactly), combined and min_tokens rows, top log-probs; with penalised rows the step
     widens its logits first. Equal draws but where the sums' rounding moves a boundary
-    (rare)."""
+    (rare). (jobs/gpu_check.sh runs it on CUDA, with the compiled kernel.)"""
     gen = torch.Generator().manual_seed(8)
     rows, vocab = 60, 9000  # past one of the kernel's 4,096-entry blocks
     logits = torch.randn(rows, vocab, generator=gen) * 4
     logits[1::2] *= 0.1  # flat rows: top-p reaches past the prefilter
-    logits = logits.to(torch.bfloat16)
+    logits = logits.to(torch.bfloat16).to(os.environ.get("PIPELINE_TEST_DEVICE", "cpu"))
     kinds = [
         SamplingParams(temperature=0),
         SamplingParams(temperature=0.8, logprobs=3),
