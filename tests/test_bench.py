@@ -73,10 +73,12 @@ def test_head_bench_times_every_read_of_the_logits():
     the interpreter here, the one-pass kernels'."""
     import torch
 
-    from pipeline.bench.head import head_reads
+    from pipeline.bench.head import attention_reads, head_reads
 
     times = head_reads(rows=2, vocab=300, device=torch.device("cpu"), repeats=1)
     assert {"widen bf16 -> fp32", "beam ranking, torch (fp32)"} <= times.keys()
     assert "beam ranking, one pass (bf16)" in times and "greedy, one pass (bf16)" in times
     assert {"top-p, log-softmaxes (fp32)", "top-p, sampler (bf16)"} <= times.keys()
+    attention = attention_reads(rows=2, device=torch.device("cpu"), repeats=1)
+    assert attention.keys() == {"attention, split + merge", "attention, one split"}
     assert all(t >= 0 for t in times.values())

@@ -1,13 +1,16 @@
 """The decode step's reads of its logits, timed alone: greedy's pick, beam search's
 ranking and top-p sampling, torch ops against the one-pass Triton kernels, fp32 logits
-against bf16.
+against bf16; and one layer's decode attention, split by length and merged against one
+split per row.
 
     python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
 
 Prints ms per call (best of `--repeats`, the device synchronised around each). The decode
 graphs used to widen a bf16 model's logits into an fp32 buffer ("widen" below); they now keep
-them in bf16, which the greedy pick and the beams' ranking read as they are. Where Triton
-cannot run (a CPU without TRITON_INTERPRET=1) only the torch rows are timed.
+them in bf16, which the greedy pick and the beams' ranking read as they are. Attention: the
+1B shape's heads (32 query, 8 KV, 64 wide), bf16 cache, contexts of 8-528 tokens (log-uniform:
+prompts of 8-400 and up to 128 new), bounded as the decode graphs bound them (1,024). Where
+Triton cannot run (a CPU without TRITON_INTERPRET=1) only the torch rows are timed.
 """
 
 from __future__ import annotations
@@ -77,6 +80,29 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
     return times
 
 
+def attention_reads(rows: int, device: torch.device, repeats: int) -> dict[str, float]:
+    """ms per call of one layer's decode attention over `rows` sequences, both ways."""
+    if not kernels.triton_available(device):
+        return {}
+    heads, kv_heads, head_dim, block = 32, 8, 64, 16
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.exp(torch.empty(rows).uniform_(2.08, 6.27, generator=gen)).long()  # 8-528
+    blocks = -(-lens // block)  # [rows]
+    order = torch.randperm(int(blocks.sum()), generator=gen)
+    tables = torch.zeros(rows, int(blocks.max()), dtype=torch.int32)
+    for row, start in enumerate((torch.cumsum(blocks, 0) - blocks).tolist()):
+        tables[row, : blocks[row]] = order[start : start + int(blocks[row])]
+    shape = (int(blocks.sum()), block, kv_heads, head_dim)
+    k_cache, v_cache = (torch.randn(shape, dtype=torch.bfloat16, device=device) for _ in "kv")
+    q = torch.randn(rows, heads, head_dim, dtype=torch.bfloat16, device=device)
+    args = (q, k_cache, v_cache, tables.to(device), lens.int().to(device), head_dim**-0.5, 1024)
+    attend = kernels.paged_decode_attention_triton
+    return {
+        f"attention, {name}": best_ms(partial(attend, *args, direct=direct), device, repeats)
+        for name, direct in (("split + merge", False), ("one split", True))
+    }
+
+
 def softmax_passes(logits: torch.Tensor, temperature: float = 0.8) -> None:
     """What the sampler wrote for a top-p step before `kernels.tempered_lse`: the
     log-softmax (reported log-probs) and the tempered one, [R, V] fp32 each, and its topk."""
@@ -110,9 +136,14 @@ def main() -> None:
     args = p.parse_args()
     device = torch.device(args.device)
     sizes = [int(r) for r in args.rows.split(",")]
-    results = {r: head_reads(r, args.vocab, device, args.repeats) for r in sizes}
+    results = {
+        r: head_reads(r, args.vocab, device, args.repeats)
+        | attention_reads(r, device, args.repeats)
+        for r in sizes
+    }
     print(
-        f"# the logits' reads, ms per call (best of {args.repeats}), vocab {args.vocab}, {device}"
+        f"# the decode step's reads, ms per call (best of {args.repeats}), "
+        f"vocab {args.vocab}, {device}"
     )
     print(f"{'':34}" + "".join(f"{f'{r} rows':>12}" for r in sizes))
     for name in results[sizes[0]]:
