@@ -156,30 +156,32 @@ def test_write_kv_noncontiguous_input() -> None:
 
 
 @pytest.mark.parametrize(
-    ("context_lens", "group", "block_size", "dtype", "split_tokens"),
+    ("context_lens", "group", "block_size", "dtype", "splits"),
     [
-        ([1, 7, 33, 100], 1, 16, torch.float32, None),
-        ([100, 1, 33], 4, 32, torch.float32, None),
-        ([7, 0, 33], 8, 16, torch.float32, None),  # row 1: a padded row, output zeros
+        ([1, 7, 33, 100], 1, 16, torch.float32, "length"),
+        ([1, 7, 33, 100], 1, 16, torch.float32, "one"),
+        ([100, 1, 33], 4, 32, torch.float32, "length"),
+        ([100, 1, 33], 4, 32, torch.float32, "one"),
+        ([7, 0, 33], 8, 16, torch.float32, "length"),  # row 1: a padded row, output zeros
+        ([7, 0, 33], 8, 16, torch.float32, "one"),
         ([300, 5, 0, 64], 4, 16, torch.float32, 32),  # 10 splits; most empty for rows 1-3
         ([300, 17], 1, 32, torch.float32, 64),  # 5 splits, the last one partial
         ([45, 1, 100], 4, 16, torch.bfloat16, 32),
-        ([45, 3], 8, 32, torch.float16, None),
+        ([45, 1, 100], 4, 16, torch.bfloat16, "one"),
+        ([45, 3], 8, 32, torch.float16, "length"),
+        ([45, 3], 8, 32, torch.float16, "one"),
     ],
 )
-@pytest.mark.parametrize("direct", [False, True], ids=["splits", "one-split"])
 def test_decode_attention(
     context_lens: list[int],
     group: int,
     block_size: int,
     dtype: torch.dtype,
-    split_tokens: int | None,
-    direct: bool,
+    splits: int | str,
 ) -> None:
-    """Against the reference: split by length (merged by the second kernel) and, as for a
-    large batch, one split per row written directly."""
-    if direct and split_tokens:
-        pytest.skip("one split has no split length")
+    """Against the reference: split by length or every `splits` tokens (merged by the
+    second kernel) or, as for a large batch, one split per row written directly."""
+    split_tokens = splits if isinstance(splits, int) else None
     kv_heads, head_dim = 2, 16
     k_cache, v_cache, tables = _paged_cache(context_lens, block_size, kv_heads, head_dim, dtype)
     lens = torch.tensor(context_lens, dtype=torch.int32, device=DEVICE)
@@ -196,7 +198,7 @@ def test_decode_attention(
         scale,
         max(context_lens),
         split_tokens=split_tokens,
-        direct=direct,
+        direct=splits == "one",
     )
 
     assert actual.dtype == dtype and not actual.isnan().any()
