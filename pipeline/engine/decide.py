@@ -236,9 +236,11 @@ class Decider:
         plan: StepPlan,
         logits: torch.Tensor | TopLogprobs,
         tensors: dict[str, torch.Tensor],
+        reused: bool = False,
     ) -> PendingDecision:
-        """logits: [len(batch.seqs), V] fp32, one row per scheduled sequence (modified), or
-        their best log-probs when the plan had a head query."""
+        """logits: [len(batch.seqs), V], one row per scheduled sequence (modified), or their
+        best log-probs when the plan had a head query. `reused`: the logits live in a buffer
+        that the next step writes (the decode graphs')."""
         results: list[torch.Tensor] = []
         sampled = None
         if plan.sampling is not None:
@@ -248,7 +250,12 @@ class Decider:
             else:
                 selected = logits if rows is None else logits.index_select(0, rows)
                 sampled = sample(
-                    selected, plan.sampling, tensors, self.workspace, self.sampling_lse
+                    selected,
+                    plan.sampling,
+                    tensors,
+                    self.workspace,
+                    self.sampling_lse,
+                    reused=reused and rows is None,
                 )
             results += [sampled.tokens, sampled.logprobs]
             if sampled.needs_exact is not None:

@@ -257,7 +257,7 @@ class LLMEngine:
             clock = _lap(phases, "prepare", clock)
             logits = self.runner.forward(inputs, plan.head)
             clock = _lap(phases, "forward", clock)
-            pending = self.decider.launch(plan, logits, inputs.tensors)
+            pending = self.decider.launch(plan, logits, inputs.tensors, inputs.graphed)
             _lap(phases, "sample", clock)
         except RuntimeError as exc:
             if not _is_oom(exc):

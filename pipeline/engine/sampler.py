@@ -75,8 +75,8 @@ class SampleOutput:
     needs_exact: torch.Tensor | None  # [R] bool: prefilter too narrow, redraw from a full sort
     top_ids: torch.Tensor | None  # [R, k] int64 when logprobs were asked for
     top_logprobs: torch.Tensor | None  # [R, k] fp32
-    # [R, V]: a copy of the logits (penalties and bans applied) for `resample_exact`, when
-    # some row may need it
+    # [R, V]: the logits (penalties and bans applied; a copy where their buffer is reused)
+    # for `resample_exact`, when some row may need it
     kept: torch.Tensor | None
 
 
@@ -204,14 +204,17 @@ def sample(
     tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
     trial: KernelTrial | None = None,
+    reused: bool = True,
 ) -> SampleOutput:
     """logits: [R, V] (modified in place: penalties and bans). On CUDA, bf16 or fp16 logits
     from the decode graphs' buffer are read as they are (in fp32 arithmetic) unless penalties
     need an fp32 copy; elsewhere they are widened to fp32. `tensors`: the plan's arrays on the
-    device; `trial`: the log-sum-exps' Triton kernel on trial (see `KernelTrial`), if any."""
+    device; `trial`: the log-sum-exps' Triton kernel on trial (see `KernelTrial`), if any;
+    `reused`: the logits' buffer is written again before an exact redraw could read it (the
+    decode graphs' buffer, by the next step), so rows that may need one keep a copy."""
     greedy_only = not plan.any_random and plan.max_logprobs is None
     if logits.dtype != torch.float32 and (plan.penalty_rows or not compiled(logits)):
-        logits = logits.float()
+        logits, reused = logits.float(), False  # a fresh tensor
     if plan.penalty_rows:
         _apply_penalties(logits, tensors)
     plan.mask.apply(logits, tensors, "mask.")
@@ -230,7 +233,7 @@ def sample(
         drawn, needs_exact = _draw(logits, temperature, tempered_lse, plan, tensors, workspace)
         tokens = drawn if tokens is None else torch.where(tensors["random"].bool(), drawn, tokens)
         if needs_exact is not None:  # a redraw reads them after the next step has run
-            kept = _buffer(workspace, "kept", logits).copy_(logits)
+            kept = _buffer(workspace, "kept", logits).copy_(logits) if reused else logits
     assert tokens is not None
     chosen = logits.gather(1, tokens[:, None]).squeeze(1).float() - lse
     top_ids = top_lp = None
