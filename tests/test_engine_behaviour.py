@@ -264,8 +264,10 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
     as they are, the decode graphs' buffer) against the torch path on the same logits
     widened: greedy, tempered, min-p, top-k, top-p (peaked and flat rows, these redrawn
     exactly), combined and min_tokens rows, top log-probs; with penalised rows the step
-    widens its logits first. Equal draws but where the sums' rounding moves a boundary
-    (rare). (jobs/gpu_check.sh runs it on CUDA, with the compiled kernel.)"""
+    widens its logits first. The CUDA path looks at 1,024 candidates, the torch path at 256:
+    equal bf16 logits (frequent) are drawn in token order by both, so that the draw does not
+    depend on k. Equal draws but where the sums' rounding moves a boundary (rare).
+    (jobs/gpu_check.sh runs it on CUDA, with the compiled kernel.)"""
     gen = torch.Generator().manual_seed(8)
     rows, vocab = 60, 9000  # past one of the kernel's 4,096-entry blocks
     logits = torch.randn(rows, vocab, generator=gen) * 4

@@ -11,9 +11,10 @@ Two halves: `plan_sampling` (host) turns the rows' parameters into small numpy a
 travel with the step's one host-to-device copy; `sample` (device) runs without a host sync.
 
 Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` best tokens
-(more when a row's top_k asks for more). When those hold less than a row's top_p mass, its
-nucleus reaches further down; such a row is flagged, and `resample_exact` redraws it from the
-full sort after the step's copy to the host - rare for a trained model, and exact either way.
+(`CUDA_PREFILTER` on CUDA; more when a row's top_k asks for more). When those hold less than
+a row's top_p mass, its nucleus reaches further down; such a row is flagged, and
+`resample_exact` redraws it from the full sort after the step's copy to the host - rare for
+a trained model, and exact either way.
 Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
 
 On the CPU (fp32 logits) the compiled kernels take every row, a row at a time while it is in
@@ -44,6 +45,11 @@ from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
+# On CUDA a redraw waits for the device, and an overlapped next step fed the step's tokens is
+# dropped and run again, while a wider topk costs little more (its radix passes read each row
+# as often; only the k outputs' sort grows): look at more candidates there. (A CPU's topk
+# grows with k: 34 ms for 256 of [256, 128,256], 79 ms for 1,024.)
+CUDA_PREFILTER = 1024
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
 
@@ -364,9 +370,10 @@ def _draw(
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
-        drawn, covered = _draw_filtered(
-            logits, temperature, tempered_lse, params, u, plan.prefilter
-        )
+        k = plan.prefilter
+        if compiled(logits):
+            k = min(logits.shape[1], max(k, CUDA_PREFILTER))
+        drawn, covered = _draw_filtered(logits, temperature, tempered_lse, params, u, k)
         if plan.may_redraw:
             needs_exact = filtered & ~covered & t["random"].bool()
     if plan.any_unfiltered:
@@ -424,7 +431,12 @@ def _draw_filtered(
     Returns token ids [R] and `covered` [R]: whether those k tokens hold the row's whole
     nucleus (always, when the row's own top_k is active; with top-p only, when their mass
     reaches top_p). The result of a covered row equals that of a full sort."""
-    best, ids = torch.topk(logits, k, dim=-1)  # [R, k], descending
+    best, ids = torch.topk(logits, k, dim=-1)  # [R, k], descending; ties in any order
+    # Ties by token id, as the CPU kernel orders them: which of equal candidates a draw lands
+    # on must not depend on k or on topk's implementation (bf16 logits tie often).
+    ids, by_id = ids.sort(dim=-1)
+    best, by_value = best.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
+    ids = ids.gather(1, by_value)
     values = best.float() / temperature[:, None] - tempered_lse[:, None]
     top_k, top_p, min_p = params[:, 1:2], params[:, 2:3].float(), params[:, 3:4].float()
     rank = torch.arange(k, device=logits.device)[None, :]
