@@ -34,11 +34,9 @@ def tempered_lse_ref(
     temperature = temperature[:, None]
     lse = best - torch.log_softmax(logits, dim=1).gather(1, at)
     tempered = best / temperature - torch.log_softmax(logits / temperature, dim=1).gather(1, at)
-    finite = best > float("-inf")
-    minus_inf = best.new_full((), float("-inf"))
-    return torch.where(finite, lse, minus_inf).squeeze(1), torch.where(
-        finite, tempered, minus_inf
-    ).squeeze(1)
+    both = torch.cat([lse, tempered], dim=1)  # [R, 2]; NaN for a row of -inf: -inf instead
+    both = both.masked_fill(best == float("-inf"), float("-inf"))
+    return both[:, 0], both[:, 1]
 
 
 def tempered_lse_triton(
