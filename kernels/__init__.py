@@ -18,6 +18,7 @@ from .decode_attention import paged_decode_attention_ref, paged_decode_attention
 from .greedy import greedy_pick_ref, greedy_pick_triton
 from .kv_write import write_kv_ref, write_kv_triton
 from .lse_topk import row_lse_topk_ref, row_lse_topk_triton
+from .nucleus_draw import nucleus_draw_triton
 from .prefill_attention import prefill_attention_ref, prefill_attention_triton
 from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import rope_ref, rope_triton
@@ -30,6 +31,7 @@ __all__ = [
     "compiled",
     "greedy_pick_ref",
     "greedy_pick_triton",
+    "nucleus_draw_triton",
     "paged_decode_attention_ref",
     "paged_decode_attention_triton",
     "prefill_attention_ref",

@@ -19,7 +19,6 @@ from pipeline.engine.sampler import RowKinds, plan_sampling, resample_exact, sam
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.step_meta import block_tables
 from pipeline.engine.transfer import HostToDevice
-from pipeline.kernels import KernelTrial
 from pipeline.kernels.cpu import cpu_kernels_available
 
 
@@ -245,11 +244,11 @@ def test_top_p_keeps_the_nucleus_only():
 
 
 def torch_draws(
-    logits: torch.Tensor, plan, tensors
+    logits: torch.Tensor, plan, tensors, kernels: sampler.SamplerKernels | None = None
 ) -> tuple[list[int], list[float], sampler.SampleOutput]:
-    """The torch sampler's tokens and log-probs, its exact redraws made (the engine's order),
-    and its output."""
-    out = sample(logits, plan, tensors)
+    """The sampler's tokens and log-probs, its exact redraws made (the engine's order), and
+    its output."""
+    out = sample(logits, plan, tensors, kernels=kernels)
     tokens, logprobs = out.tokens.tolist(), out.logprobs.tolist()
     if out.needs_exact is not None and out.needs_exact.any():
         redo = out.needs_exact.nonzero().squeeze(1).tolist()
@@ -262,12 +261,14 @@ def torch_draws(
 def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeypatch, penalised):
     """The sampler as on CUDA (Triton log-sum-exps under the interpreter, bf16 logits read
     as they are, the decode graphs' buffer) against the torch path on the same logits
-    widened: greedy, tempered, min-p, top-k, top-p (peaked and flat rows, these redrawn
-    exactly), combined and min_tokens rows, top log-probs; with penalised rows the step
-    widens its logits first. The CUDA path looks at 1,024 candidates, the torch path at 256:
-    equal bf16 logits (frequent) are drawn in token order by both, so that the draw does not
-    depend on k. Equal draws but where the sums' rounding moves a boundary (rare).
-    (jobs/gpu_check.sh runs it on CUDA, with the compiled kernel.)"""
+    widened: greedy, tempered, min-p, top-k, top-p (peaked and flat rows), combined and
+    min_tokens rows, top log-probs; with penalised rows the step widens its logits first.
+    The CUDA path looks at 1,024 candidates, the torch path at 256: equal bf16 logits
+    (frequent) are drawn in token order by both, so that the draw does not depend on k. The
+    flat top-p rows' nucleus passes both: the torch path redraws them from a full sort on the
+    host, the CUDA path on the device (kernels/nucleus_draw.py), with no redraw left. Equal
+    draws but where the sums' rounding moves a boundary (rare).
+    (jobs/gpu_check.sh runs it on CUDA, with the compiled kernels.)"""
     gen = torch.Generator().manual_seed(8)
     rows, vocab = 60, 9000  # past one of the kernel's 4,096-entry blocks
     logits = torch.randn(rows, vocab, generator=gen) * 4
@@ -293,9 +294,8 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
     monkeypatch.setattr(sampler, "compiled", lambda t: True)
     cuda_tokens, cuda_logprobs, out = torch_draws(logits.clone(), plan, tensors)
 
-    assert out.kept is not None
-    assert out.kept.dtype == (torch.float32 if penalised else torch.bfloat16)
-    assert out.needs_exact is not None and out.needs_exact.any()  # flat top-p rows redrawn
+    assert reference.needs_exact is not None and reference.needs_exact.any()  # flat rows
+    assert out.needs_exact is None and out.kept is None  # drawn on the device
     same = torch.tensor(cuda_tokens) == torch.tensor(tokens)
     assert same.sum() >= rows - 1
     torch.testing.assert_close(
@@ -307,20 +307,22 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
     assert all(cuda_tokens[i] != 2 for i in min_tokens)  # EOS banned
 
 
-def test_sampling_takes_torch_ops_when_its_kernel_fails_its_first_call(monkeypatch):
-    """On CUDA the sampler's log-sum-exps come from a Triton kernel not yet run on every
-    GPU. Should its first call fail (as a compilation would), that step and every later one
-    sample through torch ops, the same draws, without calling the kernel again; a failure
-    after a call that succeeded propagates."""
+def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeypatch):
+    """On CUDA the sampler's log-sum-exps and its draws past the candidates come from Triton
+    kernels not yet run on every GPU. Should a kernel's first call fail (as a compilation
+    would), that step and every later one take torch ops instead (for the draws, the exact
+    redraws on the host), the same draws, without calling the kernel again; a failure after
+    a call that succeeded propagates."""
     rows, vocab = 16, 500
-    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(5)) * 3
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(5)) * 0.3
     params = SamplingParams(temperature=0.8, top_p=0.9)
     seqs = [Sequence([1, 2], 1) for _ in range(rows)]
     kinds = RowKinds.of([params] * rows, vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
     tensors = HostToDevice(logits.device).to_device(plan.arrays)
     monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
-    expected = sample(logits.clone(), plan, tensors)  # torch ops (no CUDA here)
+    monkeypatch.setattr(sampler, "CUDA_PREFILTER", 8)  # every row's nucleus passes it
+    expected, _, _ = torch_draws(logits.clone(), plan, tensors)  # torch ops (no CUDA here)
     calls = []
 
     def fails(*args):
@@ -328,17 +330,23 @@ def test_sampling_takes_torch_ops_when_its_kernel_fails_its_first_call(monkeypat
         raise RuntimeError("this kernel does not compile here")
 
     monkeypatch.setattr(sampler, "compiled", lambda t: True)
-    monkeypatch.setattr(sampler, "tempered_lse_triton", fails)
-    trial = KernelTrial("sampling")
-    for _ in range(2):
-        out = sample(logits.clone(), plan, tensors, trial=trial)
-        assert torch.equal(out.tokens, expected.tokens)
-        torch.testing.assert_close(out.logprobs, expected.logprobs)
-    assert trial.ok is False and len(calls) == 1
-    ran = KernelTrial("sampling")
-    ran.ok = True  # a call succeeded before
-    with pytest.raises(RuntimeError, match="does not compile"):
-        sample(logits.clone(), plan, tensors, trial=ran)
+    for name in ["tempered_lse_triton", "nucleus_draw_triton"]:
+        with monkeypatch.context() as patch:
+            patch.setattr(sampler, name, fails)
+            calls.clear()
+            kernels = sampler.SamplerKernels()
+            for _ in range(2):
+                tokens, _, out = torch_draws(logits.clone(), plan, tensors, kernels)
+                assert tokens == expected
+            trial = kernels.lse if name == "tempered_lse_triton" else kernels.nucleus
+            assert trial.ok is False and len(calls) == 1
+            assert (out.needs_exact is not None) == (name == "nucleus_draw_triton")
+            kernels = sampler.SamplerKernels()
+            kernels.lse.ok = kernels.nucleus.ok = True  # a call succeeded before
+            with pytest.raises(RuntimeError, match="does not compile"):
+                sample(logits.clone(), plan, tensors, kernels=kernels)
+    tokens, _, out = torch_draws(logits.clone(), plan, tensors, sampler.SamplerKernels())
+    assert tokens == expected and out.needs_exact is None  # both kernels ran
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")

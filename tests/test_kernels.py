@@ -467,3 +467,46 @@ def test_tempered_lse(vocab: int, dtype: torch.dtype) -> None:
     torch.testing.assert_close(tempered, ref_tempered, atol=1e-5, rtol=1e-5)
     assert lse[1] == tempered[1] == 0.0
     assert lse[2] == tempered[2] == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nucleus_draw_is_the_full_sorts_draw(dtype: torch.dtype) -> None:
+    """Top-p (and min-p) draws over the whole vocabulary without a sort, against the sampler's
+    draw from a full sort (its exact redraw), 9,000 tokens (past two 4,096-entry blocks):
+    flat rows at temperatures 0.5-2 and top_p 0.3-0.99999, rows of a few distinct values
+    (the nucleus' edge and the draw fall among thousands of equal logits, taken by id),
+    min-p, banned tokens, a first block of -inf, a peaked row, draws at u = 0 and near 1;
+    an unflagged row is left as it was."""
+    from pipeline.engine.sampler import _draw_filtered
+
+    gen = torch.Generator().manual_seed(11)
+    rows, vocab = 14, 9000
+    x = torch.randn(rows, vocab, generator=gen) * 0.6
+    x[2:5] = (x[2:5] * 4).round() / 4  # a few distinct values: ties everywhere
+    x[5, :4096] = float("-inf")
+    x[6, 100] = 12.0  # peaked: the nucleus is one token
+    x[:, [3, 4000, 8999]] = float("-inf")  # banned
+    x = x.to(dtype).to(DEVICE)
+    temperature = torch.tensor([0.5, 0.8, 1.0, 1.3, 0.7, 2.0, 1.0] * 2, device=DEVICE)
+    top_p = [0.9, 0.95, 0.5, 0.99999, 0.8, 0.95, 0.9, 0.3, 0.97, 0.6, 0.9, 0.99, 0.75, 0.9]
+    min_p = [0.0] * rows
+    min_p[1] = min_p[4] = min_p[9] = 0.2
+    params = torch.tensor(
+        [(t, 0, p, m) for t, p, m in zip(temperature.tolist(), top_p, min_p, strict=True)],
+        dtype=torch.float64,
+        device=DEVICE,
+    )
+    u = torch.rand(rows, generator=gen, dtype=torch.float64)
+    u[7], u[8] = 0.0, 0.999
+    u = u.to(DEVICE)
+    _, tempered_lse = K.tempered_lse_ref(x, temperature)
+    expected, _ = _draw_filtered(x, temperature, tempered_lse, params, u, vocab)
+    flagged = torch.ones(rows, dtype=torch.bool, device=DEVICE)
+    flagged[10] = False
+    tokens = torch.full((rows,), -5, dtype=torch.int64, device=DEVICE)
+
+    K.nucleus_draw_triton(x, temperature, tempered_lse, params, u, flagged, tokens)
+
+    assert tokens[10] == -5
+    assert tokens[flagged].tolist() == expected[flagged].tolist()
+    assert tokens[6] == 100

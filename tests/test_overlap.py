@@ -124,6 +124,27 @@ def test_redraws_of_an_overlapped_step_read_its_own_logits_under_decode_graphs(
     assert stats["exact_resamples"] > 0 and stats["overlapped_steps"] > 0
 
 
+def test_draws_past_the_candidates_on_the_device_keep_every_overlapped_step(model_dir, monkeypatch):
+    """As on CUDA (its Triton kernels under the interpreter): rows whose nucleus passes the
+    candidates are drawn on the device (kernels/nucleus_draw.py), so the host redraws
+    nothing and no overlapped step is dropped; the outputs are the torch path's, whose
+    exact redraws are made on the host."""
+    monkeypatch.setattr(sampler, "PREFILTER", 2)
+    monkeypatch.setattr(sampler, "CUDA_PREFILTER", 2)
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    prompts = random_prompts(8, seed=35, low=3, high=12)
+    params = lambda i: SamplingParams(temperature=1.0, top_p=0.7, max_tokens=12, seed=i)  # noqa: E731
+    plain = make_engine(model_dir, overlap_steps=False)
+    expected = run(plain, prompts, params)
+    assert plain.stats()["exact_resamples"] > 0
+    monkeypatch.setattr(sampler, "compiled", lambda t: True)
+    overlapped = make_engine(model_dir, overlap_steps=True)
+    assert_same(run(overlapped, prompts, params), expected)
+    stats = overlapped.stats()
+    assert stats["exact_resamples"] == 0 and overlapped.num_dropped_steps == 0
+    assert stats["overlapped_steps"] > 0 and overlapped.decider.sampling_kernels.nucleus.ok
+
+
 def test_overlap_survives_preemption_and_leaves_no_placeholder(model_dir):
     prompts = random_prompts(10, seed=11, low=10, high=30)
     params = lambda i: SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # noqa: E731

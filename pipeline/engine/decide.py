@@ -28,6 +28,7 @@ from pipeline.engine.params import TokenRules
 from pipeline.engine.sampler import (
     RowKinds,
     SampleOutput,
+    SamplerKernels,
     SamplingPlan,
     greedy_from_top,
     plan_sampling,
@@ -122,7 +123,7 @@ class Decider:
         # The Triton kernels of beams' ranking and of sampling, on trial: after a failed
         # first call (a compilation on a GPU they have not met), torch ops as without Triton.
         self.one_pass_beams = KernelTrial("beam ranking")
-        self.sampling_lse = KernelTrial("sampling's log-sum-exps")
+        self.sampling_kernels = SamplerKernels()
 
     def swap_workspaces(self) -> None:
         """The next step samples into other buffers: the step before may still redraw rows
@@ -254,7 +255,7 @@ class Decider:
                     plan.sampling,
                     tensors,
                     self.workspace,
-                    self.sampling_lse,
+                    self.sampling_kernels,
                     reused=reused and rows is None,
                 )
             results += [sampled.tokens, sampled.logprobs]

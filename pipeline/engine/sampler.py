@@ -12,9 +12,11 @@ travel with the step's one host-to-device copy; `sample` (device) runs without a
 
 Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` best tokens
 (`CUDA_PREFILTER` on CUDA; more when a row's top_k asks for more). When those hold less than
-a row's top_p mass, its nucleus reaches further down; such a row is flagged, and
-`resample_exact` redraws it from the full sort after the step's copy to the host - rare for
-a trained model, and exact either way.
+a row's top_p mass, its nucleus reaches further down; such a row is flagged. On CUDA a
+Triton kernel draws the flagged rows over the whole vocabulary on the device, without a sort
+(kernels/nucleus_draw.py); elsewhere `resample_exact` redraws them from the full sort after
+the step's copy to the host (a wait, and an overlapped next step dropped; rare for a trained
+model). Exact either way.
 Rows with neither top-k nor top-p draw over the whole vocabulary in vocabulary order.
 
 On the CPU (fp32 logits) the compiled kernels take every row, a row at a time while it is in
@@ -37,6 +39,7 @@ from pipeline.kernels import (
     KernelTrial,
     compiled,
     greedy_pick_triton,
+    nucleus_draw_triton,
     tempered_lse_ref,
     tempered_lse_triton,
 )
@@ -45,10 +48,11 @@ from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
-# On CUDA a redraw waits for the device, and an overlapped next step fed the step's tokens is
-# dropped and run again, while a wider topk costs little more (its radix passes read each row
-# as often; only the k outputs' sort grows): look at more candidates there. (A CPU's topk
-# grows with k: 34 ms for 256 of [256, 128,256], 79 ms for 1,024.)
+# On CUDA a flagged row costs its draw kernel some 32-64 passes over its row (and, should
+# that kernel fail, a host redraw that waits for the device and drops an overlapped step),
+# while a wider topk costs little more (its radix passes read each row as often; only the k
+# outputs' sort grows): look at more candidates there. (A CPU's topk grows with k: 34 ms
+# for 256 of [256, 128,256], 79 ms for 1,024.)
 CUDA_PREFILTER = 1024
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 
@@ -70,6 +74,17 @@ class SamplingPlan:
     # next token is their last (a forced EOS); travels as the arrays "mask.*"
     mask: TokenMask = field(default_factory=TokenMask)
     penalty_rows: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SamplerKernels:
+    """The sampler's Triton kernels on CUDA, each on trial (see `KernelTrial`): after a
+    failed first call, torch ops for the rest of the process."""
+
+    lse: KernelTrial = field(default_factory=lambda: KernelTrial("sampling's log-sum-exps"))
+    nucleus: KernelTrial = field(
+        default_factory=lambda: KernelTrial("top-p draws past the candidates")
+    )
 
 
 @dataclass
@@ -209,13 +224,13 @@ def sample(
     plan: SamplingPlan,
     tensors: dict[str, torch.Tensor],
     workspace: Workspace | None = None,
-    trial: KernelTrial | None = None,
+    kernels: SamplerKernels | None = None,
     reused: bool = True,
 ) -> SampleOutput:
     """logits: [R, V] (modified in place: penalties and bans). On CUDA, bf16 or fp16 logits
     from the decode graphs' buffer are read as they are (in fp32 arithmetic) unless penalties
     need an fp32 copy; elsewhere they are widened to fp32. `tensors`: the plan's arrays on the
-    device; `trial`: the log-sum-exps' Triton kernel on trial (see `KernelTrial`), if any;
+    device; `kernels`: the Triton kernels on trial (CUDA), one set for a process's steps;
     `reused`: the logits' buffer is written again before an exact redraw could read it (the
     decode graphs' buffer, by the next step), so rows that may need one keep a copy."""
     greedy_only = not plan.any_random and plan.max_logprobs is None
@@ -230,13 +245,16 @@ def sample(
         picked, chosen = greedy_pick_triton(logits)  # the choice and its log-prob, one pass
         return SampleOutput(picked, chosen, None, None, None, None)
     temperature = tensors["params"][:, 0].float()  # 1 for greedy rows
-    lse, tempered_lse = _tempered_lse(logits, temperature, trial)  # [R] each: one read
+    kernels = kernels or SamplerKernels()
+    lse, tempered_lse = _tempered_lse(logits, temperature, kernels.lse)  # [R] each: one read
     tokens = None
     if not plan.all_random:  # greedy rows: the argmax (max() is faster than argmax())
         tokens = logits.max(dim=-1).indices
     needs_exact = kept = None
     if plan.any_random:
-        drawn, needs_exact = _draw(logits, temperature, tempered_lse, plan, tensors, workspace)
+        drawn, needs_exact = _draw(
+            logits, temperature, tempered_lse, plan, tensors, workspace, kernels.nucleus
+        )
         tokens = drawn if tokens is None else torch.where(tensors["random"].bool(), drawn, tokens)
         if needs_exact is not None:  # a redraw reads them after the next step has run
             kept = _buffer(workspace, "kept", logits).copy_(logits) if reused else logits
@@ -250,12 +268,10 @@ def sample(
 
 
 def _tempered_lse(
-    logits: torch.Tensor, temperature: torch.Tensor, trial: KernelTrial | None
+    logits: torch.Tensor, temperature: torch.Tensor, trial: KernelTrial
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's log-sum-exp of its logits and of logits / temperature: [R] fp32 each."""
     if compiled(logits):
-        if trial is None:
-            return tempered_lse_triton(logits, temperature)
         both = trial.run(tempered_lse_triton, logits, temperature)
         if both is not None:
             return both
@@ -360,10 +376,11 @@ def _draw(
     plan: SamplingPlan,
     t: dict[str, torch.Tensor],
     workspace: Workspace | None,
+    nucleus: KernelTrial,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[R, V] logits, each row drawn from log_softmax(logits / temperature) (whose
     log-sum-exp is `tempered_lse`, [R]) -> drawn token ids [R], and which rows need
-    `resample_exact`."""
+    `resample_exact` (None: none; on CUDA `nucleus` draws them in place)."""
     params = t["params"]
     sis = t["seed_index_step"]
     u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
@@ -376,6 +393,9 @@ def _draw(
         drawn, covered = _draw_filtered(logits, temperature, tempered_lse, params, u, k)
         if plan.may_redraw:
             needs_exact = filtered & ~covered & t["random"].bool()
+            args = (logits, temperature, tempered_lse, params, u, needs_exact, drawn)
+            if compiled(logits) and nucleus.run(nucleus_draw_triton, *args) is not None:
+                needs_exact = None  # drawn over the whole vocabulary on the device
     if plan.any_unfiltered:
         full = _draw_full(logits, temperature, tempered_lse, params, u, plan.any_min_p, workspace)
         drawn = full if drawn is None else torch.where(filtered, drawn, full)
