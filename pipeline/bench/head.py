@@ -1,6 +1,7 @@
 """The decode step's reads of its logits, timed alone: greedy's pick, beam search's
 ranking and top-p sampling, torch ops against the one-pass Triton kernels, fp32 logits
-against bf16; and one layer's decode attention, split by length and merged against one
+against bf16, top-p rows whose nucleus passes the candidates drawn on the device against
+redrawn on the host; and one layer's decode attention, split by length and merged against one
 split per row.
 
     python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
@@ -25,7 +26,14 @@ import torch
 from pipeline import kernels
 from pipeline.engine.params import SamplingParams
 from pipeline.engine.random import signed_seed
-from pipeline.engine.sampler import PREFILTER, RowKinds, SampleOutput, plan_sampling, sample
+from pipeline.engine.sampler import (
+    PREFILTER,
+    RowKinds,
+    SamplerKernels,
+    plan_sampling,
+    resample_exact,
+    sample,
+)
 from pipeline.engine.sequence import Sequence
 from pipeline.engine.transfer import HostToDevice
 
@@ -77,6 +85,12 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
             times[f"greedy, one pass ({name})"] = best_ms(pick, device, repeats)
             times[f"beam ranking, one pass ({name})"] = best_ms(rank, device, repeats)
         times["top-p, sampler (bf16)"] = best_ms(partial(draw, bf16), device, repeats)
+        # Flat rows: every row's nucleus passes the 1,024 candidates. Drawn on the device
+        # (kernels/nucleus_draw.py), or redrawn from a full sort on the host as before.
+        flat = (fp32 / 3).to(torch.bfloat16)
+        times["top-p, flat, on the device (bf16)"] = best_ms(partial(draw, flat), device, repeats)
+        redraw = top_p_sampling(rows, vocab, device, host_redraws=True)
+        times["top-p, flat, host redraws (bf16)"] = best_ms(partial(redraw, flat), device, repeats)
     return times
 
 
@@ -113,16 +127,29 @@ def softmax_passes(logits: torch.Tensor, temperature: float = 0.8) -> None:
 
 
 def top_p_sampling(
-    rows: int, vocab: int, device: torch.device
-) -> Callable[[torch.Tensor], SampleOutput]:
+    rows: int, vocab: int, device: torch.device, host_redraws: bool = False
+) -> Callable[[torch.Tensor], object]:
     """The sampler's device half for rows at T=0.8, top_p=0.95 (the generate job's default);
-    the plan (host) made once."""
+    the plan (host) made once. `host_redraws`: without the draw kernel for rows past the
+    candidates, which are then redrawn on the host (`resample_exact`), as the engine did."""
     params = SamplingParams(temperature=0.8, top_p=0.95)
     seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
     kinds = RowKinds.of([params] * rows, vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
     tensors = HostToDevice(device).to_device(plan.arrays)
-    return lambda logits: sample(logits, plan, tensors)
+    if not host_redraws:
+        return lambda logits: sample(logits, plan, tensors)
+    without = SamplerKernels()
+    without.nucleus.ok = False  # as after a failed first call: torch's path
+
+    def redrawn(logits: torch.Tensor) -> object:
+        out = sample(logits, plan, tensors, kernels=without)
+        if out.needs_exact is None:  # the CPU's compiled draw: no redraws
+            return None
+        redo = out.needs_exact.nonzero().squeeze(1).tolist()  # waits for the device
+        return resample_exact(out, redo, tensors) if redo else None
+
+    return redrawn
 
 
 def main() -> None:
