@@ -155,8 +155,8 @@ class ClusterConfig:
 
 @dataclass
 class BatchingConfig:
-    window: int = 0  # rows sorted by length together; 0: 4 x engine.max_num_seqs
-    queue_depth: int = 0  # requests kept waiting in the engine; 0: engine.max_num_seqs
+    window: int = 0  # rows sorted by length together; 0: 4 x the engine's max_num_seqs
+    queue_depth: int = 0  # requests kept waiting in the engine; 0: its max_num_seqs
 
     def __post_init__(self) -> None:
         for key in ("window", "queue_depth"):

@@ -306,7 +306,7 @@ def _driver(
     metrics_path: Path,
     total_rows: int,
 ) -> Driver:
-    max_seqs = config.engine.max_num_seqs
+    max_seqs = engine.max_num_seqs  # engine.max_num_seqs, auto resolved for the device
     feeder = LengthSortedFeeder(
         window=config.batching.window or 4 * max_seqs,
         queue_depth=config.batching.queue_depth or max_seqs,

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from pipeline.config import PipelineConfig, load_config
-from pipeline.engine.config import ConfigError
+from pipeline.engine.config import ConfigError, EngineConfig
 from pipeline.engine.params import BeamParams, ParamsError, SamplingParams
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -97,6 +97,7 @@ def test_slurm_launcher_composes(compose) -> None:
         ("engine.dtype=float8", "engine.dtype"),
         ("engine.device=tpu", "engine.device"),
         ("engine.max_num_seqs=0", "engine.max_num_seqs"),
+        ("engine.max_num_seqs=many", "engine.max_num_seqs"),
         ("engine.kv_cache_memory=lots", "engine.kv_cache_memory"),
         ("quant.method=int4", "quant.method"),
         ("input.limit=0", "input.limit"),
@@ -122,9 +123,9 @@ def test_n_samples_with_greedy_says_how_to_fix(compose) -> None:
 
 def test_wrong_type_and_unknown_key_fail_at_compose(compose) -> None:
     with pytest.raises(ConfigCompositionException) as info:
-        compose(["engine.max_num_seqs=many"])
+        compose(["engine.block_size=many"])
     assert isinstance(info.value.__cause__, ValidationError)
-    assert "engine.max_num_seqs" in str(info.value.__cause__)
+    assert "engine.block_size" in str(info.value.__cause__)
     with pytest.raises(ConfigCompositionException, match="no_such_key"):
         compose(["engine.no_such_key=1"])
 
@@ -148,3 +149,26 @@ def test_auto_tokenization_workers_follow_the_cores_and_the_engine(monkeypatch) 
     assert ClusterConfig(n_workers=5).workers_for(engine_on_gpu=True) == 5
     with pytest.raises(ConfigError, match=r"cluster\.n_workers must be auto or >= 1"):
         ClusterConfig(n_workers="many")
+
+
+def test_max_num_seqs_auto_is_wider_on_large_gpus(monkeypatch) -> None:
+    """auto: 1,024 sequences on a GPU of 70 GiB or more (an H100 or H200), 256 on smaller
+    GPUs and on the CPU; a number is kept as given. The engine, the job's feeder and the
+    benchmark read the resolved value."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.engine.resources import resolve_max_num_seqs
+
+    memory = {"total_memory": 80 * 2**30}
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: SimpleNamespace(**memory)
+    )
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_max_num_seqs("auto", cuda) == 1024
+    assert resolve_max_num_seqs(64, cuda) == 64
+    assert resolve_max_num_seqs("auto", cpu) == 256
+    memory["total_memory"] = 24 * 2**30
+    assert resolve_max_num_seqs("auto", cuda) == 256
+    assert EngineConfig().max_num_seqs == "auto"

@@ -92,7 +92,12 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="n4 and beam4 use only the first N prompts (0: all)",
     )
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument(
+        "--max-num-seqs",
+        type=lambda v: v if v == "auto" else int(v),
+        default="auto",
+        help="engine.max_num_seqs (auto: 1,024 on a GPU of 70 GiB or more, else 256)",
+    )
     p.add_argument(
         "--kv-cache-memory",
         default="auto",
@@ -330,7 +335,7 @@ def main() -> None:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(row) + "\n")
         if args.profile_steps:
-            print(profile_decode(engine, prompts[: args.max_num_seqs], args.profile_steps))
+            print(profile_decode(engine, prompts[: engine.max_num_seqs], args.profile_steps))
         hf = None  # the baseline once, beside the first method
         del engine
         gc.collect()  # the next engine sizes its KV pool from the memory left free

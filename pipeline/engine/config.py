@@ -4,7 +4,7 @@ groups."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 class ConfigError(ValueError):
@@ -22,7 +22,10 @@ class ModelConfig:
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    max_num_seqs: int = 256  # sequences decoded together in one step
+    # Sequences decoded together in one step. auto: 1,024 on a GPU of 70 GiB or more (a
+    # step there reads the weights once for 4x the rows; vLLM's offline default on such
+    # GPUs too), else 256.
+    max_num_seqs: Union[int, str] = "auto"  # noqa: UP007 (OmegaConf needs typing.Union)
     max_num_batched_tokens: int = 8192  # tokens in one prefill step
     # KV pool size: bytes (int, or a string like "2GiB") or a fraction of free GPU memory
     # (0 < x <= 1). "auto": 90% of free GPU memory, or 25% of free RAM on the CPU.
@@ -50,7 +53,13 @@ class EngineConfig:
             raise ConfigError(
                 f"engine.attention must be auto, torch or triton, got {self.attention!r}"
             )
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        if self.max_num_seqs != "auto" and not (
+            isinstance(self.max_num_seqs, int) and self.max_num_seqs >= 1
+        ):
+            raise ConfigError(
+                f"engine.max_num_seqs must be auto or >= 1, got {self.max_num_seqs!r}"
+            )
+        for name in ("max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         parse_memory(self.kv_cache_memory)  # raises ConfigError when malformed

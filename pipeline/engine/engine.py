@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from pipeline.engine.resources import (
     kv_pool_blocks,
     resolve_device,
     resolve_dtype,
+    resolve_max_num_seqs,
 )
 from pipeline.engine.runner import ModelRunner
 from pipeline.engine.scheduler import ScheduledBatch, Scheduler
@@ -95,6 +96,8 @@ class LLMEngine:
         spec = read_spec(model_dir)
         device = resolve_device(engine_cfg.device)
         dtype = resolve_dtype(engine_cfg.dtype, device)
+        max_num_seqs = resolve_max_num_seqs(engine_cfg.max_num_seqs, device)
+        engine_cfg = replace(engine_cfg, max_num_seqs=max_num_seqs)
         if engine_cfg.num_threads > 0:
             torch.set_num_threads(engine_cfg.num_threads)
         max_len = min(model_cfg.max_model_len or spec.max_model_len, spec.max_model_len)
@@ -108,8 +111,8 @@ class LLMEngine:
         runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device, backend)
         graphs = engine_cfg.cuda_graphs and not isinstance(spec, Seq2SeqSpec)
         if device.type == "cuda" and backend.name == "triton" and graphs:
-            runner.use_decode_graphs(engine_cfg.max_num_seqs, max_len)
-        scheduler = Scheduler(blocks, engine_cfg.max_num_seqs, engine_cfg.max_num_batched_tokens)
+            runner.use_decode_graphs(max_num_seqs, max_len)
+        scheduler = Scheduler(blocks, max_num_seqs, engine_cfg.max_num_batched_tokens)
         tokenizer = load_tokenizer(model_dir)
         info = _model_info(model_dir, spec, model, dtype, device, max_len)
         info |= {
@@ -431,6 +434,11 @@ class LLMEngine:
     def num_waiting(self) -> int:
         """Requests queued for their first (or, after a preemption, next) prefill."""
         return len(self.scheduler.waiting)
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Sequences one step decodes at most (`engine.max_num_seqs`, auto resolved)."""
+        return self.scheduler.max_num_seqs
 
     def generate(
         self,

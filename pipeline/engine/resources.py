@@ -25,6 +25,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+LARGE_GPU_BYTES = 70 * 2**30  # from here `engine.max_num_seqs: auto` means 1,024
+
+
+def resolve_max_num_seqs(value: int | str, device: torch.device) -> int:
+    """`engine.max_num_seqs`: as given, or for auto 1,024 on a GPU of 70 GiB or more and
+    256 elsewhere. On an H100 (1B model, 2026-11-27) 1,024 sequences in flight gave n=4
+    sampling 1.38x and beam 4 1.22x the throughput of 256: a decode step reads the weights
+    once for all its rows."""
+    if value != "auto":
+        return int(value)
+    large = (
+        device.type == "cuda"
+        and torch.cuda.get_device_properties(device).total_memory >= LARGE_GPU_BYTES
+    )
+    chosen = 1024 if large else 256
+    log.info("max_num_seqs auto: %d", chosen)
+    return chosen
+
+
 def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for the process's next allocations. By default it
     returns large blocks to the OS (those above a size threshold are mapped afresh, and the
@@ -81,7 +100,7 @@ def kv_pool_blocks(
         if isinstance(budget, float):
             raise ValueError("engine.kv_cache_memory as a fraction is for GPUs; give bytes on CPU")
         budget_bytes = int(available * 0.25) if budget is None else int(budget)
-    ceiling = cfg.max_num_seqs * -(-max_model_len // cfg.block_size) + 1
+    ceiling = int(cfg.max_num_seqs) * -(-max_model_len // cfg.block_size) + 1  # resolved
     if getattr(spec, "is_encoder_decoder", False):
         ceiling *= 2  # each request's source holds cross-attention blocks too
     blocks = min(budget_bytes // per_block, ceiling)
