@@ -8,17 +8,22 @@ ahead of time for the target GPU down to a cubin (its bundled LLVM and ptxas), a
 at the kernel's first call on that GPU. Each launch path of each kernel is covered (the
 dtypes the engine gives it, its constexpr branches).
 
-    python tests/compile_kernels.py --arch 90,80
+    python tests/compile_kernels.py --arch 90,80 [--resources]
 
-Prints one line per kernel and target; exits 1 if any failed. TRITON_INTERPRET must be off
+Prints one line per kernel and target (with `--resources`, the cubin's registers, stack and
+shared memory per thread block, from the bundled cuobjdump: spills show as stack); exits 1
+if any failed. TRITON_INTERPRET must be off
 in this process (tests/test_kernels.py runs it in a child process).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -87,6 +92,20 @@ def signature(fn: JITFunction, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
         else:
             raise TypeError(f"{fn.__name__}: argument {param.name}={value!r}")
     return ASTSource(fn=fn, signature=types, constexprs=constants)
+
+
+def resources(cubin: bytes) -> str:
+    """The cubin's resource usage line (REG, STACK, SHARED, ...), by the bundled cuobjdump."""
+    compiler = triton.backends.backends["nvidia"].compiler
+    tool = Path(inspect.getfile(compiler)).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True
+        )
+    usage = [line.split("REG:", 1)[1] for line in dump.stdout.splitlines() if "REG:" in line]
+    return "REG:" + " ".join(usage[0].split()[:4]) if usage else dump.stderr.strip()
 
 
 def cases() -> dict[str, Callable[[], object]]:
@@ -163,6 +182,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="90,80", help="CUDA compute capabilities, comma-separated")
     p.add_argument("--only", default="", help="cases whose name contains this")
+    p.add_argument("--resources", action="store_true", help="registers, stack, shared memory")
     args = p.parse_args()
     failed = 0
     for arch in (int(a) for a in args.arch.split(",")):
@@ -173,8 +193,10 @@ def main() -> int:
             for fn, launch_args, kwargs in launches(call):
                 started = time.perf_counter()
                 try:
-                    triton.compile(signature(fn, launch_args, kwargs), target=target)
+                    compiled = triton.compile(signature(fn, launch_args, kwargs), target=target)
                     status = "ok"
+                    if args.resources:
+                        status = f"{resources(compiled.asm['cubin'])} {status}"
                 except Exception:
                     failed += 1
                     status = "FAILED\n" + traceback.format_exc(limit=3)
