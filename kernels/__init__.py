@@ -15,6 +15,7 @@ import torch
 from . import cpu
 from ._triton import triton
 from .decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from .full_draw import full_draw_triton
 from .greedy import greedy_pick_ref, greedy_pick_triton
 from .kv_write import write_kv_ref, write_kv_triton
 from .lse_topk import row_lse_topk_ref, row_lse_topk_triton
@@ -29,6 +30,7 @@ from .trial import KernelTrial
 __all__ = [
     "KernelTrial",
     "compiled",
+    "full_draw_triton",
     "greedy_pick_ref",
     "greedy_pick_triton",
     "nucleus_draw_triton",

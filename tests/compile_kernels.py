@@ -162,6 +162,10 @@ def cases() -> dict[str, Callable[[], object]]:
         out[f"nucleus_draw {name}"] = lambda x=x: K.nucleus_draw_triton(
             x, t, t, params, u, flagged, torch.zeros(4, dtype=torch.int64)
         )
+        for min_p in (False, True):
+            out[f"full_draw {name}, min_p={min_p}"] = lambda x=x, m=min_p: K.full_draw_triton(
+                x, t, t, params, u, flagged, torch.zeros(4, dtype=torch.int64), m
+            )
         for bans_first in (False, True):
             out[f"lse_topk {name}, bans_first={bans_first}"] = lambda x=x, b=bans_first: (
                 K.row_lse_topk_triton(x, 8, none, none, none, b)

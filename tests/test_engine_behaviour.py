@@ -308,16 +308,17 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
 
 
 def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeypatch):
-    """On CUDA the sampler's log-sum-exps and its draws past the candidates come from Triton
-    kernels not yet run on every GPU. Should a kernel's first call fail (as a compilation
-    would), that step and every later one take torch ops instead (for the draws, the exact
-    redraws on the host), the same draws, without calling the kernel again; a failure after
-    a call that succeeded propagates."""
+    """On CUDA the sampler's log-sum-exps, its draws past the candidates and its draws over
+    the whole vocabulary come from Triton kernels not yet run on every GPU. Should a
+    kernel's first call fail (as a compilation would), that step and every later one take
+    torch ops instead (for the draws past the candidates, the exact redraws on the host),
+    the same draws, without calling the kernel again; a failure after a call that succeeded
+    propagates. Rows alternate top-p and temperature alone."""
     rows, vocab = 16, 500
     logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(5)) * 0.3
-    params = SamplingParams(temperature=0.8, top_p=0.9)
+    kinds_of = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(temperature=0.7)]
     seqs = [Sequence([1, 2], 1) for _ in range(rows)]
-    kinds = RowKinds.of([params] * rows, vocab)
+    kinds = RowKinds.of([kinds_of[i % 2] for i in range(rows)], vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
     tensors = HostToDevice(logits.device).to_device(plan.arrays)
     monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
@@ -330,7 +331,9 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
         raise RuntimeError("this kernel does not compile here")
 
     monkeypatch.setattr(sampler, "compiled", lambda t: True)
-    for name in ["tempered_lse_triton", "nucleus_draw_triton"]:
+    trials = {"tempered_lse_triton": "lse", "nucleus_draw_triton": "nucleus"}
+    trials["full_draw_triton"] = "full"
+    for name, which in trials.items():
         with monkeypatch.context() as patch:
             patch.setattr(sampler, name, fails)
             calls.clear()
@@ -338,11 +341,10 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
             for _ in range(2):
                 tokens, _, out = torch_draws(logits.clone(), plan, tensors, kernels)
                 assert tokens == expected
-            trial = kernels.lse if name == "tempered_lse_triton" else kernels.nucleus
-            assert trial.ok is False and len(calls) == 1
-            assert (out.needs_exact is not None) == (name == "nucleus_draw_triton")
+            assert getattr(kernels, which).ok is False and len(calls) == 1
+            assert (out.needs_exact is not None) == (which == "nucleus")
             kernels = sampler.SamplerKernels()
-            kernels.lse.ok = kernels.nucleus.ok = True  # a call succeeded before
+            kernels.lse.ok = kernels.nucleus.ok = kernels.full.ok = True  # a call succeeded
             with pytest.raises(RuntimeError, match="does not compile"):
                 sample(logits.clone(), plan, tensors, kernels=kernels)
     tokens, _, out = torch_draws(logits.clone(), plan, tensors, sampler.SamplerKernels())

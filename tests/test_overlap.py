@@ -128,12 +128,14 @@ def test_draws_past_the_candidates_on_the_device_keep_every_overlapped_step(mode
     """As on CUDA (its Triton kernels under the interpreter): rows whose nucleus passes the
     candidates are drawn on the device (kernels/nucleus_draw.py), so the host redraws
     nothing and no overlapped step is dropped; the outputs are the torch path's, whose
-    exact redraws are made on the host."""
+    exact redraws are made on the host. Every other request samples without top-p, with
+    min-p: over the whole vocabulary (kernels/full_draw.py against the torch draw)."""
     monkeypatch.setattr(sampler, "PREFILTER", 2)
     monkeypatch.setattr(sampler, "CUDA_PREFILTER", 2)
     monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
     prompts = random_prompts(8, seed=35, low=3, high=12)
-    params = lambda i: SamplingParams(temperature=1.0, top_p=0.7, max_tokens=12, seed=i)  # noqa: E731
+    kinds = [{"top_p": 0.7}, {"min_p": 0.05}]
+    params = lambda i: SamplingParams(temperature=1.0, max_tokens=12, seed=i, **kinds[i % 2])  # noqa: E731
     plain = make_engine(model_dir, overlap_steps=False)
     expected = run(plain, prompts, params)
     assert plain.stats()["exact_resamples"] > 0
@@ -142,7 +144,9 @@ def test_draws_past_the_candidates_on_the_device_keep_every_overlapped_step(mode
     assert_same(run(overlapped, prompts, params), expected)
     stats = overlapped.stats()
     assert stats["exact_resamples"] == 0 and overlapped.num_dropped_steps == 0
-    assert stats["overlapped_steps"] > 0 and overlapped.decider.sampling_kernels.nucleus.ok
+    assert stats["overlapped_steps"] > 0
+    ran = overlapped.decider.sampling_kernels
+    assert ran.nucleus.ok and ran.full.ok
 
 
 def test_overlap_survives_preemption_and_leaves_no_placeholder(model_dir):

@@ -1,8 +1,8 @@
 """The decode step's reads of its logits, timed alone: greedy's pick, beam search's
 ranking and top-p sampling, torch ops against the one-pass Triton kernels, fp32 logits
 against bf16, top-p rows whose nucleus passes the candidates drawn on the device against
-redrawn on the host; and one layer's decode attention, split by length and merged against one
-split per row.
+redrawn on the host, temperature-only draws in one kernel against torch's; and one layer's
+decode attention, split by length and merged against one split per row.
 
     python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
 
@@ -76,7 +76,7 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
     copy = best_ms(lambda: scratch.copy_(fp32), device, repeats)  # the copy that torch_beams needs
     times["beam ranking, torch (fp32)"] = max(0.0, best_ms(torch_beams, device, repeats) - copy)
     times["top-p, log-softmaxes (fp32)"] = best_ms(partial(softmax_passes, fp32), device, repeats)
-    draw = top_p_sampling(rows, vocab, device)
+    draw = sampling(rows, vocab, device, TOP_P)
     times["top-p, sampler (fp32)"] = best_ms(partial(draw, fp32), device, repeats)
     if kernels.triton_available(device):
         for name, logits in (("fp32", fp32), ("bf16", bf16)):
@@ -89,8 +89,12 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
         # (kernels/nucleus_draw.py), or redrawn from a full sort on the host as before.
         flat = (fp32 / 3).to(torch.bfloat16)
         times["top-p, flat, on the device (bf16)"] = best_ms(partial(draw, flat), device, repeats)
-        redraw = top_p_sampling(rows, vocab, device, host_redraws=True)
+        redraw = sampling(rows, vocab, device, TOP_P, without="nucleus")
         times["top-p, flat, host redraws (bf16)"] = best_ms(partial(redraw, flat), device, repeats)
+        # Temperature alone: one kernel, or torch's fp32 weights buffer and its passes.
+        for name, way in (("sampler", ""), ("torch draw", "full")):
+            step = sampling(rows, vocab, device, TEMPERATURE, without=way)
+            times[f"T=0.8, {name} (bf16)"] = best_ms(partial(step, bf16), device, repeats)
     return times
 
 
@@ -126,30 +130,33 @@ def softmax_passes(logits: torch.Tensor, temperature: float = 0.8) -> None:
     del log_probs
 
 
-def top_p_sampling(
-    rows: int, vocab: int, device: torch.device, host_redraws: bool = False
+TOP_P = SamplingParams(temperature=0.8, top_p=0.95)  # the generate job's default
+TEMPERATURE = SamplingParams(temperature=0.8)  # the benchmark's n=4 rows
+
+
+def sampling(
+    rows: int, vocab: int, device: torch.device, params: SamplingParams, without: str = ""
 ) -> Callable[[torch.Tensor], object]:
-    """The sampler's device half for rows at T=0.8, top_p=0.95 (the generate job's default);
-    the plan (host) made once. `host_redraws`: without the draw kernel for rows past the
-    candidates, which are then redrawn on the host (`resample_exact`), as the engine did."""
-    params = SamplingParams(temperature=0.8, top_p=0.95)
+    """The sampler's device half for `params` on every row; the plan (host) made once.
+    `without`: a kernel of `SamplerKernels` taken as failed, so that torch ops stand in:
+    "full" (the draw over the whole vocabulary through an fp32 weights buffer) or "nucleus"
+    (rows past the candidates redrawn on the host by `resample_exact`, as the engine did)."""
     seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
     kinds = RowKinds.of([params] * rows, vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
     tensors = HostToDevice(device).to_device(plan.arrays)
-    if not host_redraws:
-        return lambda logits: sample(logits, plan, tensors)
-    without = SamplerKernels()
-    without.nucleus.ok = False  # as after a failed first call: torch's path
+    chosen = SamplerKernels()
+    if without:
+        getattr(chosen, without).ok = False  # as after a failed first call
 
-    def redrawn(logits: torch.Tensor) -> object:
-        out = sample(logits, plan, tensors, kernels=without)
-        if out.needs_exact is None:  # the CPU's compiled draw: no redraws
-            return None
+    def step(logits: torch.Tensor) -> object:
+        out = sample(logits, plan, tensors, kernels=chosen)
+        if out.needs_exact is None:
+            return out
         redo = out.needs_exact.nonzero().squeeze(1).tolist()  # waits for the device
-        return resample_exact(out, redo, tensors) if redo else None
+        return resample_exact(out, redo, tensors) if redo else out
 
-    return redrawn
+    return step
 
 
 def main() -> None:

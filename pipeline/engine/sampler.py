@@ -38,6 +38,7 @@ from pipeline.engine.token_mask import TokenMask
 from pipeline.kernels import (
     KernelTrial,
     compiled,
+    full_draw_triton,
     greedy_pick_triton,
     nucleus_draw_triton,
     tempered_lse_ref,
@@ -84,6 +85,9 @@ class SamplerKernels:
     lse: KernelTrial = field(default_factory=lambda: KernelTrial("sampling's log-sum-exps"))
     nucleus: KernelTrial = field(
         default_factory=lambda: KernelTrial("top-p draws past the candidates")
+    )
+    full: KernelTrial = field(
+        default_factory=lambda: KernelTrial("draws over the whole vocabulary")
     )
 
 
@@ -253,7 +257,7 @@ def sample(
     needs_exact = kept = None
     if plan.any_random:
         drawn, needs_exact = _draw(
-            logits, temperature, tempered_lse, plan, tensors, workspace, kernels.nucleus
+            logits, temperature, tempered_lse, plan, tensors, workspace, kernels
         )
         tokens = drawn if tokens is None else torch.where(tensors["random"].bool(), drawn, tokens)
         if needs_exact is not None:  # a redraw reads them after the next step has run
@@ -376,11 +380,11 @@ def _draw(
     plan: SamplingPlan,
     t: dict[str, torch.Tensor],
     workspace: Workspace | None,
-    nucleus: KernelTrial,
+    kernels: SamplerKernels,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """[R, V] logits, each row drawn from log_softmax(logits / temperature) (whose
     log-sum-exp is `tempered_lse`, [R]) -> drawn token ids [R], and which rows need
-    `resample_exact` (None: none; on CUDA `nucleus` draws them in place)."""
+    `resample_exact` (None: none; on CUDA the nucleus kernel draws them in place)."""
     params = t["params"]
     sis = t["seed_index_step"]
     u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
@@ -394,10 +398,19 @@ def _draw(
         if plan.may_redraw:
             needs_exact = filtered & ~covered & t["random"].bool()
             args = (logits, temperature, tempered_lse, params, u, needs_exact, drawn)
-            if compiled(logits) and nucleus.run(nucleus_draw_triton, *args) is not None:
+            if compiled(logits) and kernels.nucleus.run(nucleus_draw_triton, *args) is not None:
                 needs_exact = None  # drawn over the whole vocabulary on the device
     if plan.any_unfiltered:
-        full = _draw_full(logits, temperature, tempered_lse, params, u, plan.any_min_p, workspace)
+        full = None
+        if compiled(logits):  # one kernel, no [R, V] weights
+            take = ~filtered & t["random"].bool()
+            tokens = torch.zeros_like(take, dtype=torch.int64)
+            each = (logits, temperature, tempered_lse, params, u, take, tokens, plan.any_min_p)
+            full = kernels.full.run(full_draw_triton, *each)
+        if full is None:
+            full = _draw_full(
+                logits, temperature, tempered_lse, params, u, plan.any_min_p, workspace
+            )
         drawn = full if drawn is None else torch.where(filtered, drawn, full)
     assert drawn is not None
     return drawn, needs_exact
