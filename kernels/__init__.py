@@ -26,6 +26,7 @@ from .rope import rope_ref, rope_triton
 from .silu_mul import silu_mul_ref, silu_mul_triton
 from .tempered_lse import tempered_lse_ref, tempered_lse_triton
 from .trial import KernelTrial
+from .uniform import uniform_triton
 
 __all__ = [
     "KernelTrial",
@@ -53,6 +54,7 @@ __all__ = [
     "tempered_lse_ref",
     "tempered_lse_triton",
     "triton_available",
+    "uniform_triton",
     "write_kv_ref",
     "write_kv_triton",
 ]

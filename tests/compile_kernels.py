@@ -144,6 +144,7 @@ def cases() -> dict[str, Callable[[], object]]:
             randn(tokens, heads, dim), randn(tokens, 1, dim // 2), randn(tokens, 1, dim // 2)
         ),
         "silu_mul": lambda: K.silu_mul_triton(randn(tokens, 256)),
+        "uniform": lambda: K.uniform_triton(slots, slots, slots),
         "rms_norm": lambda: K.rms_norm_triton(randn(tokens, 256), randn(256), 1e-6),
         "rms_norm, residual": lambda: K.rms_norm_triton(
             randn(tokens, 256), randn(256), 1e-6, randn(tokens, 256)

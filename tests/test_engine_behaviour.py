@@ -308,8 +308,8 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
 
 
 def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeypatch):
-    """On CUDA the sampler's log-sum-exps, its draws past the candidates and its draws over
-    the whole vocabulary come from Triton kernels not yet run on every GPU. Should a
+    """On CUDA the sampler's log-sum-exps, uniforms, draws past the candidates and draws
+    over the whole vocabulary come from Triton kernels not yet run on every GPU. Should a
     kernel's first call fail (as a compilation would), that step and every later one take
     torch ops instead (for the draws past the candidates, the exact redraws on the host),
     the same draws, without calling the kernel again; a failure after a call that succeeded
@@ -331,8 +331,12 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
         raise RuntimeError("this kernel does not compile here")
 
     monkeypatch.setattr(sampler, "compiled", lambda t: True)
-    trials = {"tempered_lse_triton": "lse", "nucleus_draw_triton": "nucleus"}
-    trials["full_draw_triton"] = "full"
+    trials = {
+        "tempered_lse_triton": "lse",
+        "nucleus_draw_triton": "nucleus",
+        "full_draw_triton": "full",
+        "uniform_triton": "uniform",
+    }
     for name, which in trials.items():
         with monkeypatch.context() as patch:
             patch.setattr(sampler, name, fails)
@@ -344,7 +348,8 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
             assert getattr(kernels, which).ok is False and len(calls) == 1
             assert (out.needs_exact is not None) == (which == "nucleus")
             kernels = sampler.SamplerKernels()
-            kernels.lse.ok = kernels.nucleus.ok = kernels.full.ok = True  # a call succeeded
+            for trial in (kernels.lse, kernels.nucleus, kernels.full, kernels.uniform):
+                trial.ok = True  # a call succeeded before
             with pytest.raises(RuntimeError, match="does not compile"):
                 sample(logits.clone(), plan, tensors, kernels=kernels)
     tokens, _, out = torch_draws(logits.clone(), plan, tensors, sampler.SamplerKernels())

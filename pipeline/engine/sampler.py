@@ -43,6 +43,7 @@ from pipeline.kernels import (
     nucleus_draw_triton,
     tempered_lse_ref,
     tempered_lse_triton,
+    uniform_triton,
 )
 from pipeline.kernels import cpu as cpu_kernels
 from pipeline.models.attention import Workspace
@@ -89,6 +90,7 @@ class SamplerKernels:
     full: KernelTrial = field(
         default_factory=lambda: KernelTrial("draws over the whole vocabulary")
     )
+    uniform: KernelTrial = field(default_factory=lambda: KernelTrial("sampling's uniforms"))
 
 
 @dataclass
@@ -282,6 +284,17 @@ def _tempered_lse(
     return tempered_lse_ref(logits, temperature)
 
 
+def _uniforms(seed_index_step: torch.Tensor, trial: KernelTrial) -> torch.Tensor:
+    """[R] float64: each row's uniform of its (seed, sample index, step) [R, 3]; one kernel
+    on CUDA where torch's ops are some 40."""
+    columns = (seed_index_step[:, 0], seed_index_step[:, 1], seed_index_step[:, 2])
+    if compiled(seed_index_step):
+        u = trial.run(uniform_triton, *columns)
+        if u is not None:
+            return u
+    return uniform_tensor(*columns)
+
+
 def _compiled_cpu_draw(logits: torch.Tensor, plan: SamplingPlan) -> bool:
     """Whether the compiled CPU kernels take the step's rows: fp32 CPU logits."""
     return (
@@ -386,8 +399,7 @@ def _draw(
     log-sum-exp is `tempered_lse`, [R]) -> drawn token ids [R], and which rows need
     `resample_exact` (None: none; on CUDA the nucleus kernel draws them in place)."""
     params = t["params"]
-    sis = t["seed_index_step"]
-    u = uniform_tensor(sis[:, 0], sis[:, 1], sis[:, 2])
+    u = _uniforms(t["seed_index_step"], kernels.uniform)
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
