@@ -89,10 +89,11 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
         # (kernels/nucleus_draw.py), or redrawn from a full sort on the host as before.
         flat = (fp32 / 3).to(torch.bfloat16)
         times["top-p, flat, on the device (bf16)"] = best_ms(partial(draw, flat), device, repeats)
-        redraw = sampling(rows, vocab, device, TOP_P, without="nucleus")
+        redraw = sampling(rows, vocab, device, TOP_P, without=("nucleus",))
         times["top-p, flat, host redraws (bf16)"] = best_ms(partial(redraw, flat), device, repeats)
-        # Temperature alone: one kernel, or torch's fp32 weights buffer and its passes.
-        for name, way in (("sampler", ""), ("torch draw", "full")):
+        # Temperature alone: the uniforms and the draw in a kernel each, or torch's ops (an
+        # fp32 weights buffer and its passes).
+        for name, way in (("sampler", ()), ("torch draw", ("full", "uniform"))):
             step = sampling(rows, vocab, device, TEMPERATURE, without=way)
             times[f"T=0.8, {name} (bf16)"] = best_ms(partial(step, bf16), device, repeats)
     return times
@@ -135,19 +136,24 @@ TEMPERATURE = SamplingParams(temperature=0.8)  # the benchmark's n=4 rows
 
 
 def sampling(
-    rows: int, vocab: int, device: torch.device, params: SamplingParams, without: str = ""
+    rows: int,
+    vocab: int,
+    device: torch.device,
+    params: SamplingParams,
+    without: tuple[str, ...] = (),
 ) -> Callable[[torch.Tensor], object]:
     """The sampler's device half for `params` on every row; the plan (host) made once.
-    `without`: a kernel of `SamplerKernels` taken as failed, so that torch ops stand in:
-    "full" (the draw over the whole vocabulary through an fp32 weights buffer) or "nucleus"
-    (rows past the candidates redrawn on the host by `resample_exact`, as the engine did)."""
+    `without`: kernels of `SamplerKernels` taken as failed, so that torch ops stand in, as
+    before them: "full" (the draw over the whole vocabulary through an fp32 weights buffer),
+    "uniform" (the uniforms' int64 ops), "nucleus" (rows past the candidates redrawn on the
+    host by `resample_exact`)."""
     seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
     kinds = RowKinds.of([params] * rows, vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
     tensors = HostToDevice(device).to_device(plan.arrays)
     chosen = SamplerKernels()
-    if without:
-        getattr(chosen, without).ok = False  # as after a failed first call
+    for name in without:
+        getattr(chosen, name).ok = False  # as after a failed first call
 
     def step(logits: torch.Tensor) -> object:
         out = sample(logits, plan, tensors, kernels=chosen)
