@@ -4,9 +4,9 @@
 #      tests, all on CUDA (Triton attention, captured decode graphs; HF oracle on the CPU)
 #   2. the logits' reads alone (python -m pipeline.bench.head): greedy pick, beam ranking and
 #      top-p sampling, torch ops against the one-pass kernels, fp32 against bf16 logits, flat
-#      top-p rows drawn on the device against redrawn on the host, temperature-only draws in
-#      one kernel against torch's; and one layer's decode attention, split and merged against
-#      one split per row
+#      top-p rows drawn on the device against redrawn on the host, the top-p and the
+#      temperature-only draws in kernels against torch's ops; and one layer's decode
+#      attention, split and merged against one split per row
 #   3. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
@@ -49,7 +49,7 @@ tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 # The step's reads of its logits alone: greedy's pick, beam ranking and top-p sampling, torch
 # against the one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16).
 timeout 90 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
-    | tail -n 22 | tee "$out/head.txt"
+    | tail -n 23 | tee "$out/head.txt"
 
 # Half the free memory for our KV pool: transformers runs beside it in the same process.
 bench=(python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B

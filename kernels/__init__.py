@@ -14,6 +14,7 @@ import torch
 
 from . import cpu
 from ._triton import triton
+from .candidates_draw import candidates_draw_triton
 from .decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
 from .full_draw import full_draw_triton
 from .greedy import greedy_pick_ref, greedy_pick_triton
@@ -30,6 +31,7 @@ from .uniform import uniform_triton
 
 __all__ = [
     "KernelTrial",
+    "candidates_draw_triton",
     "compiled",
     "full_draw_triton",
     "greedy_pick_ref",

@@ -163,6 +163,14 @@ def cases() -> dict[str, Callable[[], object]]:
         out[f"nucleus_draw {name}"] = lambda x=x: K.nucleus_draw_triton(
             x, t, t, params, u, flagged, torch.zeros(4, dtype=torch.int64)
         )
+        out[f"candidates_draw {name}"] = lambda x=x: K.candidates_draw_triton(
+            x,
+            torch.zeros(4, 1000, dtype=torch.int64),
+            t,
+            t,
+            params,
+            u,  # 1,024 wide on CUDA
+        )
         for min_p in (False, True):
             out[f"full_draw {name}, min_p={min_p}"] = lambda x=x, m=min_p: K.full_draw_triton(
                 x, t, t, params, u, flagged, torch.zeros(4, dtype=torch.int64), m

@@ -308,8 +308,9 @@ def test_the_cuda_sampler_on_bf16_logits_draws_as_the_torch_path_on_fp32(monkeyp
 
 
 def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeypatch):
-    """On CUDA the sampler's log-sum-exps, uniforms, draws past the candidates and draws
-    over the whole vocabulary come from Triton kernels not yet run on every GPU. Should a
+    """On CUDA the sampler's log-sum-exps, uniforms, draws from the candidates, draws past
+    them and draws over the whole vocabulary come from Triton kernels not yet run on every
+    GPU. Should a
     kernel's first call fail (as a compilation would), that step and every later one take
     torch ops instead (for the draws past the candidates, the exact redraws on the host),
     the same draws, without calling the kernel again; a failure after a call that succeeded
@@ -336,6 +337,7 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
         "nucleus_draw_triton": "nucleus",
         "full_draw_triton": "full",
         "uniform_triton": "uniform",
+        "candidates_draw_triton": "candidates",
     }
     for name, which in trials.items():
         with monkeypatch.context() as patch:
@@ -348,12 +350,12 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
             assert getattr(kernels, which).ok is False and len(calls) == 1
             assert (out.needs_exact is not None) == (which == "nucleus")
             kernels = sampler.SamplerKernels()
-            for trial in (kernels.lse, kernels.nucleus, kernels.full, kernels.uniform):
-                trial.ok = True  # a call succeeded before
+            for each in trials.values():
+                getattr(kernels, each).ok = True  # a call succeeded before
             with pytest.raises(RuntimeError, match="does not compile"):
                 sample(logits.clone(), plan, tensors, kernels=kernels)
     tokens, _, out = torch_draws(logits.clone(), plan, tensors, sampler.SamplerKernels())
-    assert tokens == expected and out.needs_exact is None  # both kernels ran
+    assert tokens == expected and out.needs_exact is None  # every kernel ran
 
 
 @pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")

@@ -146,7 +146,7 @@ def test_draws_past_the_candidates_on_the_device_keep_every_overlapped_step(mode
     assert stats["exact_resamples"] == 0 and overlapped.num_dropped_steps == 0
     assert stats["overlapped_steps"] > 0
     ran = overlapped.decider.sampling_kernels
-    assert ran.nucleus.ok and ran.full.ok and ran.uniform.ok
+    assert ran.nucleus.ok and ran.full.ok and ran.uniform.ok and ran.candidates.ok
 
 
 def test_overlap_survives_preemption_and_leaves_no_placeholder(model_dir):

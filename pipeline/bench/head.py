@@ -85,6 +85,8 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
             times[f"greedy, one pass ({name})"] = best_ms(pick, device, repeats)
             times[f"beam ranking, one pass ({name})"] = best_ms(rank, device, repeats)
         times["top-p, sampler (bf16)"] = best_ms(partial(draw, bf16), device, repeats)
+        by_torch = sampling(rows, vocab, device, TOP_P, without=("candidates", "uniform"))
+        times["top-p, torch draw (bf16)"] = best_ms(partial(by_torch, bf16), device, repeats)
         # Flat rows: every row's nucleus passes the 1,024 candidates. Drawn on the device
         # (kernels/nucleus_draw.py), or redrawn from a full sort on the host as before.
         flat = (fp32 / 3).to(torch.bfloat16)
@@ -145,8 +147,8 @@ def sampling(
     """The sampler's device half for `params` on every row; the plan (host) made once.
     `without`: kernels of `SamplerKernels` taken as failed, so that torch ops stand in, as
     before them: "full" (the draw over the whole vocabulary through an fp32 weights buffer),
-    "uniform" (the uniforms' int64 ops), "nucleus" (rows past the candidates redrawn on the
-    host by `resample_exact`)."""
+    "uniform" (the uniforms' int64 ops), "candidates" (the draw from the sorted candidates),
+    "nucleus" (rows past the candidates redrawn on the host by `resample_exact`)."""
     seqs = [Sequence([1, 2, 3], 1) for _ in range(rows)]
     kinds = RowKinds.of([params] * rows, vocab)
     plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)

@@ -37,6 +37,7 @@ from pipeline.engine.sequence import Sequence
 from pipeline.engine.token_mask import TokenMask
 from pipeline.kernels import (
     KernelTrial,
+    candidates_draw_triton,
     compiled,
     full_draw_triton,
     greedy_pick_triton,
@@ -91,6 +92,9 @@ class SamplerKernels:
         default_factory=lambda: KernelTrial("draws over the whole vocabulary")
     )
     uniform: KernelTrial = field(default_factory=lambda: KernelTrial("sampling's uniforms"))
+    candidates: KernelTrial = field(
+        default_factory=lambda: KernelTrial("top-k/top-p draws from the candidates")
+    )
 
 
 @dataclass
@@ -406,7 +410,9 @@ def _draw(
         k = plan.prefilter
         if compiled(logits):
             k = min(logits.shape[1], max(k, CUDA_PREFILTER))
-        drawn, covered = _draw_filtered(logits, temperature, tempered_lse, params, u, k)
+        drawn, covered = _draw_filtered(
+            logits, temperature, tempered_lse, params, u, k, kernels.candidates
+        )
         if plan.may_redraw:
             needs_exact = filtered & ~covered & t["random"].bool()
             args = (logits, temperature, tempered_lse, params, u, needs_exact, drawn)
@@ -469,22 +475,42 @@ def _draw_filtered(
     params: torch.Tensor,
     u: torch.Tensor,
     k: int,
+    kernel: KernelTrial | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k, top-p and min-p over the `k` best tokens of `logits` [R, V], drawn in
     descending order from their tempered log-probs (logits / temperature - tempered_lse).
 
     Returns token ids [R] and `covered` [R]: whether those k tokens hold the row's whole
     nucleus (always, when the row's own top_k is active; with top-p only, when their mass
-    reaches top_p). The result of a covered row equals that of a full sort."""
+    reaches top_p). The result of a covered row equals that of a full sort. On CUDA the
+    draw from the sorted candidates is one kernel (`kernel`, on trial)."""
     best, ids = torch.topk(logits, k, dim=-1)  # [R, k], descending; ties in any order
     # Ties by token id, as the CPU kernel orders them: which of equal candidates a draw lands
     # on must not depend on k or on topk's implementation (bf16 logits tie often).
     ids, by_id = ids.sort(dim=-1)
     best, by_value = best.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
     ids = ids.gather(1, by_value)
+    if kernel is not None and compiled(logits):
+        drawn = kernel.run(candidates_draw_triton, best, ids, temperature, tempered_lse, params, u)
+        if drawn is not None:
+            return drawn
+    return _draw_sorted(best, ids, temperature, tempered_lse, params, u)
+
+
+def _draw_sorted(
+    best: torch.Tensor,
+    ids: torch.Tensor,
+    temperature: torch.Tensor,
+    tempered_lse: torch.Tensor,
+    params: torch.Tensor,
+    u: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_draw_filtered`'s draw from the candidates: best [R, k] logits, best first (equal
+    ones by id), and their token ids [R, k]. (kernels/candidates_draw.py on CUDA.)"""
+    k = best.shape[1]
     values = best.float() / temperature[:, None] - tempered_lse[:, None]
     top_k, top_p, min_p = params[:, 1:2], params[:, 2:3].float(), params[:, 3:4].float()
-    rank = torch.arange(k, device=logits.device)[None, :]
+    rank = torch.arange(k, device=best.device)[None, :]
     has_k = top_k > 0
     values = values.masked_fill(has_k & (rank >= top_k), float("-inf"))
     # Mass of each candidate: within the top-k when top_k is set, else in the whole vocabulary.
