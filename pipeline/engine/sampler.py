@@ -9,6 +9,10 @@ logits themselves (a candidate's tempered log-prob is logit / T - its row's temp
 
 Two halves: `plan_sampling` (host) turns the rows' parameters into small numpy arrays that
 travel with the step's one host-to-device copy; `sample` (device) runs without a host sync.
+On CUDA the device half is a few Triton kernels (kernels/: the log-sum-exps, the uniforms,
+the draws from the candidates, past them and over the whole vocabulary) around the
+candidates' topk and sorts; each is on trial (`SamplerKernels`), with these torch ops, the
+reference, as its fallback.
 
 Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` best tokens
 (`CUDA_PREFILTER` on CUDA; more when a row's top_k asks for more). When those hold less than
