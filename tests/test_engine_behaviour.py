@@ -358,6 +358,26 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
     assert tokens == expected and out.needs_exact is None  # every kernel ran
 
 
+def test_top_k_past_the_candidates_kernels_registers_takes_torch_ops(monkeypatch):
+    """The candidates' draw kernel holds a row's candidates in registers, up to
+    MAX_KERNEL_CANDIDATES; a step whose top_k asks for more draws through torch's ops (the
+    same draws), and the kernel stays untried for the steps after."""
+    rows, vocab = 4, 6000
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(6))
+    params = SamplingParams(temperature=0.9, top_k=5000)
+    kinds = RowKinds.of([params] * rows, vocab)
+    seqs = [Sequence([1, 2], 1) for _ in range(rows)]
+    plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
+    tensors = HostToDevice(logits.device).to_device(plan.arrays)
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    expected, _, _ = torch_draws(logits.clone(), plan, tensors)
+    monkeypatch.setattr(sampler, "compiled", lambda t: True)
+    monkeypatch.setattr(sampler, "MAX_KERNEL_CANDIDATES", 4096)
+    kernels = sampler.SamplerKernels()
+    tokens, _, _ = torch_draws(logits.clone(), plan, tensors, kernels)
+    assert tokens == expected and kernels.candidates.ok is None  # never called
+
+
 @pytest.mark.skipif(not cpu_kernels_available(), reason="the CPU kernels could not be built")
 def test_compiled_cpu_draw_matches_the_torch_sampler(monkeypatch):
     """The compiled CPU draw against the torch path (and its exact redraws) on the same plan:

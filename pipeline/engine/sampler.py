@@ -62,6 +62,9 @@ PREFILTER = 256  # candidates examined for top-k / top-p before falling back to 
 # for 256 of [256, 128,256], 79 ms for 1,024.)
 CUDA_PREFILTER = 1024
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
+# kernels/candidates_draw.py holds a row's candidates in registers: 56 a thread for 1,024 on
+# sm_90, 225 for 4,096; beyond, they spill (a row's top_k that large takes the torch ops).
+MAX_KERNEL_CANDIDATES = 4096
 
 
 @dataclass
@@ -494,7 +497,7 @@ def _draw_filtered(
     ids, by_id = ids.sort(dim=-1)
     best, by_value = best.gather(1, by_id).sort(dim=-1, descending=True, stable=True)
     ids = ids.gather(1, by_value)
-    if kernel is not None and compiled(logits):
+    if kernel is not None and compiled(logits) and k <= MAX_KERNEL_CANDIDATES:
         drawn = kernel.run(candidates_draw_triton, best, ids, temperature, tempered_lse, params, u)
         if drawn is not None:
             return drawn
