@@ -358,6 +358,38 @@ def test_sampling_takes_torch_ops_when_its_kernels_fail_their_first_call(monkeyp
     assert tokens == expected and out.needs_exact is None  # every kernel ran
 
 
+def test_cuda_looks_past_the_prefilter_only_for_top_p_rows_without_top_k(monkeypatch):
+    """On CUDA the candidates widen to CUDA_PREFILTER only for steps with a top-p row
+    without top_k (whose nucleus may reach further); top-k rows need their top_k alone.
+    Either way the draws are the torch path's."""
+    rows, vocab = 8, 3000
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(7)) * 2
+    monkeypatch.setattr(sampler, "_compiled_cpu_draw", lambda logits, plan: False)
+    widths = []
+    draw_filtered = sampler._draw_filtered
+
+    def spy(logits, temperature, tempered_lse, params, u, k, kernel=None):
+        widths.append(k)
+        return draw_filtered(logits, temperature, tempered_lse, params, u, k, kernel)
+
+    for params, width in [
+        (SamplingParams(temperature=0.9, top_k=50), sampler.PREFILTER),
+        (SamplingParams(temperature=0.9, top_k=50, top_p=0.9), sampler.PREFILTER),
+        (SamplingParams(temperature=0.9, top_p=0.9), sampler.CUDA_PREFILTER),
+    ]:
+        kinds = RowKinds.of([params] * rows, vocab)
+        seqs = [Sequence([1, 2], 1) for _ in range(rows)]
+        plan = plan_sampling(kinds, seqs, [signed_seed(i) for i in range(rows)], [], vocab)
+        tensors = HostToDevice(logits.device).to_device(plan.arrays)
+        with monkeypatch.context() as patch:
+            expected, _, _ = torch_draws(logits.clone(), plan, tensors)
+            patch.setattr(sampler, "compiled", lambda t: True)
+            patch.setattr(sampler, "_draw_filtered", spy)
+            widths.clear()
+            tokens, _, _ = torch_draws(logits.clone(), plan, tensors)
+        assert tokens == expected and widths == [width]
+
+
 def test_top_k_past_the_candidates_kernels_registers_takes_torch_ops(monkeypatch):
     """The candidates' draw kernel holds a row's candidates in registers, up to
     MAX_KERNEL_CANDIDATES; a step whose top_k asks for more draws through torch's ops (the

@@ -15,7 +15,8 @@ candidates' topk and sorts; each is on trial (`SamplerKernels`), with these torc
 reference, as its fallback.
 
 Top-k/top-p never sort the whole vocabulary: the draw looks at the `PREFILTER` best tokens
-(`CUDA_PREFILTER` on CUDA; more when a row's top_k asks for more). When those hold less than
+(more when a row's top_k asks for more; on CUDA `CUDA_PREFILTER` when some top-p row has no
+top_k). When those hold less than
 a row's top_p mass, its nucleus reaches further down; such a row is flagged. On CUDA a
 Triton kernel draws the flagged rows over the whole vocabulary on the device, without a sort
 (kernels/nucleus_draw.py); elsewhere `resample_exact` redraws them from the full sort after
@@ -55,11 +56,12 @@ from pipeline.models.attention import Workspace
 from pipeline.models.head import TopLogprobs
 
 PREFILTER = 256  # candidates examined for top-k / top-p before falling back to a full sort
-# On CUDA a flagged row costs its draw kernel some 32-64 passes over its row (and, should
-# that kernel fail, a host redraw that waits for the device and drops an overlapped step),
-# while a wider topk costs little more (its radix passes read each row as often; only the k
-# outputs' sort grows): look at more candidates there. (A CPU's topk grows with k: 34 ms
-# for 256 of [256, 128,256], 79 ms for 1,024.)
+# On CUDA a flagged row (top-p without top-k, its nucleus past the candidates) costs its draw
+# kernel some 32-64 passes over its row (and, should that kernel fail, a host redraw that
+# waits for the device and drops an overlapped step), while a wider topk costs little more
+# (its radix passes read each row as often; only the k outputs' sorts grow): steps with
+# such rows look at more candidates there. (A CPU's topk grows with k: 34 ms for 256 of
+# [256, 128,256], 79 ms for 1,024.)
 CUDA_PREFILTER = 1024
 DRAW_BLOCK = 256  # tokens per block of the two-level inverse-CDF draw
 # kernels/candidates_draw.py holds a row's candidates in registers: 56 a thread for 1,024 on
@@ -414,8 +416,8 @@ def _draw(
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
-        k = plan.prefilter
-        if compiled(logits):
+        k = plan.prefilter  # covers every row's top_k
+        if compiled(logits) and plan.may_redraw:  # a top-p row without top_k: look wider
             k = min(logits.shape[1], max(k, CUDA_PREFILTER))
         drawn, covered = _draw_filtered(
             logits, temperature, tempered_lse, params, u, k, kernels.candidates
