@@ -4,6 +4,7 @@ engine whose counters grow, the real tiny engine, and a whole job; then the plot
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,39 @@ def test_a_job_writes_lines_whose_intervals_add_up_to_its_engine_work(
     (line,) = lines
     assert line["rows"] == 12 and 0 <= line["interval_engine_idle_share"] < 1
     assert (out / "throughput.png").exists()
+
+
+def test_a_plot_that_fails_to_draw_leaves_the_job_done(
+    compose,
+    engine: LLMEngine,
+    tiny_llama_dir: Path,
+    make_shards,
+    tmp_path: Path,
+    monkeypatch,
+    caplog,
+) -> None:
+    """The throughput figure is drawn on a thread after the last row is committed; should
+    drawing fail (a CI run once failed on matplotlib's import there), the job still ends
+    well: results and summary written, the failure logged."""
+    import pipeline.run
+
+    def fails(history, path):
+        raise ModuleNotFoundError("No module named 'fontTools'")
+
+    monkeypatch.setattr(pipeline.run, "plot_throughput", fails)
+    inputs = make_shards(num_shards=1, rows=4, row_group_size=4)
+    out = tmp_path / "out"
+    overrides = [
+        f"model.path={tiny_llama_dir}",
+        f"input.path={inputs[0].parent}",
+        f"output.dir={out}",
+        "sampling.max_tokens=3",
+        "cluster.n_workers=1",
+        "metrics.progress=false",
+    ]
+    with caplog.at_level(logging.WARNING, logger="pipeline.run"):
+        summary = run(compose(overrides), engine=engine)
+    assert summary["rows"] == 4 and summary["error_rows"] == 0
+    assert (out / "summary.json").exists() and not summary["failed_shards"]
+    assert not (out / "throughput.png").exists()
+    assert "throughput plot" in caplog.text and "fontTools" in caplog.text
