@@ -6,10 +6,10 @@ token whose cumulative weight exceeds u x the total, the weights exp(x / T - tem
 this kernel's reference) writes the weights as an fp32 [R, V] buffer and reads it back for
 the blocks' masses, the chosen block and its cumulative sum: at 1,024 rows x 128,256 tokens
 about 3 GB of traffic a step, around a millisecond on an H100. This kernel reads the logits
-in their own dtype, twice at most: one program per row sums the weights (after a pass for
-the largest logit when min-p is on), then walks the blocks until the running mass passes
-u x the total and finds the token inside that block. The same draw up to the sums'
-rounding; no [R, V] buffer.
+in their own dtype, twice at most (three times with min-p): one program per row sums the
+weights (after a pass for the largest logit when min-p is on), then walks the blocks until
+the running mass passes u x the total and finds the token inside that block. The same draw
+up to the sums' rounding; no [R, V] buffer.
 
 x [R, V] fp32, bf16 or fp16 (bans applied: -inf); temperature [R] fp32 (> 0 on drawn rows);
 tempered_lse [R] fp32 (logsumexp of x / temperature); params [R, 4] (temperature, top_k,
