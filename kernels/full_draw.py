@@ -39,26 +39,40 @@ def full_draw_triton(
     """Draw the rows of `take` into `tokens` (in place); returns it. `min_p`: some row has
     min_p > 0 (else the pass for the largest logit is skipped)."""
     require_triton()
-    rows, vocab = x.shape
-    assert x.stride(-1) == 1 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    assert params.shape[0] == rows and params.stride(-1) == 1
-    assert tokens.shape == (rows,) and tokens.dtype == torch.int64 and tokens.is_contiguous()
-    if rows:
-        _full_draw_kernel[(rows,)](
-            x,
-            x.stride(0),
-            vocab,
-            temperature.contiguous(),
-            tempered_lse.contiguous(),
-            params,
-            params.stride(0),
-            u.contiguous(),
-            take.contiguous(),
-            tokens,
-            MIN_P=min_p,
-            BLOCK=_BLOCK,
-        )
+    args = row_draw_args(x, temperature, tempered_lse, params, u, take, tokens)
+    if x.shape[0]:
+        _full_draw_kernel[(x.shape[0],)](*args, MIN_P=min_p, BLOCK=_BLOCK)
     return tokens
+
+
+def row_draw_args(
+    x: torch.Tensor,
+    temperature: torch.Tensor,
+    tempered_lse: torch.Tensor,
+    params: torch.Tensor,
+    u: torch.Tensor,
+    rows: torch.Tensor,
+    tokens: torch.Tensor,
+) -> tuple[object, ...]:
+    """The arguments the vocabulary-wide draw kernels share (this one and
+    `nucleus_draw.py`'s), in their order, checked: logits [R, V] in rows, parameters
+    [R, 4], the rows to draw [R] bool, their tokens [R] int64 written in place."""
+    num_rows, vocab = x.shape
+    assert x.stride(-1) == 1 and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    assert params.shape[0] == num_rows and params.stride(-1) == 1
+    assert tokens.shape == (num_rows,) and tokens.dtype == torch.int64 and tokens.is_contiguous()
+    return (
+        x,
+        x.stride(0),
+        vocab,
+        temperature.contiguous(),
+        tempered_lse.contiguous(),
+        params,
+        params.stride(0),
+        u.contiguous(),
+        rows.contiguous(),
+        tokens,
+    )
 
 
 if triton is not None:

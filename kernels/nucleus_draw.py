@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._triton import require_triton, tl, triton
+from .full_draw import row_draw_args
 
 _BLOCK = 4096  # vocabulary entries per loop step
 # Low bits of the fp32 pattern that are always zero for logits of this dtype: bf16 keeps the
@@ -47,25 +48,9 @@ def nucleus_draw_triton(
 ) -> torch.Tensor:
     """Draw the flagged rows into `tokens` (in place); returns it."""
     require_triton()
-    rows, vocab = x.shape
-    assert x.stride(-1) == 1 and x.dtype in _ZERO_BITS
-    assert params.shape[0] == rows and params.stride(-1) == 1
-    assert tokens.shape == (rows,) and tokens.dtype == torch.int64 and tokens.is_contiguous()
-    if rows:
-        _nucleus_draw_kernel[(rows,)](
-            x,
-            x.stride(0),
-            vocab,
-            temperature.contiguous(),
-            tempered_lse.contiguous(),
-            params,
-            params.stride(0),
-            u.contiguous(),
-            flagged.contiguous(),
-            tokens,
-            SHIFT=_ZERO_BITS[x.dtype],
-            BLOCK=_BLOCK,
-        )
+    args = row_draw_args(x, temperature, tempered_lse, params, u, flagged, tokens)
+    if x.shape[0]:
+        _nucleus_draw_kernel[(x.shape[0],)](*args, SHIFT=_ZERO_BITS[x.dtype], BLOCK=_BLOCK)
     return tokens
 
 

@@ -413,6 +413,7 @@ def _draw(
     `resample_exact` (None: none; on CUDA the nucleus kernel draws them in place)."""
     params = t["params"]
     u = _uniforms(t["seed_index_step"], kernels.uniform)
+    random = t["random"].bool()
     filtered = (params[:, 1] > 0) | (params[:, 2] < 1.0)
     drawn = needs_exact = None
     if plan.any_filtered:
@@ -423,14 +424,14 @@ def _draw(
             logits, temperature, tempered_lse, params, u, k, kernels.candidates
         )
         if plan.may_redraw:
-            needs_exact = filtered & ~covered & t["random"].bool()
+            needs_exact = filtered & ~covered & random
             args = (logits, temperature, tempered_lse, params, u, needs_exact, drawn)
             if compiled(logits) and kernels.nucleus.run(nucleus_draw_triton, *args) is not None:
                 needs_exact = None  # drawn over the whole vocabulary on the device
     if plan.any_unfiltered:
         full = None
         if compiled(logits):  # one kernel, no [R, V] weights
-            take = ~filtered & t["random"].bool()
+            take = ~filtered & random
             tokens = torch.zeros_like(take, dtype=torch.int64)
             each = (logits, temperature, tempered_lse, params, u, take, tokens, plan.any_min_p)
             full = kernels.full.run(full_draw_triton, *each)
