@@ -5,8 +5,9 @@
 #   2. the logits' reads alone (python -m pipeline.bench.head): greedy pick, beam ranking and
 #      top-p sampling, torch ops against the one-pass kernels, fp32 against bf16 logits, flat
 #      top-p rows drawn on the device against redrawn on the host, the top-p and the
-#      temperature-only draws in kernels against torch's ops; and one layer's decode
-#      attention, split and merged against one split per row
+#      temperature-only draws in kernels against torch's ops; one layer's decode
+#      attention, split and merged against one split per row; and the step's matmuls (cuBLAS)
+#      at 256 and 1,024 rows, in ms and TFLOP/s
 #   3. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the
@@ -49,7 +50,7 @@ tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 # The step's reads of its logits alone: greedy's pick, beam ranking and top-p sampling, torch
 # against the one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16).
 timeout 90 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
-    | tail -n 23 | tee "$out/head.txt"
+    | tail -n 30 | tee "$out/head.txt"
 
 # Half the free memory for our KV pool: transformers runs beside it in the same process.
 bench=(python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B
@@ -57,8 +58,10 @@ bench=(python3 -m pipeline.bench --device cuda --dtype bfloat16 --size 1B
 timeout 300 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 \
     --hf-batch greedy=256,n4=64,beam4=64 --profile-steps 10 > "$out/bench_full.txt" 2>&1
 bench_rc=$?
-# The profile table (from "# profile:" on) stays in bench_full.txt.
+# The profile (from "# profile:" on): its device table (the top kernels of ten greedy decode
+# steps) goes to the results, the rest stays in bench_full.txt.
 sed '/^# profile:/,$d' "$out/bench_full.txt" | grep -v -E 'Loading|Writing|^USDT' > "$out/bench.txt"
+sed -n '/^# profile:/,$p' "$out/bench_full.txt" | grep -v '^USDT' | head -n 32 > "$out/profile.txt"
 if [ "$bench_rc" != 0 ]; then
     # Which part fails: the same greedy run without graphs, then with torch attention.
     tail -n 30 "$out/bench_full.txt" >> "$out/bench.txt"
@@ -113,6 +116,10 @@ fi
     echo
     echo '```'
     cat "$out/head.txt"
+    echo '```'
+    echo
+    echo '```'
+    cat "$out/profile.txt"
     echo '```'
 } > "$out/results.md"
 cat "$out/results.md"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from pipeline.bench.job import run_bench
 from pipeline.bench.workload import work_flops, work_flops_for
 from pipeline.models.spec import ModelSpec
@@ -82,3 +84,24 @@ def test_head_bench_times_every_read_of_the_logits():
     attention = attention_reads(rows=2, device=torch.device("cpu"), repeats=1)
     assert attention.keys() == {"attention, split + merge", "attention, one split"}
     assert all(t >= 0 for t in times.values())
+
+
+def test_head_bench_times_the_decode_steps_matmuls():
+    """The matmuls' rows of `python -m pipeline.bench.head`: each product's time and rate,
+    and a step's total (every layer's products per layer, the head's once)."""
+    import torch
+
+    from pipeline.bench.head import matmul_times
+
+    shapes = {"qkv": (64, 96), "down": (128, 64), "head": (64, 500)}
+    times = matmul_times(rows=4, device=torch.device("cpu"), repeats=1, shapes=shapes, num_layers=3)
+    assert list(times) == [
+        "matmul qkv [64 -> 96]",
+        "matmul down [128 -> 64]",
+        "matmul head [64 -> 500]",
+        "matmuls, 3 layers + head",
+    ]
+    (qkv, _), (down, _), (head, _), (total, rate) = times.values()
+    assert total == pytest.approx(3 * (qkv + down) + head)
+    flops = 2 * 4 * (3 * (64 * 96 + 128 * 64) + 64 * 500)
+    assert rate == pytest.approx(flops / total / 1e9)

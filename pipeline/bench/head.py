@@ -1,8 +1,9 @@
 """The decode step's reads of its logits, timed alone: greedy's pick, beam search's
 ranking and top-p sampling, torch ops against the one-pass Triton kernels, fp32 logits
 against bf16, top-p rows whose nucleus passes the candidates drawn on the device against
-redrawn on the host, temperature-only draws in one kernel against torch's; and one layer's
-decode attention, split by length and merged against one split per row.
+redrawn on the host, temperature-only draws in one kernel against torch's; one layer's
+decode attention, split by length and merged against one split per row; and the step's
+matmuls (cuBLAS through torch) at the 1B shape, in ms and in TFLOP/s.
 
     python -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256
 
@@ -12,6 +13,13 @@ them in bf16, which the greedy pick and the beams' ranking read as they are. Att
 1B shape's heads (32 query, 8 KV, 64 wide), bf16 cache, contexts of 8-528 tokens (log-uniform:
 prompts of 8-400 and up to 128 new), bounded as the decode graphs bound them (1,024). Where
 Triton cannot run (a CPU without TRITON_INTERPRET=1) only the torch rows are timed.
+
+The matmuls: the decode step's products for `rows` tokens, bf16, weights [out, in] as the
+model holds them (qkv 2048 -> 3072, o 2048 -> 2048, gate_up 2048 -> 16384, down 8192 -> 2048,
+the head 2048 -> 128,256), and their sum over 16 layers and the head: what a decode step of
+the 1B shape spends in matmuls if nothing else ran. Whether the step's matmuls run near what
+the card allows (at 256 rows they are as compute- as memory-bound) decides what the decode
+step's floor can be.
 """
 
 from __future__ import annotations
@@ -124,6 +132,41 @@ def attention_reads(rows: int, device: torch.device, repeats: int) -> dict[str, 
     }
 
 
+# (in, out) of each product in a layer of the 1B shape, and of the head
+LLAMA_1B_MATMULS = {
+    "qkv": (2048, 3072),
+    "o": (2048, 2048),
+    "gate_up": (2048, 16384),
+    "down": (8192, 2048),
+    "head": (2048, 128256),
+}
+LLAMA_1B_LAYERS = 16
+
+
+def matmul_times(
+    rows: int,
+    device: torch.device,
+    repeats: int,
+    shapes: dict[str, tuple[int, int]] = LLAMA_1B_MATMULS,
+    num_layers: int = LLAMA_1B_LAYERS,
+) -> dict[str, tuple[float, float]]:
+    """(ms per call, TFLOP/s) of each of a decode step's matmuls over `rows` tokens (bf16,
+    as `torch.nn.functional.linear` runs them), and of the step's total: every layer's
+    products `num_layers` times, plus the head's once."""
+    times: dict[str, tuple[float, float]] = {}
+    total_ms = total_flops = 0.0
+    for name, (fan_in, fan_out) in shapes.items():
+        x = torch.randn(rows, fan_in, dtype=torch.bfloat16, device=device)
+        w = torch.randn(fan_out, fan_in, dtype=torch.bfloat16, device=device) / fan_in**0.5
+        ms = best_ms(partial(torch.nn.functional.linear, x, w), device, repeats)
+        flops = 2.0 * rows * fan_in * fan_out
+        times[f"matmul {name} [{fan_in} -> {fan_out}]"] = (ms, flops / ms / 1e9)
+        calls = 1 if name == "head" else num_layers
+        total_ms, total_flops = total_ms + calls * ms, total_flops + calls * flops
+    times[f"matmuls, {num_layers} layers + head"] = (total_ms, total_flops / total_ms / 1e9)
+    return times
+
+
 def softmax_passes(logits: torch.Tensor, temperature: float = 0.8) -> None:
     """What the sampler wrote for a top-p step before `kernels.tempered_lse`: the
     log-softmax (reported log-probs) and the tempered one, [R, V] fp32 each, and its topk."""
@@ -183,6 +226,7 @@ def main() -> None:
         | attention_reads(r, device, args.repeats)
         for r in sizes
     }
+    matmuls = {r: matmul_times(r, device, args.repeats) for r in sizes}
     print(
         f"# the decode step's reads, ms per call (best of {args.repeats}), "
         f"vocab {args.vocab}, {device}"
@@ -190,6 +234,10 @@ def main() -> None:
     print(f"{'':34}" + "".join(f"{f'{r} rows':>12}" for r in sizes))
     for name in results[sizes[0]]:
         print(f"{name:34}" + "".join(f"{results[r][name]:12.3f}" for r in sizes))
+    print("# the decode step's matmuls, bf16: ms per call, then TFLOP/s")
+    for name in matmuls[sizes[0]]:
+        cells = [f"{matmuls[r][name][0]:7.3f} {matmuls[r][name][1]:6.1f}" for r in sizes]
+        print(f"{name:34}" + "".join(f"{cell:>15}" for cell in cells))
 
 
 if __name__ == "__main__":
