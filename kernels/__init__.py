@@ -24,6 +24,7 @@ from .nucleus_draw import nucleus_draw_triton
 from .prefill_attention import prefill_attention_ref, prefill_attention_triton
 from .rms_norm import rms_norm_ref, rms_norm_triton
 from .rope import rope_ref, rope_triton
+from .rope_write_kv import rope_write_kv_ref, rope_write_kv_triton
 from .silu_mul import silu_mul_ref, silu_mul_triton
 from .tempered_lse import tempered_lse_ref, tempered_lse_triton
 from .trial import KernelTrial
@@ -47,6 +48,8 @@ __all__ = [
     "rope",
     "rope_ref",
     "rope_triton",
+    "rope_write_kv_ref",
+    "rope_write_kv_triton",
     "row_lse_topk_ref",
     "row_lse_topk_triton",
     "select",

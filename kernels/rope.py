@@ -54,18 +54,21 @@ def rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 if triton is not None:
 
     @triton.jit
-    def _rope_kernel(
+    def _rotate_heads(
         x_ptr,
-        cos_ptr,
-        sin_ptr,
+        token,
         stride_t,
         stride_h,
         heads,
+        cos_ptr,
+        sin_ptr,
         HALF: tl.constexpr,
         HALF_PAD: tl.constexpr,
         HEADS_PAD: tl.constexpr,
     ):
-        token = tl.program_id(0).to(tl.int64)
+        """Rotate one token's heads of x in place; returns the rotated halves
+        [HEADS_PAD, HALF_PAD] each (in x's dtype) and their mask, for a caller that stores
+        them elsewhere too (the fused KV write)."""
         offs_h = tl.arange(0, HEADS_PAD)
         offs_d = tl.arange(0, HALF_PAD)
         ok = (offs_h[:, None] < heads) & (offs_d[None, :] < HALF)
@@ -81,5 +84,25 @@ if triton is not None:
         x2_sin = (x2 * s[None, :]).to(dtype).to(tl.float32)
         x2_cos = (x2 * c[None, :]).to(dtype).to(tl.float32)
         x1_sin = (x1 * s[None, :]).to(dtype).to(tl.float32)
-        tl.store(first, (x1_cos - x2_sin).to(dtype), mask=ok)
-        tl.store(first + HALF, (x2_cos + x1_sin).to(dtype), mask=ok)
+        y1 = (x1_cos - x2_sin).to(dtype)
+        y2 = (x2_cos + x1_sin).to(dtype)
+        tl.store(first, y1, mask=ok)
+        tl.store(first + HALF, y2, mask=ok)
+        return y1, y2, ok
+
+    @triton.jit
+    def _rope_kernel(
+        x_ptr,
+        cos_ptr,
+        sin_ptr,
+        stride_t,
+        stride_h,
+        heads,
+        HALF: tl.constexpr,
+        HALF_PAD: tl.constexpr,
+        HEADS_PAD: tl.constexpr,
+    ):
+        token = tl.program_id(0).to(tl.int64)
+        _rotate_heads(
+            x_ptr, token, stride_t, stride_h, heads, cos_ptr, sin_ptr, HALF, HALF_PAD, HEADS_PAD
+        )

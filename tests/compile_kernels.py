@@ -143,6 +143,16 @@ def cases() -> dict[str, Callable[[], object]]:
         "rope": lambda: K.rope_triton(
             randn(tokens, heads, dim), randn(tokens, 1, dim // 2), randn(tokens, 1, dim // 2)
         ),
+        "rope_write_kv": lambda: K.rope_write_kv_triton(
+            randn(tokens, heads, dim),
+            randn(tokens, kv_heads, dim),
+            randn(tokens, kv_heads, dim),
+            randn(tokens, 1, dim // 2),
+            randn(tokens, 1, dim // 2),
+            cache,
+            cache.clone(),
+            slots,
+        ),
         "silu_mul": lambda: K.silu_mul_triton(randn(tokens, 256)),
         "uniform": lambda: K.uniform_triton(slots, slots, slots),
         "rms_norm": lambda: K.rms_norm_triton(randn(tokens, 256), randn(256), 1e-6),

@@ -45,6 +45,18 @@ def test_triton_backend_greedy_matches_transformers(llama, graphs, overlap):
     assert (engine.stats()["overlapped_steps"] > 0) == overlap
 
 
+def test_triton_backend_matches_transformers_with_qk_norms(tmp_path):
+    """Qwen3 normalises q and k per head before the rotation: the fused rotation and KV
+    write then takes them as tensors of their own, not as views of the qkv projection."""
+    hf = build_model(tmp_path, "qwen3")
+    engine = make_engine(tmp_path, attention="triton")
+    prompts = random_prompts(2, seed=6, low=3, high=19)
+    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=5))
+    for prompt, out in zip(prompts, outs, strict=True):
+        ref = hf_generate(hf, prompt, max_new_tokens=5, do_sample=False)[0, len(prompt) :]
+        assert out.outputs[0].token_ids == strip_after_eos(ref.tolist())
+
+
 def test_triton_backend_samples_like_the_torch_backend(llama):
     directory, _ = llama
     params = SamplingParams(n=2, temperature=0.9, top_p=0.9, max_tokens=5, seed=3)

@@ -367,6 +367,57 @@ def test_rope(heads: int, kv_heads: int, dim: int, dtype: torch.dtype) -> None:
     assert torch.equal(qkv[:, view:], expected[:, view:])
 
 
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "block_size", "dtype", "separate"),
+    [
+        (4, 4, 16, torch.float32, False),  # GQA ratio 1
+        (8, 2, 32, torch.bfloat16, False),  # ratio 4
+        (8, 1, 16, torch.bfloat16, True),  # ratio 8; q and k apart (as after q/k norms)
+        (6, 3, 32, torch.float32, True),  # 6 and 3 heads pad to 8 and 4 in the kernel
+    ],
+)
+def test_rope_write_kv(
+    heads: int, kv_heads: int, block_size: int, dtype: torch.dtype, separate: bool
+) -> None:
+    """The fused rotation and cache write against the two references: q and k rotated in
+    place, the rotated k and v at their slots, padding tokens (slot -1) rotated but not
+    stored, every other cache slot untouched, v not rotated."""
+    tokens, dim, num_blocks = 11, 16, 3
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, device=DEVICE).to(dtype)
+    angles = torch.rand(tokens, 1, dim // 2, device=DEVICE) * 50
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:tokens]
+    slots[[0, 6]] = -1
+    slots = slots.to(DEVICE)
+    shape = (num_blocks, block_size, kv_heads, dim)
+    caches = [torch.randn(shape, device=DEVICE).to(dtype) for _ in "kv"]
+
+    def views(fused: torch.Tensor) -> list[torch.Tensor]:
+        q, k, v = fused.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+        qkv_views = [q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim)]
+        if separate:  # contiguous tensors of their own, like q_norm's and k_norm's outputs
+            qkv_views = [x.contiguous() for x in qkv_views]
+        return [*qkv_views, v.view(tokens, kv_heads, dim)]
+
+    expected, actual = views(qkv.clone()), views(qkv.clone())
+    expected_caches, actual_caches = [c.clone() for c in caches], [c.clone() for c in caches]
+    K.rope_write_kv_ref(*expected, cos, sin, *expected_caches, slots)
+    K.rope_write_kv_triton(*actual, cos, sin, *actual_caches, slots)
+
+    exact = dtype == torch.bfloat16 and DEVICE.type == "cpu"  # see test_rope
+    for a, e in zip(actual + actual_caches, expected + expected_caches, strict=True):
+        if exact:
+            assert torch.equal(a, e)
+        else:
+            _assert_close(a, e)
+    assert torch.equal(actual[2], views(qkv)[2])  # v as projected
+    kept = torch.ones(num_blocks * block_size, dtype=torch.bool, device=DEVICE)
+    kept[slots[slots >= 0]] = False
+    for a, before in zip(actual_caches, caches, strict=True):
+        assert torch.equal(a.view(-1, kv_heads, dim)[kept], before.view(-1, kv_heads, dim)[kept])
+    assert not torch.equal(actual[1][0], views(qkv)[1][0])  # a padding token is rotated too
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("tokens", "inner"), [(3, 1500), (0, 8)])
 def test_silu_mul(tokens: int, inner: int, dtype: torch.dtype) -> None:

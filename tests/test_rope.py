@@ -1,5 +1,5 @@
-"""`rotate_` (in place, on a view of the fused q/k projection) against transformers'
-`apply_rotary_pos_emb`: the same bits in fp32 and bf16."""
+"""`rotate_qk_` (in place, on views of the fused q/k projection or on tensors of their own)
+against transformers' `apply_rotary_pos_emb`: the same bits in fp32 and bf16."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from pipeline.models.rope import rotate_
+from pipeline.models import rope
+from pipeline.models.rope import rotate_qk_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rotation_in_place_matches_transformers_bit_for_bit(dtype):
+@pytest.mark.parametrize("separate", [False, True])
+def test_rotation_in_place_matches_transformers_bit_for_bit(dtype, separate, monkeypatch):
+    """Views of one projection are rotated in one pass (q's and k's heads as one view),
+    separate q and k (as q/k norms give them) in two."""
     tokens, heads, kv_heads, dim = 37, 4, 2, 16
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).to(dtype)
@@ -23,13 +27,16 @@ def test_rotation_in_place_matches_transformers_bit_for_bit(dtype):
     want_q, want_k = apply_rotary_pos_emb(q, k, full_cos, full_sin, unsqueeze_dim=2)
     v_before = qkv[:, (heads + kv_heads) * dim :].clone()
 
-    rotate_(
-        qkv[:, : (heads + kv_heads) * dim].view(tokens, heads + kv_heads, dim),
-        (cos[:, None], sin[:, None]),
-    )
+    passes, real = [], rope.rope
+    monkeypatch.setattr(rope, "rope", lambda x, *rows: (passes.append(x.shape), real(x, *rows)))
+    q_view = qkv[:, : heads * dim].view(tokens, heads, dim)
+    k_view = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    q, k = (q_view.clone(), k_view.clone()) if separate else (q_view, k_view)
 
-    assert torch.equal(qkv[:, : heads * dim].view(1, tokens, heads, dim), want_q)
-    assert torch.equal(
-        qkv[:, heads * dim : (heads + kv_heads) * dim].view(1, tokens, kv_heads, dim), want_k
-    )
+    rotate_qk_(q, k, (cos[:, None], sin[:, None]))
+
+    assert torch.equal(q.view(1, tokens, heads, dim), want_q)
+    assert torch.equal(k.view(1, tokens, kv_heads, dim), want_k)
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], v_before)  # v untouched
+    joint = [(tokens, heads + kv_heads, dim)]
+    assert passes == ([(tokens, heads, dim), (tokens, kv_heads, dim)] if separate else joint)

@@ -7,7 +7,8 @@ variable-length prompts, no padding) or a decode (one new token per sequence).
 A backend has one interface: `host_arrays` (extra per-step arrays, built on the host, that
 travel with the step's one host-to-device copy, and a host-side plan), `prepare` (once per
 step, on the device),
-then `write_kv`, `prefill` and `decode` per layer. `TorchBackend` (here) is the CPU path;
+then `write_kv` (or `rope_write_kv`: rotary embedding, then the write), `prefill` and
+`decode` per layer. `TorchBackend` (here) is the CPU path;
 `TritonBackend` (attention_triton.py) reads blocks in place on CUDA and can be captured in a
 CUDA graph. `make_backend` chooses once per engine.
 """
@@ -29,6 +30,7 @@ from pipeline.kernels.cpu import (
     paged_decode_attention_cpu,
     prefill_attention_cpu,
 )
+from pipeline.models.rope import RopeRows, rotate_qk_
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,18 @@ class AttentionBackend(Protocol):
         v: torch.Tensor,
         meta: AttentionMetadata,
     ) -> None: ...
+
+    def rope_write_kv(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RopeRows,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Rotate q and k in place by `rope`'s rows, then `write_kv` the rotated k and v."""
 
     def prefill(
         self,
@@ -232,6 +246,19 @@ class TorchBackend:
     def write_kv(
         self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata
     ) -> None:
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def rope_write_kv(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: RopeRows,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        rotate_qk_(q, k, rope)
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
 
     def prefill(

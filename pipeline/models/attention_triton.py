@@ -17,9 +17,11 @@ from torch import Tensor
 from pipeline.kernels import (
     paged_decode_attention_triton,
     prefill_attention_triton,
+    rope_write_kv_triton,
     write_kv_triton,
 )
 from pipeline.models.attention import AttentionMetadata, HostStep
+from pipeline.models.rope import RopeRows
 
 
 @dataclass
@@ -48,6 +50,18 @@ class TritonBackend:
         self, k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata
     ) -> None:
         write_kv_triton(k_cache, v_cache, k, v, meta.slot_mapping)
+
+    def rope_write_kv(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: RopeRows,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        meta: AttentionMetadata,
+    ) -> None:
+        rope_write_kv_triton(q, k, v, *rope, k_cache, v_cache, meta.slot_mapping)
 
     def prefill(
         self, q: Tensor, k: Tensor, v: Tensor, scale: float, meta: AttentionMetadata

@@ -14,7 +14,7 @@ from pipeline.kernels import rms_norm, silu_mul
 from pipeline.models.attention import AttentionMetadata
 from pipeline.models.head import HeadParts, lm_logits, plain_weight
 from pipeline.models.packed import PackedPanels
-from pipeline.models.rope import RopeRows, RotaryEmbedding, rotate_
+from pipeline.models.rope import RopeRows, RotaryEmbedding
 from pipeline.models.rows import by_row_chunks
 from pipeline.models.spec import ModelSpec
 
@@ -64,14 +64,10 @@ class Attention(nn.Module):
         v = v.view(tokens, kv_heads, dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-            rotate_(q, rope)
-            rotate_(k, rope)
-        else:  # q and k side by side in the projection: one rotation for both
-            rotate_(qkv[:, : self.q_size + self.kv_size].view(tokens, heads + kv_heads, dim), rope)
         k_cache, v_cache = cache
         backend = ctx.backend
         assert backend is not None
-        backend.write_kv(k_cache, v_cache, k, v, ctx)
+        backend.rope_write_kv(q, k, v, rope, k_cache, v_cache, ctx)
         if ctx.is_prefill:
             out = backend.prefill(q, k, v, self.scale, ctx)
         else:

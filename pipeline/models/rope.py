@@ -62,7 +62,20 @@ class RotaryEmbedding(torch.nn.Module):
 RopeRows = tuple[torch.Tensor, torch.Tensor]
 
 
-def rotate_(x: torch.Tensor, rows: RopeRows) -> None:
-    """Rotate x [T, heads, D] in place by its positions' angles (a view works: q and k of
-    one fused projection are rotated together); see `kernels/rope.py` for the rounding."""
-    rope(x, *rows)
+def rotate_qk_(q: torch.Tensor, k: torch.Tensor, rows: RopeRows) -> None:
+    """Rotate q [T, H, D] and k [T, KVH, D] in place by their positions' angles (see
+    `kernels/rope.py` for the rounding): in one pass when k follows q in each row, as the
+    views of one fused qkv projection do."""
+    joint = _side_by_side(q, k)
+    for x in (q, k) if joint is None else (joint,):
+        rope(x, *rows)
+
+
+def _side_by_side(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The [T, H + KVH, D] view of q's and k's heads when k's heads follow q's in memory."""
+    heads = q.shape[1]
+    if q.stride() != k.stride() or q.stride(1) != q.shape[2] or q.dtype != k.dtype:
+        return None
+    if k.data_ptr() != q.data_ptr() + heads * q.stride(1) * q.element_size():
+        return None
+    return q.as_strided((q.shape[0], heads + k.shape[1], q.shape[2]), q.stride())
