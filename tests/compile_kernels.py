@@ -160,10 +160,27 @@ def cases() -> dict[str, Callable[[], object]]:
             randn(tokens, 256), randn(256), 1e-6, randn(tokens, 256)
         ),
     }
+    shared = torch.tensor([16, 16, 0], dtype=torch.int64)  # rows 0 and 1 share a block
+    members = torch.full((3, K.decode_attention.MAX_GROUP), -1, dtype=torch.int64)
+    members[0, :2] = torch.tensor([0, 1])
     for direct in (False, True):
         out[f"decode_attention, direct={direct}"] = lambda direct=direct: (
             K.paged_decode_attention_triton(
                 randn(3, heads, dim), cache, cache, tables, lens, dim**-0.5, 1024, direct=direct
+            )
+        )
+        out[f"decode_attention, shared prefixes, direct={direct}"] = lambda direct=direct: (
+            K.paged_decode_attention_triton(
+                randn(3, heads, dim),
+                cache,
+                cache,
+                tables,
+                lens,
+                dim**-0.5,
+                1024,
+                shared_lens=shared,
+                members=members,
+                direct=direct,
             )
         )
     for dtype, x in logits.items():

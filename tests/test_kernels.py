@@ -17,6 +17,7 @@ if os.environ.get("PIPELINE_TEST_DEVICE") != "cuda":
     # first import of triton: @triton.jit reads it when a kernel is defined.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np
 import pytest
 import torch
 
@@ -270,6 +271,90 @@ def test_decode_attention_loose_bound_small_blocks() -> None:
     actual = K.paged_decode_attention_triton(q, k_cache, v_cache, tables, lens, 0.3, 2000)
 
     _assert_close(actual, expected)
+
+
+def _shared_prefix_cache(
+    groups: list[tuple[int, list[int]]], block_size: int, kv_heads: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """`_paged_cache` for groups of (shared blocks, each member's context length): every
+    member's table starts with its group leader's first blocks, as forked samples' do."""
+    lens = [n for _, members in groups for n in members]
+    k_cache, v_cache, tables = _paged_cache(lens, block_size, kv_heads, 16, dtype)
+    row = 0
+    for shared, members in groups:
+        assert all(n > shared * block_size for n in members)  # the new token's block is own
+        tables[row + 1 : row + len(members), :shared] = tables[row, :shared]
+        row += len(members)
+    return k_cache, v_cache, tables, lens
+
+
+@pytest.mark.parametrize(
+    ("group", "block_size", "dtype", "splits"),
+    [
+        (1, 16, torch.float32, "one"),
+        (4, 32, torch.float32, 16),  # splits inside the prefix are empty
+        (8, 16, torch.bfloat16, "one"),
+        (4, 16, torch.bfloat16, "length"),
+    ],
+)
+def test_decode_attention_reads_shared_prefixes_once(
+    group: int, block_size: int, dtype: torch.dtype, splits: int | str
+) -> None:
+    """Rows that share their first blocks (a request's samples): the prefix kernel reads
+    them once per group and each row's own tokens are folded in, directly or through the
+    merge; the same outputs as the reference, which reads every row on its own. Groups:
+    three rows sharing two blocks (one with a single token of its own), ten sharing one
+    (cut into 8 + 2), a row alone, and two rows that share no whole block."""
+    groups = [
+        (2, [2 * block_size + 5, 3 * block_size, 2 * block_size + 1]),
+        (1, [block_size + 1 + i for i in range(10)]),
+        (0, [7]),
+        (0, [9, 3]),
+    ]
+    kv_heads = 2
+    k_cache, v_cache, tables, lens = _shared_prefix_cache(groups, block_size, kv_heads, dtype)
+    tables[-1, 0] = tables[-2, 0]  # one partly filled first block: never shared
+    found = K.decode_attention.shared_prefix_groups(
+        tables.long().cpu().numpy(), np.array(lens), block_size
+    )
+    assert found is not None
+    shared_lens, members = found
+    assert shared_lens.tolist() == [2 * block_size] * 3 + [block_size] * 10 + [0] * 3
+    assert members[0, :4].tolist() == [0, 1, 2, -1]
+    assert members[3].tolist() == list(range(3, 11)) and members[11, :3].tolist() == [11, 12, -1]
+    assert (members[[1, 2, 4, 12, 13, 14, 15]] == -1).all()
+
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    q = torch.randn(len(lens), kv_heads * group, 16, dtype=dtype, device=DEVICE)
+    expected = K.paged_decode_attention_ref(q, k_cache, v_cache, tables, lens_t, 0.25)
+    actual = K.paged_decode_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        tables,
+        lens_t,
+        0.25,
+        max(lens),
+        shared_lens=torch.from_numpy(shared_lens).to(DEVICE),
+        members=torch.from_numpy(members).to(DEVICE),
+        split_tokens=splits if isinstance(splits, int) else None,
+        direct=splits == "one",
+    )
+    _assert_close(actual, expected)
+
+
+def test_shared_prefix_groups_only_share_blocks_no_row_writes() -> None:
+    """A group shares the blocks all its rows list alike before the block of any row's new
+    token; rows that share nothing, or whose first blocks differ, get no group."""
+    groups = K.decode_attention.shared_prefix_groups
+    tables = np.array([[4, 5, 6], [4, 5, 7], [4, 5, 6]])
+    # Row 2's new token is the first of block 1 (position 16): only block 0 is shared.
+    shared_lens, members = groups(tables, np.array([40, 40, 17]), 16)
+    assert shared_lens.tolist() == [16, 16, 16] and members[0, :3].tolist() == [0, 1, 2]
+    # Row 0's new token is in block 0: nothing whole to share.
+    assert groups(tables, np.array([16, 40, 40]), 16) is None
+    assert groups(np.array([[1, 2], [3, 2]]), np.array([40, 40]), 16) is None
+    assert groups(np.array([[1, 2]]), np.array([40]), 16) is None
 
 
 # --- prefill attention -------------------------------------------------------------------
