@@ -15,7 +15,11 @@ import torch
 from . import cpu
 from ._triton import triton
 from .candidates_draw import candidates_draw_triton
-from .decode_attention import paged_decode_attention_ref, paged_decode_attention_triton
+from .decode_attention import (
+    paged_decode_attention_ref,
+    paged_decode_attention_triton,
+    shared_prefix_groups,
+)
 from .full_draw import full_draw_triton
 from .greedy import greedy_pick_ref, greedy_pick_triton
 from .kv_write import write_kv_ref, write_kv_triton
@@ -53,6 +57,7 @@ __all__ = [
     "row_lse_topk_ref",
     "row_lse_topk_triton",
     "select",
+    "shared_prefix_groups",
     "silu_mul",
     "silu_mul_ref",
     "silu_mul_triton",

@@ -71,6 +71,46 @@ def test_triton_backend_samples_like_the_torch_backend(llama):
     assert tokens["torch"] == tokens["triton"]
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "static-buffers"])
+def test_rows_that_share_a_prompt_read_it_once(llama, graphs, monkeypatch):
+    """n=4 samples and 3 beams of prompts several blocks long: their decode steps read the
+    shared blocks once per group (the prefix kernel, and on the graphs' path the second
+    graph of a bucket with the groups' static buffers), with the torch backend's outputs;
+    greedy rows share nothing."""
+    from pipeline.kernels import decode_attention
+
+    launches = []
+    prefix_kernel = decode_attention._decode_prefix_kernel
+
+    class Counted:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return prefix_kernel[grid]
+
+    monkeypatch.setattr(decode_attention, "_decode_prefix_kernel", Counted())
+    directory, _ = llama
+    prompts = random_prompts(3, seed=9, low=13, high=30)  # blocks of 4 tokens
+    all_params = [
+        SamplingParams(n=4, temperature=0.9, max_tokens=6, seed=5),
+        BeamParams(width=3, num_return=2, max_tokens=6),
+    ]
+    engines = {name: make_engine(directory, attention=name) for name in ("torch", "triton")}
+    triton = engines["triton"]
+    if graphs:
+        triton.runner.use_decode_graphs(16, triton.max_model_len, capture=False)
+    for params in all_params:
+        outs = {name: e.generate(prompts, params) for name, e in engines.items()}
+        tokens = {n: [[c.token_ids for c in o.outputs] for o in r] for n, r in outs.items()}
+        assert tokens["triton"] == tokens["torch"]
+    stats = triton.stats()
+    assert 0 < stats["decode_shared_tokens"] < stats["decode_context_tokens"]
+    assert engines["torch"].stats()["decode_shared_tokens"] == 0
+    assert launches  # one per layer of each step with groups
+    before, launched = stats["decode_shared_tokens"], len(launches)
+    triton.generate(prompts, SamplingParams(temperature=0, max_tokens=4))
+    assert triton.stats()["decode_shared_tokens"] == before and len(launches) == launched
+
+
 def test_batch_buckets_cover_every_batch_size():
     assert batch_buckets(256)[:7] == [1, 2, 4, 8, 16, 32, 64]
     assert batch_buckets(256)[-1] == 256

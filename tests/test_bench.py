@@ -81,8 +81,13 @@ def test_head_bench_times_every_read_of_the_logits():
     assert {"widen bf16 -> fp32", "beam ranking, torch (fp32)"} <= times.keys()
     assert "beam ranking, one pass (bf16)" in times and "greedy, one pass (bf16)" in times
     assert {"top-p, log-softmaxes (fp32)", "top-p, sampler (bf16)"} <= times.keys()
-    attention = attention_reads(rows=2, device=torch.device("cpu"), repeats=1)
-    assert attention.keys() == {"attention, split + merge", "attention, one split"}
+    attention = attention_reads(rows=4, device=torch.device("cpu"), repeats=1)
+    assert attention.keys() == {
+        "attention, split + merge",
+        "attention, one split",
+        "attention, n=4, each row reads",
+        "attention, n=4, prefix once",
+    }
     assert all(t >= 0 for t in times.values())
 
 

@@ -46,7 +46,7 @@ def test_decode_matches_reference_across_split_groups(reuse: bool) -> None:
     q = torch.randn(len(lengths), heads, head_dim, generator=gen)
 
     padded, counts = block_tables(tables)
-    step = HostStep(False, np.array(lengths), counts, padded)
+    step = HostStep(False, np.array(lengths), counts, block_size, padded)
     backend = TorchBackend()
     arrays, plan = backend.host_arrays(step)
     assert len(plan) >= 3 and all(b - a <= DECODE_GROUP_ROWS for a, b, _ in plan)
@@ -92,7 +92,7 @@ def test_prefill_matches_attention_per_prompt(causal: bool, native: bool) -> Non
     order = torch.randperm(len(lengths), generator=gen).tolist()  # packed unsorted
     lengths = [lengths[i] for i in order]
 
-    step = HostStep(True, np.array(lengths), np.zeros(len(lengths), dtype=np.int64))
+    step = HostStep(True, np.array(lengths), np.zeros(len(lengths), dtype=np.int64), 16)
     backend = TorchBackend(native=native)
     arrays, plan = backend.host_arrays(step)
     if native:

@@ -244,14 +244,17 @@ def prefill_rate(before: dict, after: dict, spec, prompts, peak: float) -> dict:
 
 
 def memory_floor(before: dict, after: dict, engine: LLMEngine, spec, bandwidth: float) -> dict:
-    """The decode step's memory floor: weights plus the KV it attends, read once, over the
-    measured copy bandwidth (bytes read + written per second)."""
+    """The decode step's memory floor: weights plus the KV it attends, read once (a prefix
+    that rows share and read together counted once), over the measured copy bandwidth
+    (bytes read + written per second)."""
     steps = max(after["num_decode_steps"] - before["num_decode_steps"], 1)
-    context = (after["decode_context_tokens"] - before["decode_context_tokens"]) / steps
+    read = {k: after[k] - before[k] for k in ("decode_context_tokens", "decode_shared_tokens")}
+    context = (read["decode_context_tokens"] - read["decode_shared_tokens"]) / steps
     dtype_bytes = torch.finfo(getattr(torch, engine.model_info["dtype"])).bits // 8
     kv_bytes = context * spec.kv_bytes_per_token * dtype_bytes
     floor_ms = 1e3 * (engine.model_info["weight_bytes"] + kv_bytes) / bandwidth
-    return {"decode_floor_ms": floor_ms, "decode_kv_bytes": kv_bytes}
+    shared = read["decode_shared_tokens"] / max(read["decode_context_tokens"], 1)
+    return {"decode_floor_ms": floor_ms, "decode_kv_bytes": kv_bytes, "decode_kv_shared": shared}
 
 
 def format_row(row: dict) -> str:
@@ -276,6 +279,8 @@ def format_costs(row: dict) -> str:
     if "decode_floor_ms" in row:
         ratio = row["decode_step_ms"] / row["decode_floor_ms"]
         text += f" | memory floor {row['decode_floor_ms']:.2f} ms ({ratio:.2f}x)"
+        if row.get("decode_kv_shared"):
+            text += f" ({100 * row['decode_kv_shared']:.0f}% of KV reads shared)"
     text += (
         f" | prefill {row['prefill_tok_s']:.0f} tok/s, "
         f"{100 * row['prefill_peak_frac']:.0f}% of matmul peak ({row['peak_gflops']:.1f} GFLOP/s)"

@@ -110,26 +110,57 @@ def head_reads(rows: int, vocab: int, device: torch.device, repeats: int) -> dic
 
 
 def attention_reads(rows: int, device: torch.device, repeats: int) -> dict[str, float]:
-    """ms per call of one layer's decode attention over `rows` sequences, both ways."""
+    """ms per call of one layer's decode attention over `rows` sequences: split and merged
+    against one split per row; and rows in groups of 4 that share their prompt's blocks (n=4
+    samples), each row reading them against each group reading them once."""
     if not kernels.triton_available(device):
         return {}
-    heads, kv_heads, head_dim, block = 32, 8, 64, 16
     gen = torch.Generator().manual_seed(0)
     lens = torch.exp(torch.empty(rows).uniform_(2.08, 6.27, generator=gen)).long()  # 8-528
+    args = _paged_rows(lens, list(range(rows)), [0] * rows, device, gen)
+    attend = kernels.paged_decode_attention_triton
+    times = {
+        f"attention, {name}": best_ms(partial(attend, *args, direct=direct), device, repeats)
+        for name, direct in (("split + merge", False), ("one split", True))
+    }
+    # n=4: prompts of 8-400 tokens, each sample 1-128 tokens of its own
+    prompts = torch.exp(torch.empty(rows // 4).uniform_(2.08, 5.99, generator=gen)).long()
+    own = torch.randint(1, 129, (rows // 4 * 4,), generator=gen)
+    lens = prompts.repeat_interleave(4) + own
+    shared = (prompts.repeat_interleave(4) // 16).tolist()  # whole blocks of the prompt
+    args = _paged_rows(lens, [row // 4 for row in range(len(lens))], shared, device, gen)
+    groups = kernels.shared_prefix_groups(args[3].long().cpu().numpy(), lens.numpy(), 16)
+    assert groups is not None
+    shared_lens, members = (torch.from_numpy(a).to(device) for a in groups)
+    once = partial(attend, *args, shared_lens=shared_lens, members=members)
+    times["attention, n=4, each row reads"] = best_ms(partial(attend, *args), device, repeats)
+    times["attention, n=4, prefix once"] = best_ms(once, device, repeats)
+    return times
+
+
+def _paged_rows(
+    lens: torch.Tensor,
+    group: list[int],
+    shared: list[int],
+    device: torch.device,
+    gen: torch.Generator,
+) -> tuple:
+    """decode attention's arguments at the 1B shape (32 query heads, 8 KV, 64 wide, bf16
+    cache, blocks of 16) for contexts `lens`, blocks in random order; a row's first
+    `shared[row]` blocks are those of the row before when both are of one `group`."""
+    heads, kv_heads, head_dim, block = 32, 8, 64, 16
+    rows = len(lens)
     blocks = -(-lens // block)  # [rows]
     order = torch.randperm(int(blocks.sum()), generator=gen)
     tables = torch.zeros(rows, int(blocks.max()), dtype=torch.int32)
     for row, start in enumerate((torch.cumsum(blocks, 0) - blocks).tolist()):
         tables[row, : blocks[row]] = order[start : start + int(blocks[row])]
+        if row and group[row] == group[row - 1]:
+            tables[row, : shared[row]] = tables[row - 1, : shared[row]]
     shape = (int(blocks.sum()), block, kv_heads, head_dim)
     k_cache, v_cache = (torch.randn(shape, dtype=torch.bfloat16, device=device) for _ in "kv")
     q = torch.randn(rows, heads, head_dim, dtype=torch.bfloat16, device=device)
-    args = (q, k_cache, v_cache, tables.to(device), lens.int().to(device), head_dim**-0.5, 1024)
-    attend = kernels.paged_decode_attention_triton
-    return {
-        f"attention, {name}": best_ms(partial(attend, *args, direct=direct), device, repeats)
-        for name, direct in (("split + merge", False), ("one split", True))
-    }
+    return (q, k_cache, v_cache, tables.to(device), lens.int().to(device), head_dim**-0.5, 1024)
 
 
 # (in, out) of each product in a layer of the 1B shape, and of the head

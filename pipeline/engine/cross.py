@@ -150,7 +150,7 @@ class CrossInputs:
         lengths: np.ndarray,
         rows: np.ndarray | None,
     ) -> tuple[dict[str, np.ndarray], list[ReadGroup]]:
-        step = HostStep(False, lengths, counts, tables)
+        step = HostStep(False, lengths, counts, self.block_size, tables)
         backend_arrays, backend_plan = self.backend.host_arrays(step)
         arrays = {
             prefix + "slots": np.zeros(0, dtype=np.int64),  # reads only: nothing is written
@@ -186,7 +186,7 @@ def _encoder_arrays(
         "enc.lengths": lengths,
         "enc.cu_seqlens": cu,
     }
-    return arrays, HostStep(True, lengths, counts)
+    return arrays, HostStep(True, lengths, counts, block_size)
 
 
 def _source_lengths(requests: list[Request]) -> np.ndarray:

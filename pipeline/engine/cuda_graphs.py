@@ -7,6 +7,11 @@ device) and the rows past B are padding: slot -1 (the KV write skips it) and con
 `max_len`, fixed at capture, so one capture serves every step. Graphs are captured largest
 first and share one memory pool, after the KV pool is allocated.
 
+A step whose rows share prefixes (a request's samples or beams; see
+`models/attention_triton.py`) runs a second graph of its bucket, with the prefix kernel and
+the groups' arrays in static buffers too. Those are captured when a step first needs one,
+into the same pool: a greedy job never captures them, and its steps launch no prefix kernel.
+
 Needs a backend without host-side planning (Triton). With `capture=False` the same static
 path runs eagerly: that is how the CPU tests check padding and buffers.
 """
@@ -15,10 +20,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from pipeline.kernels.decode_attention import MAX_GROUP
 from pipeline.models.attention import AttentionBackend, AttentionMetadata
 from pipeline.models.head import plain_weight
 from pipeline.models.llama import KVCache, LlamaForCausalLM
@@ -60,7 +66,10 @@ class DecodeGraphs:
         self.input_ids, self.positions, self.lengths = zeros(size), zeros(size), zeros(size)
         self.slots = zeros(size) - 1
         self.block_tables = zeros(size, width)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.shared_lens, self.members = zeros(size), zeros(size, MAX_GROUP) - 1
+        self.capture = capture
+        self.pool: Any = None  # the graphs' memory pool (torch's handle), after the first capture
+        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}  # (bucket, shared)
         # Every bucket's graph writes its logits into rows of this one buffer: kept per
         # graph, the outputs would hold sum(buckets) x V values (8.7 GB of fp32 for a 128k
         # vocabulary and buckets up to 1,024). A plain head's product goes straight in, in
@@ -92,14 +101,24 @@ class DecodeGraphs:
         self.lengths[:n].copy_(inputs.meta.context_lens)
         self.lengths[n:bucket].fill_(0)
         self.block_tables[:n, : tables.shape[1]].copy_(tables)
-        graph = self.graphs.get(bucket)
+        extra = inputs.meta.extra
+        shared = "shared_lens" in extra
+        if shared:  # padding rows share nothing
+            self.shared_lens[:n].copy_(extra["shared_lens"])
+            self.shared_lens[n:bucket].fill_(0)
+            self.members[:n].copy_(extra["members"])
+            self.members[n:bucket].fill_(-1)
+        graph = self.graphs.get((bucket, shared))
+        if graph is None and self.capture and shared:
+            graph = self._capture_one(bucket, shared)
         if graph is None:
-            self._forward(bucket)
+            self._forward(bucket, shared)
         else:
             graph.replay()
         return self.logits[:n]
 
-    def _forward(self, batch: int) -> None:
+    def _forward(self, batch: int, shared: bool = False) -> None:
+        groups = {"shared_lens": self.shared_lens[:batch], "members": self.members[:batch]}
         meta = AttentionMetadata(
             is_prefill=False,
             slot_mapping=self.slots[:batch],
@@ -108,6 +127,7 @@ class DecodeGraphs:
             max_len=self.max_len,
             block_size=self.block_size,
             backend=self.backend,
+            extra=groups if shared else {},
         )
         self.backend.prepare(meta, None)
         hidden = self.model(self.input_ids[:batch], self.positions[:batch], meta, self.kv_caches)
@@ -119,15 +139,8 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         started = time.perf_counter()
-        pool = None
         for batch in reversed(self.buckets):
-            self._forward(batch)  # warm-up: compiles kernels, settles the allocator
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(batch)
-            pool = graph.pool()
-            self.graphs[batch] = graph
+            self._capture_one(batch, shared=False)
         torch.cuda.synchronize()
         log.info(
             "captured %d decode CUDA graphs (batch %s) in %.1fs",
@@ -135,3 +148,24 @@ class DecodeGraphs:
             ",".join(map(str, self.buckets)),
             time.perf_counter() - started,
         )
+
+    @torch.inference_mode()
+    def _capture_one(self, batch: int, shared: bool) -> torch.cuda.CUDAGraph:
+        """Capture one graph into the shared pool. Its warm-up runs the step eagerly on the
+        static buffers' contents: at start-up, idle rows; later (a first step with shared
+        prefixes), the live step itself, whose replay then writes the same KV and logits."""
+        started = time.perf_counter()
+        self._forward(batch, shared)  # warm-up: compiles kernels, settles the allocator
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._forward(batch, shared)
+        self.pool = graph.pool()
+        self.graphs[(batch, shared)] = graph
+        if shared:
+            log.debug(
+                "captured the shared-prefix decode graph of batch %d in %.2fs",
+                batch,
+                time.perf_counter() - started,
+            )
+        return graph

@@ -475,6 +475,7 @@ class LLMEngine:
             "step_seconds": self.step_seconds,
             "num_decode_steps": self.num_decode_steps,
             "decode_context_tokens": self.runner.decode_context_tokens,
+            "decode_shared_tokens": self.runner.decode_shared_tokens,
             "phase_seconds": {k: dict(v) for k, v in self.phase_seconds.items()},
             "exact_resamples": self.decider.num_exact_resamples,
             "overlapped_steps": self.num_overlapped_steps,

@@ -79,6 +79,7 @@ class ModelRunner:
         self.padded_slots = 0  # decode attention positions computed but masked (waste)
         self.attended_slots = 0
         self.decode_context_tokens = 0  # cached tokens attended by decode steps (KV read)
+        self.decode_shared_tokens = 0  # of those, read once for a group instead of per row
         self.graphs: DecodeGraphs | None = None
         # Per lane (None: the whole batch; see `Scheduler.schedule`): two lanes take turns.
         self.decode_rows: dict[int | None, DecodeRows] = {}
@@ -147,6 +148,9 @@ class ModelRunner:
         if not batch.is_prefill:
             self.decode_context_tokens += int(step.lengths.sum())
             self._count_padding(backend_plan, step)
+            if "shared_lens" in backend_arrays:  # each group's prefix is read by its leader
+                shared, members = backend_arrays["shared_lens"], backend_arrays["members"]
+                self.decode_shared_tokens += int(shared.sum() - shared[members[:, 0] >= 0].sum())
         input_ids = t["input_ids"]
         if feed is not None:
             input_ids = feed if "feed_rows" not in t else feed.index_select(0, t["feed_rows"])
@@ -243,7 +247,7 @@ def _prefill_arrays(
         "cu_seqlens": cu,
         "last_rows": cu[1:] - 1,
     }
-    return arrays, HostStep(True, lengths, counts)
+    return arrays, HostStep(True, lengths, counts, block_size)
 
 
 class DecodeRows:
@@ -313,4 +317,4 @@ def _decode_arrays(
         "lengths": lengths,
         "block_tables": tables,
     }
-    return arrays, HostStep(False, lengths, rows.counts, tables)
+    return arrays, HostStep(False, lengths, rows.counts, block_size, tables)

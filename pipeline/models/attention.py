@@ -63,6 +63,7 @@ class HostStep:
     is_prefill: bool
     lengths: np.ndarray  # [B] prefill: prompt lengths; decode: context lengths (with new token)
     num_blocks: np.ndarray  # [B] blocks each sequence's context spans
+    block_size: int
     block_tables: np.ndarray | None = None  # [B, W] decode: padded block tables
 
 

@@ -3,6 +3,10 @@
 Decode reads K/V in place through the block table (no gather copies) and has no host-side
 plan, so a decode step can be captured in a CUDA graph: every shape it launches depends only
 on the batch size and on `meta.max_len`, a host int the graph runner fixes at capture.
+
+Rows that share their first cache blocks (a request's samples or beams) read them once per
+group: `host_arrays` finds the groups (`shared_prefix_groups`) and they travel with the
+step's one copy as `shared_lens` and `members`; a step without them takes the plain kernels.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pipeline.kernels import (
     paged_decode_attention_triton,
     prefill_attention_triton,
     rope_write_kv_triton,
+    shared_prefix_groups,
     write_kv_triton,
 )
 from pipeline.models.attention import AttentionMetadata, HostStep
@@ -31,19 +36,29 @@ class TritonPlan:
     block_tables: Tensor | None  # [B, W] decode
     context_lens: Tensor  # [B]
     cu_seqlens: Tensor | None  # [B + 1] prefill
+    shared_lens: Tensor | None = None  # [B] decode rows that share prefixes (as they travel)
+    members: Tensor | None = None  # [B, MAX_GROUP]
 
 
 class TritonBackend:
     name = "triton"
 
     def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
-        return {}, None
+        """Decode: the groups of rows that share prefixes, if any."""
+        if step.is_prefill or step.block_tables is None:
+            return {}, None
+        groups = shared_prefix_groups(step.block_tables, step.lengths, step.block_size)
+        if groups is None:
+            return {}, None
+        return {"shared_lens": groups[0], "members": groups[1]}, None
 
     def prepare(self, meta: AttentionMetadata, host_plan: Any) -> None:
         meta.plan = TritonPlan(
             None if meta.block_tables is None else meta.block_tables.to(torch.int32),
             meta.context_lens.to(torch.int32),
             None if meta.cu_seqlens is None else meta.cu_seqlens.to(torch.int32),
+            meta.extra.get("shared_lens"),
+            meta.extra.get("members"),
         )
 
     def write_kv(
@@ -83,4 +98,6 @@ class TritonBackend:
             plan.context_lens,
             scale,
             max_context_len=meta.max_len,
+            shared_lens=plan.shared_lens,
+            members=plan.members,
         )
