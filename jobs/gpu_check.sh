@@ -6,8 +6,9 @@
 #      top-p sampling, torch ops against the one-pass kernels, fp32 against bf16 logits, flat
 #      top-p rows drawn on the device against redrawn on the host, the top-p and the
 #      temperature-only draws in kernels against torch's ops; one layer's decode
-#      attention, split and merged against one split per row; and the step's matmuls (cuBLAS)
-#      at 256 and 1,024 rows, in ms and TFLOP/s
+#      attention, split and merged against one split per row, and for n=4 rows each reading
+#      its prompt against each group reading it once; and the step's matmuls (cuBLAS) at 256
+#      and 1,024 rows, in ms and TFLOP/s
 #   3. the engine benchmark on a random Llama 3.2 1B-shape model built on the GPU (bf16):
 #      greedy on 512 prompts, n=4 and beam 4 on 256, 128 new tokens each, beside
 #      transformers.generate in the same run; the decode step against its memory floor; the

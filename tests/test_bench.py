@@ -70,6 +70,24 @@ def test_bench_job_runs_the_whole_job_and_the_engine_alone(compose, tmp_path):
     assert summary["weight_bytes"] == weight_bytes[0]
 
 
+def test_memory_floor_counts_a_shared_prefix_once():
+    """Weights plus the KV a decode step reads, over the bandwidth: tokens that a group of
+    rows read together (`decode_shared_tokens`) count once."""
+    from types import SimpleNamespace
+
+    from pipeline.bench.__main__ import memory_floor
+
+    spec = tiny_spec()  # 2 layers x 1 KV head x 2 wide: 8 elements of K and V a token
+    engine = SimpleNamespace(model_info={"dtype": "float32", "weight_bytes": 1000})
+    before = {"num_decode_steps": 3, "decode_context_tokens": 50, "decode_shared_tokens": 10}
+    after = {"num_decode_steps": 5, "decode_context_tokens": 1050, "decode_shared_tokens": 410}
+    floor = memory_floor(before, after, engine, spec, bandwidth=1e6)
+    kv_bytes = (1000 - 400) / 2 * 8 * 4  # 300 tokens a step read, 32 bytes each
+    assert floor["decode_kv_bytes"] == kv_bytes
+    assert floor["decode_floor_ms"] == pytest.approx(1e3 * (1000 + kv_bytes) / 1e6)
+    assert floor["decode_kv_shared"] == pytest.approx(0.4)
+
+
 def test_head_bench_times_every_read_of_the_logits():
     """`python -m pipeline.bench.head` (run by jobs/gpu_check.sh): torch's reads and, under
     the interpreter here, the one-pass kernels'."""
