@@ -238,22 +238,28 @@ def shared_prefix_groups(
     order = np.argsort(first, kind="stable")  # batch order within each first block
     first = first[order]
     positions = np.arange(rows)
-    new = np.ones(rows, dtype=bool)
-    new[1:] = first[1:] != first[:-1]
+    new = np.empty(rows, dtype=bool)
+    new[0], new[1:] = True, first[1:] != first[:-1]
     if new.all():
         return None
     rank = positions - np.maximum.accumulate(np.where(new, positions, 0))
     new |= rank % MAX_GROUP == 0  # a large group cut into groups of MAX_GROUP
     leader = np.maximum.accumulate(np.where(new, positions, 0))  # [B] sorted positions
-    tables = block_tables[order]
-    written_from = (context_lens[order] - 1) // block_size  # [B] the new token's block
-    columns = np.arange(tables.shape[1])
-    alike = (tables == tables[leader]) & (columns[None, :] < written_from[:, None])
-    matched = np.where(alike.all(1), tables.shape[1], alike.argmin(1))  # leading run
+    # Compared in batch order: each row's table against its leader's, up to the block of
+    # its new token; the leading run of equal entries is what the row could share.
+    leader_row = np.empty(rows, dtype=np.int64)
+    leader_row[order] = order[leader]
+    written_from = (context_lens - 1) // block_size  # [B] the new token's block
+    width = min(block_tables.shape[1], int(written_from.max()))
+    if width <= 0:
+        return None
+    tables = block_tables[:, :width]
+    alike = tables == tables[leader_row]
+    alike &= np.arange(width)[None, :] < written_from[:, None]
+    matched = np.where(alike.all(1), width, alike.argmin(1))[order]  # sorted order
     starts = np.flatnonzero(new)
     shared_blocks = np.minimum.reduceat(matched, starts)  # [groups]
-    sizes = np.diff(np.append(starts, rows))
-    used = (sizes > 1) & (shared_blocks > 0)
+    used = (np.diff(np.append(starts, rows)) > 1) & (shared_blocks > 0)
     if not used.any():
         return None
     group = np.cumsum(new) - 1  # [B] each sorted row's group
@@ -262,7 +268,7 @@ def shared_prefix_groups(
     shared_lens[order] = np.where(grouped, shared_blocks[group] * block_size, 0)
     members = np.full((rows, MAX_GROUP), -1, dtype=np.int64)
     at = np.flatnonzero(grouped)
-    members[order[leader[at]], positions[at] - leader[at]] = order[at]
+    members[order[leader[at]], rank[at] % MAX_GROUP] = order[at]
     return shared_lens, members
 
 
