@@ -8,6 +8,7 @@ graphs on a GPU.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_engine_parity import hf_generate, make_engine, random_prompts, strip_after_eos
@@ -15,6 +16,7 @@ from tiny_models import build_model
 
 from pipeline.engine.cuda_graphs import batch_buckets
 from pipeline.engine.params import BeamParams, SamplingParams
+from pipeline.models.attention import HostStep
 
 pytest.importorskip("triton")
 
@@ -109,6 +111,30 @@ def test_rows_that_share_a_prompt_read_it_once(llama, graphs, monkeypatch):
     before, launched = stats["decode_shared_tokens"], len(launches)
     triton.generate(prompts, SamplingParams(temperature=0, max_tokens=4))
     assert triton.stats()["decode_shared_tokens"] == before and len(launches) == launched
+
+
+def test_shared_prefixes_fall_back_to_plain_reads_when_their_kernel_fails(llama, monkeypatch):
+    """On trial: a prefix kernel that fails its first call (as a compile error would) is
+    logged, and every later step reads each row's prefix itself; the outputs do not change."""
+    from pipeline.kernels import decode_attention
+
+    class Broken:
+        def __getitem__(self, grid):
+            raise RuntimeError("no such instruction on this GPU")
+
+    monkeypatch.setattr(decode_attention, "_decode_prefix_kernel", Broken())
+    directory, _ = llama
+    prompts = random_prompts(2, seed=9, low=13, high=30)
+    params = SamplingParams(n=3, temperature=0.9, max_tokens=4, seed=5)
+    engines = {name: make_engine(directory, attention=name) for name in ("torch", "triton")}
+    outs = {name: e.generate(prompts, params) for name, e in engines.items()}
+    tokens = {n: [[c.token_ids for c in o.outputs] for o in r] for n, r in outs.items()}
+    assert tokens["triton"] == tokens["torch"]
+    backend = engines["triton"].runner.backend
+    assert backend.shared_prefixes.ok is False
+    tables = np.array([[3, 4, 5], [3, 4, 6]])  # two rows sharing two blocks: no groups now
+    step = HostStep(False, np.array([10, 10]), np.array([3, 3]), 4, tables)
+    assert backend.host_arrays(step) == ({}, None)
 
 
 def test_batch_buckets_cover_every_batch_size():

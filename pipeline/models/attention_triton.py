@@ -12,6 +12,7 @@ step's one copy as `shared_lens` and `members`; a step without them takes the pl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from pipeline.kernels import (
+    KernelTrial,
     paged_decode_attention_triton,
     prefill_attention_triton,
     rope_write_kv_triton,
@@ -43,9 +45,14 @@ class TritonPlan:
 class TritonBackend:
     name = "triton"
 
+    def __init__(self) -> None:
+        # Reading shared prefixes once is on trial: should its kernels not compile on this
+        # GPU, decode reads every row's prefix itself from then on (the plain kernels).
+        self.shared_prefixes = KernelTrial("decode attention over shared prefixes")
+
     def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
         """Decode: the groups of rows that share prefixes, if any."""
-        if step.is_prefill or step.block_tables is None:
+        if step.is_prefill or step.block_tables is None or self.shared_prefixes.ok is False:
             return {}, None
         groups = shared_prefix_groups(step.block_tables, step.lengths, step.block_size)
         if groups is None:
@@ -90,7 +97,8 @@ class TritonBackend:
     ) -> Tensor:
         plan: TritonPlan = meta.plan
         assert plan.block_tables is not None
-        return paged_decode_attention_triton(
+        attend = partial(
+            paged_decode_attention_triton,
             q,
             k_cache,
             v_cache,
@@ -98,6 +106,11 @@ class TritonBackend:
             plan.context_lens,
             scale,
             max_context_len=meta.max_len,
-            shared_lens=plan.shared_lens,
-            members=plan.members,
         )
+        if plan.shared_lens is not None:
+            out = self.shared_prefixes.run(
+                partial(attend, shared_lens=plan.shared_lens, members=plan.members)
+            )
+            if out is not None:
+                return out
+        return attend()
