@@ -8,6 +8,8 @@ graphs on a GPU.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -135,6 +137,78 @@ def test_shared_prefixes_fall_back_to_plain_reads_when_their_kernel_fails(llama,
     tables = np.array([[3, 4, 5], [3, 4, 6]])  # two rows sharing two blocks: no groups now
     step = HostStep(False, np.array([10, 10]), np.array([3, 3]), 4, tables)
     assert backend.host_arrays(step) == ({}, None)
+
+
+class _FakeCapture:
+    """torch.cuda's graph capture off CUDA: a captured "graph" records which forward it
+    holds and runs it on replay, against whatever the static buffers then hold."""
+
+    capturing: ClassVar[list] = []
+
+    class Graph:
+        def __init__(self):
+            self.step = None
+
+        def pool(self):
+            return "pool"
+
+        def replay(self):
+            self.step()
+
+    def __init__(self, graph, pool=None):
+        self.graph = graph
+
+    def __enter__(self):
+        _FakeCapture.capturing.append(self.graph)
+
+    def __exit__(self, *exc):
+        _FakeCapture.capturing.pop()
+
+
+def test_graphs_for_shared_prefixes_are_captured_at_once_on_idle_buffers(llama, monkeypatch):
+    """The decode graphs' orchestration, with a stand-in for CUDA's capture (a capture
+    records its forward, a replay runs it): greedy steps use the graphs captured at start;
+    the first step with groups captures every bucket's second graph at once, on idle
+    buffers (no warm-up writes a live row's KV or reads a row past its bucket); the tokens
+    are the torch backend's."""
+    from pipeline.engine import cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeCapture.Graph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    forward = cuda_graphs.DecodeGraphs._forward
+
+    def recorded(self, batch, shared=False):
+        if _FakeCapture.capturing:  # captured, not run
+            _FakeCapture.capturing[-1].step = lambda: forward(self, batch, shared)
+        else:
+            forward(self, batch, shared)
+
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_forward", recorded)
+    directory, _ = llama
+    prompts = random_prompts(3, seed=9, low=13, high=30)
+    engines = {name: make_engine(directory, attention=name) for name in ("torch", "triton")}
+    triton = engines["triton"]
+    triton.runner.use_decode_graphs(8, triton.max_model_len, capture=True)
+    graphs = triton.runner.graphs
+    assert set(graphs.graphs) == {(b, False) for b in (1, 2, 4, 8)}
+    for params, captured in (
+        (SamplingParams(temperature=0, max_tokens=5), set()),
+        (SamplingParams(n=2, temperature=0.9, max_tokens=5, seed=5), {1, 2, 4, 8}),
+        (BeamParams(width=2, num_return=2, max_tokens=5), {1, 2, 4, 8}),
+    ):
+        outs = {name: e.generate(prompts, params) for name, e in engines.items()}
+        tokens = {n: [[c.token_ids for c in o.outputs] for o in r] for n, r in outs.items()}
+        assert tokens["triton"] == tokens["torch"]
+        assert {b for b, s in graphs.graphs if s} == captured
+        if not captured:  # a capture's warm-ups run on idle rows, whatever the buffers held
+            graphs.slots[:4], graphs.lengths[:4] = torch.arange(4), 5
+            pool = triton.runner.kv_pool.clone()
+            graphs._capture(shared=True)
+            assert torch.equal(triton.runner.kv_pool, pool)
+            for key in [k for k in graphs.graphs if k[1]]:
+                del graphs.graphs[key]
+    assert triton.stats()["decode_shared_tokens"] > 0
 
 
 def test_batch_buckets_cover_every_batch_size():

@@ -9,8 +9,10 @@ first and share one memory pool, after the KV pool is allocated.
 
 A step whose rows share prefixes (a request's samples or beams; see
 `models/attention_triton.py`) runs a second graph of its bucket, with the prefix kernel and
-the groups' arrays in static buffers too. Those are captured when a step first needs one,
-into the same pool: a greedy job never captures them, and its steps launch no prefix kernel.
+the groups' arrays in static buffers too. Those are captured, every bucket at once into the
+same pool, when a step first needs one: a greedy job never captures them, and its steps
+launch no prefix kernel. Captures run on idle buffers (no row writes the KV cache or reads
+another's), never on a live step's rows.
 
 Needs a backend without host-side planning (Triton). With `capture=False` the same static
 path runs eagerly: that is how the CPU tests check padding and buffers.
@@ -94,6 +96,10 @@ class DecodeGraphs:
         bucket = next(b for b in self.buckets if b >= n)
         tables = inputs.meta.block_tables
         assert tables is not None
+        extra = inputs.meta.extra
+        shared = "shared_lens" in extra
+        if shared and self.capture and (self.max_batch, True) not in self.graphs:
+            self._capture(shared=True)  # the first step with groups: before its rows go in
         self.input_ids[:n].copy_(inputs.input_ids)
         self.positions[:n].copy_(inputs.positions)
         self.slots[:n].copy_(inputs.meta.slot_mapping)
@@ -101,16 +107,12 @@ class DecodeGraphs:
         self.lengths[:n].copy_(inputs.meta.context_lens)
         self.lengths[n:bucket].fill_(0)
         self.block_tables[:n, : tables.shape[1]].copy_(tables)
-        extra = inputs.meta.extra
-        shared = "shared_lens" in extra
         if shared:  # padding rows share nothing
             self.shared_lens[:n].copy_(extra["shared_lens"])
             self.shared_lens[n:bucket].fill_(0)
             self.members[:n].copy_(extra["members"])
             self.members[n:bucket].fill_(-1)
         graph = self.graphs.get((bucket, shared))
-        if graph is None and self.capture and shared:
-            graph = self._capture_one(bucket, shared)
         if graph is None:
             self._forward(bucket, shared)
         else:
@@ -137,35 +139,28 @@ class DecodeGraphs:
             self.logits[:batch].copy_(self.model.lm_head(hidden))
 
     @torch.inference_mode()
-    def _capture(self) -> None:
+    def _capture(self, shared: bool = False) -> None:
+        """Capture every bucket's graph, largest first, on idle buffers: each capture's
+        warm-up runs the step eagerly, and a live step's rows would be written or read
+        past a smaller bucket's end."""
         started = time.perf_counter()
+        self.slots.fill_(-1)
+        self.lengths.zero_()
+        self.shared_lens.zero_()
+        self.members.fill_(-1)
         for batch in reversed(self.buckets):
-            self._capture_one(batch, shared=False)
+            self._forward(batch, shared)  # warm-up: compiles kernels, settles the allocator
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                self._forward(batch, shared)
+            self.pool = graph.pool()
+            self.graphs[(batch, shared)] = graph
         torch.cuda.synchronize()
         log.info(
-            "captured %d decode CUDA graphs (batch %s) in %.1fs",
-            len(self.graphs),
+            "captured %d decode CUDA graphs%s (batch %s) in %.1fs",
+            len(self.buckets),
+            " for rows that share prefixes" if shared else "",
             ",".join(map(str, self.buckets)),
             time.perf_counter() - started,
         )
-
-    @torch.inference_mode()
-    def _capture_one(self, batch: int, shared: bool) -> torch.cuda.CUDAGraph:
-        """Capture one graph into the shared pool. Its warm-up runs the step eagerly on the
-        static buffers' contents: at start-up, idle rows; later (a first step with shared
-        prefixes), the live step itself, whose replay then writes the same KV and logits."""
-        started = time.perf_counter()
-        self._forward(batch, shared)  # warm-up: compiles kernels, settles the allocator
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self._forward(batch, shared)
-        self.pool = graph.pool()
-        self.graphs[(batch, shared)] = graph
-        if shared:
-            log.debug(
-                "captured the shared-prefix decode graph of batch %d in %.2fs",
-                batch,
-                time.perf_counter() - started,
-            )
-        return graph
