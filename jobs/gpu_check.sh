@@ -50,7 +50,7 @@ tests_line="$(grep -E '(passed|failed|error)' "$out/tests.txt" | tail -n 1)"
 
 # The step's reads of its logits alone: greedy's pick, beam ranking and top-p sampling, torch
 # against the one-pass kernels, fp32 against bf16 logits (the decode graphs' buffer is bf16).
-timeout 90 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
+timeout 150 python3 -m pipeline.bench.head --device cuda --rows 256,1024 --vocab 128256 2>&1 \
     | tail -n 30 | tee "$out/head.txt"
 
 # Half the free memory for our KV pool: transformers runs beside it in the same process.
