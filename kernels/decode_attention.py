@@ -293,9 +293,6 @@ if triton is not None:
     @triton.jit
     def _attend(
         q,
-        m_i,
-        l_i,
-        acc,
         table,
         start,
         end,
@@ -306,13 +303,17 @@ if triton is not None:
         stride_cache_block,
         stride_cache_slot,
         stride_cache_head,
+        M: tl.constexpr,
         HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
         BLOCK_N: tl.constexpr,
     ):
         """The online softmax of queries q [M, D] over cached tokens [start, end) of one KV
-        head, read through one block table: the running state (m_i, l_i [M], acc [M, D])
-        in, the updated state out."""
+        head, read through one block table: the partial state (running max m_i and sum l_i
+        [M], weighted values acc [M, D]); m = -inf, l = 0, acc = 0 for an empty range."""
+        m_i = tl.full([M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([M], dtype=tl.float32)
+        acc = tl.zeros([M, HEAD_DIM], dtype=tl.float32)
         offs_d = tl.arange(0, HEAD_DIM)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)  # token positions in the sequence
@@ -399,14 +400,8 @@ if triton is not None:
             mask=ok[:, None],
             other=0.0,
         )  # [ROWS_PAD, D]
-        m_i = tl.full([ROWS_PAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([ROWS_PAD], dtype=tl.float32)
-        acc = tl.zeros([ROWS_PAD, HEAD_DIM], dtype=tl.float32)
         m_i, l_i, acc = _attend(
             q,
-            m_i,
-            l_i,
-            acc,
             block_tables_ptr + row * stride_table,  # the leader's: the prefix is shared
             0,
             shared,
@@ -417,6 +412,7 @@ if triton is not None:
             stride_cache_block,
             stride_cache_slot,
             stride_cache_head,
+            ROWS_PAD,
             HEAD_DIM,
             BLOCK_SIZE,
             BLOCK_N,
@@ -482,14 +478,8 @@ if triton is not None:
             other=0.0,
         )  # [GROUP_PAD, D]
 
-        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
         m_i, l_i, acc = _attend(
             q,
-            m_i,
-            l_i,
-            acc,
             block_tables_ptr + row * stride_table,
             start,
             end,
@@ -500,6 +490,7 @@ if triton is not None:
             stride_cache_block,
             stride_cache_slot,
             stride_cache_head,
+            GROUP_PAD,
             HEAD_DIM,
             BLOCK_SIZE,
             BLOCK_N,
