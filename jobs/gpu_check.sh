@@ -16,7 +16,8 @@
 #      with engine.max_num_seqs auto (1,024 sequences in flight on an H100 or H200); then
 #      again with 256 (the default before, and the decode step at 256 sequences),
 #      and greedy, n=4 and beam 4 (1,024 beams) without overlapped decode steps
-#      (engine.overlap_steps=false; beams then decode in one batch, not two lanes): A/B
+#      (engine.overlap_steps=false; beams then decode in one batch, not two lanes), and n=4
+#      and beam 4 with every row reading its prompt (engine.shared_prefixes=false): A/B
 #   4. quantized weights (bitsandbytes int8 and nf4, needs `.whl` fetched with --bnb): greedy on
 #      the same model with none/int8/nf4, weight bytes and the KV blocks each leaves room for
 #      (GPU_CHECK_QUANT=0 skips it)
@@ -89,6 +90,13 @@ timeout 90 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128
 timeout 60 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 --modes beam4 \
     --no-baseline --no-overlap --max-num-seqs 1024 2>&1 | grep -v -E 'Loading|Writing' | tail -n 2 \
     | tee -a "$out/wide.txt"
+
+# Samples and beams reading their prompt's blocks each, not once per group (the engine
+# before shared prefixes), at auto's width.
+echo "# every row reading its whole context (--no-shared-prefixes):" | tee -a "$out/wide.txt"
+timeout 60 "${bench[@]}" --num-prompts 512 --fanout-prompts 256 --new-tokens 128 \
+    --modes n4,beam4 --no-baseline --no-shared-prefixes 2>&1 | grep -v -E 'Loading|Writing' \
+    | tail -n 4 | tee -a "$out/wide.txt"
 
 # "room for" KV blocks: the memory budget after the weights, before the max_num_seqs cap.
 if [ "${GPU_CHECK_QUANT:-1}" != 0 ]; then

@@ -139,6 +139,17 @@ def test_shared_prefixes_fall_back_to_plain_reads_when_their_kernel_fails(llama,
     assert backend.host_arrays(step) == ({}, None)
 
 
+def test_shared_prefixes_can_be_turned_off(llama):
+    """engine.shared_prefixes=false: the Triton backend makes no groups, and every row reads
+    its whole context."""
+    directory, _ = llama
+    engine = make_engine(directory, attention="triton", shared_prefixes=False)
+    tables = np.array([[3, 4, 5], [3, 4, 6]])  # two rows sharing two blocks
+    step = HostStep(False, np.array([10, 10]), np.array([3, 3]), 4, tables)
+    assert engine.runner.backend.host_arrays(step) == ({}, None)
+    assert make_engine(directory, attention="triton").runner.backend.host_arrays(step)[0]
+
+
 class _FakeCapture:
     """torch.cuda's graph capture off CUDA: a captured "graph" records which forward it
     holds and runs it on replay, against whatever the static buffers then hold."""

@@ -107,6 +107,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attention", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument(
+        "--shared-prefixes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="engine.shared_prefixes: rows that share prompt blocks read them once (Triton)",
+    )
+    p.add_argument(
         "--overlap",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -305,6 +311,7 @@ def main() -> None:
         kv_cache_memory=args.kv_cache_memory,
         attention=args.attention,
         cuda_graphs=args.cuda_graphs,
+        shared_prefixes=args.shared_prefixes,
         overlap_steps="auto" if args.overlap is None else args.overlap,
     )
     peak = matmul_peak(dtype, args.device)

@@ -36,6 +36,9 @@ class EngineConfig:
     # auto: Triton on CUDA; torch elsewhere (CPU decode: the compiled kernel) | torch | triton
     attention: str = "auto"
     cuda_graphs: bool = True  # decode replays CUDA graphs at batch-size buckets (Triton only)
+    # Decode rows that share prompt blocks (a request's samples or beams) read them once per
+    # group (Triton only); false: every row reads its whole context
+    shared_prefixes: bool = True
     # Decode steps overlapped with the host's work: the next step is launched before this
     # one's tokens reach the host. auto: on CUDA (on the CPU the forward is not asynchronous)
     overlap_steps: Any = "auto"  # auto | true | false

@@ -107,7 +107,7 @@ class LLMEngine:
         model = load_model(model_dir, spec, dtype, device, max_len, quant_spec)
         num_blocks, budget_blocks = kv_pool_blocks(engine_cfg, spec, dtype, device, max_len)
         blocks = BlockManager(num_blocks, engine_cfg.block_size)
-        backend = make_backend(device, engine_cfg.attention, dtype)
+        backend = make_backend(device, engine_cfg.attention, dtype, engine_cfg.shared_prefixes)
         runner = ModelRunner(model, blocks.num_blocks, engine_cfg.block_size, device, backend)
         graphs = engine_cfg.cuda_graphs and not isinstance(spec, Seq2SeqSpec)
         if device.type == "cuda" and backend.name == "triton" and graphs:

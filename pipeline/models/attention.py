@@ -135,7 +135,10 @@ class AttentionBackend(Protocol):
 
 
 def make_backend(
-    device: torch.device, choice: str = "auto", dtype: torch.dtype = torch.float32
+    device: torch.device,
+    choice: str = "auto",
+    dtype: torch.dtype = torch.float32,
+    shared_prefixes: bool = True,
 ) -> AttentionBackend:
     """Triton on CUDA (when it imports), torch elsewhere; `choice` forces one. "auto" on the
     CPU (fp32, bf16) attends with the compiled kernels (`kernels.cpu`, prefill and decode)
@@ -153,7 +156,7 @@ def make_backend(
             )
         from pipeline.models.attention_triton import TritonBackend
 
-        backend: AttentionBackend = TritonBackend()
+        backend: AttentionBackend = TritonBackend(shared_prefixes)
     elif choice == "torch":
         backend = TorchBackend(native=native and cpu_kernels_available())
     else:

@@ -45,10 +45,13 @@ class TritonPlan:
 class TritonBackend:
     name = "triton"
 
-    def __init__(self) -> None:
-        # Reading shared prefixes once is on trial: should its kernels not compile on this
-        # GPU, decode reads every row's prefix itself from then on (the plain kernels).
+    def __init__(self, shared_prefixes: bool = True) -> None:
+        # Reading shared prefixes once (engine.shared_prefixes) is on trial: should its
+        # kernels not compile on this GPU, decode reads every row's prefix itself from then
+        # on (the plain kernels).
         self.shared_prefixes = KernelTrial("decode attention over shared prefixes")
+        if not shared_prefixes:
+            self.shared_prefixes.ok = False  # as if failed: never tried, nothing logged
 
     def host_arrays(self, step: HostStep) -> tuple[dict[str, np.ndarray], Any]:
         """Decode: the groups of rows that share prefixes, if any."""
