@@ -282,13 +282,39 @@ void attend_vector(const float* q, const T* k_cache, const T* v_cache, const int
 }
 #endif
 
+// At most this many rows in a run: one request's many samples (n = 64) stay spread over
+// the threads.
+constexpr int64_t kMaxRun = 8;
+
+// Runs of consecutive rows whose tables start with the same block (a request's samples or
+// beams, forked from one prompt, share its blocks), at most kMaxRun rows each. Returns each
+// run's first row, then batch.
+std::vector<int64_t> shared_runs(const int64_t* tables, const int64_t* lens, int64_t batch,
+                                 int64_t width) {
+  std::vector<int64_t> starts;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool same = b > 0 && lens[b] > 0 && lens[b - 1] > 0 &&
+                      tables[b * width] == tables[(b - 1) * width] &&
+                      b - starts.back() < kMaxRun;
+    if (!same) starts.push_back(b);
+  }
+  starts.push_back(batch);
+  return starts;
+}
+
 // Every sequence of the batch, spread over torch's intra-op threads.
 template <typename T>
 void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tables,
          const int64_t* lens, int64_t batch, const Shapes& s, float scale, float* out) {
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), batch));
-  // Each thread takes every `threads`-th sequence: batches are often sorted by length, and
-  // contiguous ranges would give one thread all the long contexts.
+  // A run of rows sharing a prompt goes to one thread, row after row: the shared blocks come
+  // from memory once, then from that core's cache (256 rows in groups of 4 sharing
+  // 1,000-token prompts, 2 threads, fp32: 11.8-17.7 ms a layer with each group's rows dealt
+  // to both threads, 9.1-9.6 with them kept together; 23-26 with no blocks shared). Each
+  // thread takes every `threads`-th run: batches are often sorted by length, and contiguous
+  // ranges would give one thread all the long contexts.
+  const std::vector<int64_t> starts = shared_runs(tables, lens, batch, s.table_width);
+  const int64_t runs = static_cast<int64_t>(starts.size()) - 1;
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), runs));
   auto attend_row = attend<T, 0>;
   if (s.head_dim == 64) attend_row = attend<T, 64>;
   if (s.head_dim == 128) attend_row = attend<T, 128>;
@@ -299,10 +325,12 @@ void run(const float* q, const T* k_cache, const T* v_cache, const int64_t* tabl
   at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
     Scratch scratch;
     for (int64_t tid = first; tid < last; ++tid) {
-      for (int64_t b = tid; b < batch; b += threads) {
-        const int64_t offset = b * s.heads * s.head_dim;
-        attend_row(q + offset, k_cache, v_cache, tables + b * s.table_width, lens[b], s, scale,
-                   out + offset, scratch);
+      for (int64_t run = tid; run < runs; run += threads) {
+        for (int64_t b = starts[run]; b < starts[run + 1]; ++b) {
+          const int64_t offset = b * s.heads * s.head_dim;
+          attend_row(q + offset, k_cache, v_cache, tables + b * s.table_width, lens[b], s,
+                     scale, out + offset, scratch);
+        }
       }
     }
   });

@@ -58,6 +58,27 @@ def test_decode_attention_matches_reference(block_size: int, group: int, head_di
 
 
 @needs_kernels
+def test_decode_attention_rows_sharing_a_prompt() -> None:
+    """Runs of rows whose tables start with the same blocks (a request's samples) go to one
+    thread row after row, at most 8 a run: 11 rows sharing two blocks (8 + 3), an empty
+    row between, rows of their own; every row gets the reference's output, on two threads."""
+    lengths = [40] * 5 + [0] + [33] * 6 + [17, 50, 5]
+    k_cache, v_cache, tables = paged_cache(lengths, 16, 2, 16)
+    sharing = [row for row, n in enumerate(lengths[:12]) if n]
+    tables[sharing, :2] = tables[0, :2]
+    q = torch.randn(len(lengths), 8, 16)
+    context = torch.tensor(lengths)
+    expected = paged_decode_attention_ref(q, k_cache, v_cache, tables, context, 0.3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        actual = cpu.paged_decode_attention_cpu(q, k_cache, v_cache, tables, context, 0.3)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernels
 def test_strided_query_is_read_as_its_values() -> None:
     """q as the model hands it over: a view of a fused projection's output."""
     k_cache, v_cache, tables = paged_cache([9, 40], 16, 2, 8)
