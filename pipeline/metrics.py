@@ -51,6 +51,8 @@ ENGINE_FIELDS = (
     "num_decode_tokens",
     "num_preemptions",
     "num_oom_events",
+    "decode_context_tokens",
+    "decode_shared_tokens",
 )
 
 
