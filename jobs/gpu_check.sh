@@ -65,13 +65,21 @@ bench_rc=$?
 sed '/^# profile:/,$d' "$out/bench_full.txt" | grep -v -E 'Loading|Writing|^USDT' > "$out/bench.txt"
 sed -n '/^# profile:/,$p' "$out/bench_full.txt" | grep -v '^USDT' | head -n 32 > "$out/profile.txt"
 if [ "$bench_rc" != 0 ]; then
-    # Which part fails: the same greedy run without graphs, then with torch attention.
+    # Which part fails: the same greedy run without overlap, without graphs, then with torch
+    # attention; then n=4 and beam 4 with and without shared-prefix attention.
     tail -n 30 "$out/bench_full.txt" >> "$out/bench.txt"
     for variant in --no-overlap "--no-overlap --no-cuda-graphs" \
         "--no-overlap --attention torch --no-cuda-graphs"; do
         echo "# fallback ($variant), exit code of the full run: $bench_rc" >> "$out/bench.txt"
         timeout 60 "${bench[@]}" --num-prompts 128 --new-tokens 32 --modes greedy \
             --no-baseline $variant 2>&1 | grep -v -E 'Loading|Writing' | tail -n 12 >> "$out/bench.txt"
+    done
+    # Samples and beams with and without shared-prefix attention (greedy makes no groups).
+    for variant in --shared-prefixes --no-shared-prefixes; do
+        echo "# fallback ($variant, n=4 and beam 4)" >> "$out/bench.txt"
+        timeout 60 "${bench[@]}" --num-prompts 64 --fanout-prompts 64 --new-tokens 32 \
+            --modes n4,beam4 --no-baseline $variant 2>&1 | grep -v -E 'Loading|Writing' \
+            | tail -n 12 >> "$out/bench.txt"
     done
 fi
 cat "$out/bench.txt"
